@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny model per zoo family, and a check that a model carries no leftover hooks."""
+
+import functools
+
+import pytest
+import torch
+
+from vlmsae.zoo import FAMILIES, tiny_inputs, tiny_model
+
+
+@functools.cache
+def _model(family: str):
+    model = tiny_model(family)
+    # transformers installs its own output-capturing hooks on first use; let it, before any snapshot.
+    with torch.no_grad():
+        model(**tiny_inputs(model, 1), output_hidden_states=True)
+    return model
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    """A tiny model of each family, shared across tests (tests must leave it unhooked and unchanged)."""
+    m = _model(family)
+    before = hook_snapshot(m)
+    yield m
+    assert hook_snapshot(m) == before, "a test left hooks on the shared model"
+
+
+def hook_snapshot(model: torch.nn.Module) -> dict:
+    """Every hook registered on every submodule (transformers installs some of its own, which stay)."""
+    snap = {}
+    for name, module in model.named_modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                     "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_forward_hooks_always_called"):
+            d = getattr(module, attr, None)
+            if d:
+                snap[(name, attr)] = tuple(d.keys())
+        if "forward" in module.__dict__:
+            snap[(name, "forward")] = module.__dict__["forward"]
+    return snap
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits

@@ -1,0 +1,197 @@
+"""Model knowledge as data: where each supported family keeps its decoder layers and image tokens.
+
+Adding a family is adding a row to ``FAMILIES``. Everything else in vlmsae asks
+:func:`layers` about a model and never looks at its class.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+class Kind(enum.IntEnum):
+    """What a position in the decoder stream holds."""
+
+    PAD = 0
+    SPECIAL = 1  # BOS, vision start/end, decoder start ...
+    IMAGE = 2
+    TEXT = 3
+    GENERATED = 4  # a token the model produced in generate(), fed back in under the KV cache
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the adapter table."""
+
+    name: str
+    model_types: tuple[str, ...]
+    """``config.model_type`` values of this family."""
+    layer_paths: tuple[str, ...]
+    """Attribute paths to the decoder layer ``ModuleList``, tried in order (newest transformers first)."""
+    text_config: str
+    """Attribute of the top config holding the decoder's config."""
+    ids_key: str
+    """Forward keyword that carries the decoder token ids."""
+    mask_key: str
+    """Forward keyword that carries the decoder attention mask."""
+    image_token: str | None
+    """Config attribute with the image placeholder id; ``None``: images never enter the decoder stream."""
+    special_tokens: tuple[str, ...]
+    """Config attributes (top or text config) whose ids count as special tokens."""
+
+
+_QWEN_SPECIAL = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "video_token_id")
+_QWEN_PATHS = ("model.language_model.layers", "language_model.layers")
+
+FAMILIES = (
+    Family(
+        name="vit-gpt2", model_types=("vision-encoder-decoder",),
+        layer_paths=("decoder.transformer.h",), text_config="decoder",
+        ids_key="decoder_input_ids", mask_key="decoder_attention_mask",
+        image_token=None,  # the image enters through cross-attention: every decoder position is text
+        special_tokens=("decoder_start_token_id", "bos_token_id", "eos_token_id"),
+    ),
+    Family(
+        name="llava", model_types=("llava",),
+        layer_paths=("model.language_model.layers", "language_model.model.layers", "language_model.layers"),
+        text_config="text_config", ids_key="input_ids", mask_key="attention_mask",
+        image_token="image_token_index", special_tokens=("bos_token_id", "eos_token_id"),
+    ),
+    Family(
+        name="qwen2-vl", model_types=("qwen2_vl",), layer_paths=_QWEN_PATHS, text_config="text_config",
+        ids_key="input_ids", mask_key="attention_mask", image_token="image_token_id", special_tokens=_QWEN_SPECIAL,
+    ),
+    Family(
+        name="qwen2.5-vl", model_types=("qwen2_5_vl",), layer_paths=_QWEN_PATHS, text_config="text_config",
+        ids_key="input_ids", mask_key="attention_mask", image_token="image_token_id", special_tokens=_QWEN_SPECIAL,
+    ),
+    Family(
+        name="qwen3-vl", model_types=("qwen3_vl",), layer_paths=_QWEN_PATHS, text_config="text_config",
+        ids_key="input_ids", mask_key="attention_mask", image_token="image_token_id", special_tokens=_QWEN_SPECIAL,
+    ),
+)
+
+
+def supported() -> str:
+    return ", ".join(f"{f.name} (model_type {'/'.join(f.model_types)})" for f in FAMILIES)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelInfo:
+    """What vlmsae knows about one model object: returned by :func:`layers`."""
+
+    family: str
+    model: nn.Module
+    """The hookable ``nn.Module`` (unwrapped from nnsight if it was wrapped)."""
+    layers: nn.ModuleList
+    """The decoder layers, whose outputs are the residual stream."""
+    layer_path: str
+    n_layers: int
+    d_model: int
+    ids_key: str
+    mask_key: str
+    image_token_id: int | None
+    """``None`` where images never enter the decoder stream (ViT-GPT2)."""
+    special_ids: frozenset[int]
+    pad_token_id: int | None
+
+    @property
+    def has_image_tokens(self) -> bool:
+        return self.image_token_id is not None
+
+    def hook_name(self, layer: int, site: str = "resid_post") -> str:
+        """The TransformerLens-style name of a site, as SAELens stores it: ``blocks.9.hook_resid_post``."""
+        return f"blocks.{layer}.hook_{site}"
+
+    def kinds(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              special_ids: frozenset[int] | None = None) -> torch.Tensor:
+        """Token kind of every position, ``(batch, seq)`` int8 of :class:`Kind` values.
+
+        ``attention_mask`` zeros are PAD; without a mask, ``pad_token_id`` positions are PAD.
+        ``attention_mask`` may be longer than ``ids`` (generation): its last ``seq`` columns are used.
+        """
+        kinds = torch.full(ids.shape, Kind.TEXT, dtype=torch.int8, device=ids.device)
+        special = self.special_ids | (special_ids or frozenset())
+        if special:
+            kinds[torch.isin(ids, torch.tensor(sorted(special), device=ids.device))] = Kind.SPECIAL
+        if self.image_token_id is not None:
+            kinds[ids == self.image_token_id] = Kind.IMAGE
+        if attention_mask is not None:
+            kinds[attention_mask[:, -ids.shape[1]:].to(ids.device) == 0] = Kind.PAD
+        elif self.pad_token_id is not None:
+            kinds[ids == self.pad_token_id] = Kind.PAD
+        return kinds
+
+
+def unwrap(model) -> nn.Module:
+    """The ``nn.Module`` to hook: the model itself, or the one an nnsight ``NNsight`` wraps."""
+    if isinstance(model, nn.Module):
+        if hasattr(model, "_orig_mod"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} wraps {type(model._orig_mod).__name__} with torch.compile, whose graph "
+                "does not see Python hooks; pass the uncompiled model (model._orig_mod) to vlmsae")
+        return model
+    inner = getattr(model, "_module", None)  # nnsight Envoy / NNsight keep the real module here
+    if isinstance(inner, nn.Module):
+        return unwrap(inner)
+    raise UnsupportedModelError(f"{type(model).__name__} is not a torch nn.Module; supported families: {supported()}")
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _family(model: nn.Module) -> Family:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            if family.name == "vit-gpt2" and getattr(config.decoder, "model_type", None) != "gpt2":
+                break
+            return family
+    raise UnsupportedModelError(
+        f"{type(model).__name__} (config.model_type={model_type!r}) is not supported; supported families: "
+        f"{supported()}")
+
+
+def layers(model) -> ModelInfo:
+    """Adapter info of a supported VLM: family, decoder layers, ``n_layers``, ``d_model``, token ids."""
+    module = unwrap(model)
+    family = _family(module)
+    for path in family.layer_paths:
+        found = _get(module, path)
+        if isinstance(found, nn.ModuleList):
+            break
+    else:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} is a {family.name} model but none of its known decoder layer paths "
+            f"{family.layer_paths} holds an nn.ModuleList; is this a base model without its decoder?")
+    config = module.config
+    text = getattr(config, family.text_config)
+
+    def ids(attr):
+        values = [getattr(c, attr, None) for c in (config, text)]
+        flat = []
+        for v in values:
+            flat.extend(v if isinstance(v, (list, tuple)) else [v])
+        return {int(v) for v in flat if v is not None}
+
+    special = set().union(*(ids(a) for a in family.special_tokens))
+    pad = ids("pad_token_id")
+    image = getattr(config, family.image_token) if family.image_token else None
+    return ModelInfo(
+        family=family.name, model=module, layers=found, layer_path=path, n_layers=len(found),
+        d_model=int(text.hidden_size), ids_key=family.ids_key, mask_key=family.mask_key,
+        image_token_id=None if image is None else int(image),
+        special_ids=frozenset(special), pad_token_id=min(pad) if pad else None,
+    )

@@ -1,0 +1,95 @@
+"""``vlmsae.record``: capture the residual stream of one or many layers in one forward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .adapters import layers as adapter_info
+from .hooks import Forward, attach, check_sites
+
+Sink = Callable[[int, torch.Tensor, Forward], None]
+"""``sink(layer, resid, fwd)``: receives each capture instead of the recording (e.g. a ring buffer's writer)."""
+
+
+class Recording:
+    """Residuals captured inside a :func:`record` block, with the token kind mask alongside.
+
+    ``rec[L]`` is ``(batch, seq, d_model)``: the captures of every forward joined along the sequence.
+    Under ``generate()`` the first forward holds the prompt and each later one the token fed back
+    at that decode step, so ``rec[L]`` equals one uncached forward over ``sequences[:, :-1]`` (the
+    last generated token is never fed back in).
+    """
+
+    def __init__(self, layers: list[int], site: str):
+        self.layers = layers
+        self.site = site
+        self.forwards: list[Forward] = []
+        self._steps: dict[int, list[tuple[Forward, torch.Tensor]]] = {layer: [] for layer in layers}
+
+    def _capture(self, layer: int, resid: torch.Tensor, fwd: Forward) -> None:
+        if not self.forwards or self.forwards[-1] is not fwd:
+            self.forwards.append(fwd)
+        self._steps[layer].append((fwd, resid.detach()))
+
+    def _check(self, layer: int) -> list[tuple[Forward, torch.Tensor]]:
+        if layer not in self._steps:
+            raise KeyError(f"layer {layer} was not recorded; recorded layers: {self.layers}")
+        steps = self._steps[layer]
+        if not steps:
+            raise ValueError(f"nothing was recorded at layer {layer}: run the model inside the record() block")
+        fresh = [fwd.index for fwd, _ in steps[1:] if fwd.past == 0]
+        if fresh:
+            raise ValueError(
+                f"record() saw {len(fresh) + 1} independent forwards (forwards {[steps[0][0].index, *fresh]} each "
+                "start a new sequence), which cannot be joined into one; use rec.steps(layer), or one record() "
+                "block per forward")
+        return steps
+
+    def steps(self, layer: int) -> list[torch.Tensor]:
+        """One ``(batch, seq_i, d_model)`` tensor per forward (per decode step under ``generate()``)."""
+        if layer not in self._steps:
+            raise KeyError(f"layer {layer} was not recorded; recorded layers: {self.layers}")
+        return [resid for _, resid in self._steps[layer]]
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        steps = self._check(layer)
+        return steps[0][1] if len(steps) == 1 else torch.cat([r for _, r in steps], dim=1)
+
+    def mask(self, layer: int) -> torch.Tensor:
+        """``(batch, seq)`` int8 :class:`~vlmsae.Kind` of each position of ``rec[layer]``."""
+        steps = self._check(layer)
+        return torch.cat([fwd.kinds for fwd, _ in steps], dim=1)
+
+    def __repr__(self) -> str:
+        shapes = {layer: tuple(self[layer].shape) for layer in self.layers if self._steps[layer]}
+        return f"Recording(site={self.site!r}, {shapes})"
+
+
+@contextmanager
+def record(model, layers: int | Iterable[int], *, site: str = "resid_post", stop: bool = False,
+           sink: Sink | None = None, special_ids: Iterable[int] | None = None) -> Iterator[Recording]:
+    """Capture the residual at ``site`` of each of ``layers`` on every forward inside the block.
+
+    ``stop=True`` ends each forward right after the deepest recorded layer (the model call returns
+    ``None``): no compute is spent on layers nobody reads. ``sink`` receives every capture
+    ``sink(layer, resid, fwd)`` instead of the recording keeping it. Captures are the model's own
+    tensors, detached, in its dtype and on the layer's device.
+    """
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    rec = Recording(layers, site)
+
+    def capture(layer):
+        def fn(resid, fwd):
+            if sink is None:
+                rec._capture(layer, resid, fwd)
+            else:
+                sink(layer, resid.detach(), fwd)
+        return fn
+
+    check_sites(adapter_info(model), [(layer, site) for layer in layers])  # a repeated layer is an error
+    fns = {(layer, site): capture(layer) for layer in layers}
+    with attach(model, fns, stop=stop, special_ids=special_ids):
+        yield rec

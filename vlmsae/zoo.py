@@ -1,0 +1,227 @@
+"""Tiny random-weight VLMs of the real architecture classes, and valid inputs for them.
+
+No hub access: every model is built from config objects. The models are the genuine
+transformers classes (``VisionEncoderDecoderModel``, ``LlavaForConditionalGeneration``,
+``Qwen2VLForConditionalGeneration``, ...), so anything that works on them works on a
+real checkpoint of the same family.
+
+All families share one small vocabulary layout so that tests can reason about ids::
+
+    0 <pad>   1 <bos>   2 <eos>   3 <image>   4 <vision_start>   5 <vision_end>   6 <video>
+    7 .. vocab_size-1   ordinary text tokens
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    GPT2Config,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+)
+
+from .errors import ConfigError
+
+PAD, BOS, EOS, IMAGE, VISION_START, VISION_END, VIDEO = range(7)
+FIRST_TEXT_ID = 7
+
+FAMILIES = ("vit-gpt2", "llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+
+IMAGE_SIZE = 32  # pixels, square
+PATCH = 8  # ViT / CLIP patch: (32 / 8)^2 = 16 patches
+QWEN_PATCH = 4  # Qwen patch: (32 / 4)^2 = 64 patches, 2x2 merge -> 16 image tokens
+QWEN_MERGE = 2
+QWEN_TEMPORAL = 2
+
+
+def image_token_count(family: str) -> int:
+    """Image tokens one image contributes to the decoder stream (0 where images enter by cross-attention)."""
+    if family == "vit-gpt2":
+        return 0
+    if family == "llava":
+        return (IMAGE_SIZE // PATCH) ** 2
+    return (IMAGE_SIZE // QWEN_PATCH // QWEN_MERGE) ** 2
+
+
+def tiny_config(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size: int = 128):
+    """The config object of a tiny model of ``family`` (one of ``FAMILIES``)."""
+    if family not in FAMILIES:
+        raise ConfigError(f"family={family!r} is not in the zoo; choose one of {FAMILIES}")
+    if d_model % 16:
+        raise ConfigError(f"d_model={d_model} must be a multiple of 16 (4 heads of a head_dim divisible by 4)")
+    heads = 4
+    head_dim = d_model // heads
+    common_text = dict(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    if family == "vit-gpt2":
+        encoder = ViTConfig(
+            hidden_size=d_model, num_hidden_layers=2, num_attention_heads=heads, intermediate_size=2 * d_model,
+            image_size=IMAGE_SIZE, patch_size=PATCH,
+        )
+        decoder = GPT2Config(
+            vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=heads, n_positions=512,
+            add_cross_attention=True, is_decoder=True, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        )
+        config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+        config.decoder_start_token_id = BOS
+        config.pad_token_id = PAD
+        config.eos_token_id = EOS
+        return config
+    if family == "llava":
+        vision = CLIPVisionConfig(
+            hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=2, num_attention_heads=heads,
+            image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=d_model,
+        )
+        return LlavaConfig(
+            vision_config=vision, text_config=LlamaConfig(**common_text, head_dim=head_dim),
+            image_token_index=IMAGE, image_seq_length=image_token_count(family),
+            vision_feature_layer=-1, vision_feature_select_strategy="default",
+            pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+        )
+    # Qwen: multimodal rotary sections (t, h, w) must sum to head_dim / 2.
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 4), half // 4, half // 4]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)
+    vision_common = dict(
+        depth=2, num_heads=heads, in_channels=3, patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=QWEN_TEMPORAL,
+    )
+    if family == "qwen2-vl":
+        vision = dict(vision_common, embed_dim=d_model, hidden_size=d_model, mlp_ratio=2)
+        text = dict(common_text, rope_parameters=rope)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    if family == "qwen2.5-vl":
+        vision = dict(vision_common, hidden_size=d_model, intermediate_size=2 * d_model, out_hidden_size=d_model,
+                      window_size=2 * QWEN_PATCH * QWEN_MERGE, fullatt_block_indexes=[1])
+        text = dict(common_text, rope_parameters=rope)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    vision = dict(vision_common, hidden_size=d_model, intermediate_size=2 * d_model, out_hidden_size=d_model,
+                  num_position_embeddings=(IMAGE_SIZE // QWEN_PATCH) ** 2, deepstack_visual_indexes=[0, 1])
+    text = dict(common_text, head_dim=head_dim, rope_parameters=dict(rope, mrope_interleaved=True))
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+_CLASSES = {
+    "vit-gpt2": VisionEncoderDecoderModel,
+    "llava": LlavaForConditionalGeneration,
+    "qwen2-vl": Qwen2VLForConditionalGeneration,
+    "qwen2.5-vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen3-vl": Qwen3VLForConditionalGeneration,
+}
+
+
+def tiny_model(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size: int = 128, seed: int = 0,
+               dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A tiny random-weight model of ``family`` in eval mode, deterministic in ``seed``."""
+    config = tiny_config(family, n_layers=n_layers, d_model=d_model, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = _CLASSES[family](config).to(dtype).eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    if family == "vit-gpt2":
+        model.generation_config.decoder_start_token_id = BOS
+    return model
+
+
+def family_of_config(config) -> str:
+    """The zoo family name of a config built by :func:`tiny_config` (or a real checkpoint's config)."""
+    names = {"vision-encoder-decoder": "vit-gpt2", "llava": "llava", "qwen2_vl": "qwen2-vl",
+             "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+    if config.model_type not in names:
+        raise ConfigError(f"model_type={config.model_type!r} has no zoo inputs; zoo families: {FAMILIES}")
+    return names[config.model_type]
+
+
+def qwen_patchify(images: torch.Tensor, patch: int = QWEN_PATCH, merge: int = QWEN_MERGE,
+                  temporal: int = QWEN_TEMPORAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten images ``(n, C, H, W)`` into Qwen-VL patches and their ``image_grid_thw``.
+
+    The order is the one Qwen's image processor uses: patches run over the grid in
+    ``merge x merge`` blocks, so that consecutive groups of ``merge**2`` patches form one
+    image token after the vision tower's spatial merge. A still image is repeated
+    ``temporal`` times along time.
+    """
+    n, c, h, w = images.shape
+    gh, gw = h // patch, w // patch
+    x = images.unsqueeze(1).expand(n, temporal, c, h, w)  # (n, t, C, H, W)
+    x = x.reshape(n, 1, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    # -> (n, grid_t, gh/m, gw/m, m, m, C, t, P, P)
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    flat = x.reshape(n * gh * gw, c * temporal * patch * patch)
+    grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.long)
+    return flat, grid
+
+
+def tiny_inputs(model: PreTrainedModel, batch: int = 2, *, text_len: int = 8, padding: str | None = "right",
+                seed: int = 0, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Valid model inputs for a zoo model: one image per sample, then random text tokens.
+
+    Sample ``i`` has ``text_len - i`` text tokens (at least 1); the rest is padding on the
+    ``padding`` side ("right" or "left"; ``None`` keeps all samples at full length).
+    ``images`` is an optional ``(batch, 3, 32, 32)`` tensor; otherwise random pixels.
+    Decoder-only families lay a sample out as ``<bos> [image tokens] text``
+    (Qwen: ``<vision_start> <image>... <vision_end> text``); ViT-GPT2 gets the image as
+    ``pixel_values`` and ``<bos> text`` as ``decoder_input_ids``.
+    """
+    if padding not in ("right", "left", None):
+        raise ConfigError(f"padding={padding!r} must be 'right', 'left' or None")
+    family = family_of_config(model.config)
+    g = torch.Generator().manual_seed(seed)
+    if images is None:
+        images = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    if images.shape != (batch, 3, IMAGE_SIZE, IMAGE_SIZE):
+        raise ConfigError(f"images of shape {tuple(images.shape)}; the zoo expects {(batch, 3, IMAGE_SIZE, IMAGE_SIZE)}")
+    vocab = model.config.get_text_config().vocab_size
+    n_img = image_token_count(family)
+    if family == "vit-gpt2":
+        prefix = [BOS]
+    elif family == "llava":
+        prefix = [BOS] + [IMAGE] * n_img
+    else:
+        prefix = [VISION_START] + [IMAGE] * n_img + [VISION_END]
+    rows = []
+    for i in range(batch):
+        n_text = max(1, text_len - i) if padding else text_len
+        rows.append(prefix + torch.randint(FIRST_TEXT_ID, vocab, (n_text,), generator=g).tolist())
+    width = max(len(r) for r in rows)
+    ids = torch.full((batch, width), PAD, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if padding == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
+    pixels = (images - 0.5) / 0.5
+    dtype = next(model.parameters()).dtype
+    if family == "vit-gpt2":
+        return {"pixel_values": pixels.to(dtype), "decoder_input_ids": ids, "decoder_attention_mask": mask}
+    if family == "llava":
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(dtype)}
+    flat, grid = qwen_patchify(pixels)
+    out = {"input_ids": ids, "attention_mask": mask, "pixel_values": flat.to(dtype), "image_grid_thw": grid}
+    # Qwen2-VL and Qwen3-VL want the token types (0 text, 1 image) whenever images are passed.
+    out["mm_token_type_ids"] = (ids == IMAGE).long()
+    return out
