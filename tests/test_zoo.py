@@ -23,8 +23,12 @@ def test_layers_info(model, family):
     assert info.layers is model.get_submodule(info.layer_path)
     assert info.has_image_tokens == (family != "vit-gpt2")
     assert info.hook_name(2) == "blocks.2.hook_resid_post"
-    wrapped = vlmsae.layers(NNsight(model))
-    assert wrapped.model is model and wrapped.layers is info.layers
+
+
+def test_layers_of_an_nnsight_wrapped_model(family):
+    model = zoo.tiny_model(family, n_layers=2)  # NNsight patches every module's forward: keep it off shared models
+    info = vlmsae.layers(NNsight(model))
+    assert info.model is model and info.layers is model.get_submodule(info.layer_path) and info.n_layers == 2
 
 
 def test_from_pretrained_round_trip(model, family, tmp_path):
