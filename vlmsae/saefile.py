@@ -1,0 +1,316 @@
+"""SAE folders on disk: the SAELens v6 layout (read and written) and EleutherAI sparsify's (read).
+
+SAELens folder:  cfg.json + sae_weights.safetensors
+    W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (+ threshold [d_sae] for jumprelu)
+sparsify folder: cfg.json + sae.safetensors
+    encoder.weight [d_sae, d_in], encoder.bias [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+
+vlmsae writes the SAELens layout so that `sae_lens.SAE.load_from_disk` opens
+it; what SAELens has no key for (kind, loss recipe, input scale) goes into a
+top-level "vlmsae" section that SAELens ignores. The input scale is folded
+into the saved weights (SAELens' `normalize_activations: "none"` then holds);
+being a power of two, folding and unfolding are exact. BatchTopK is saved as
+SAELens saves it: a JumpReLU with one shared threshold.
+
+Reading checks cfg.json and the safetensors header (keys, shapes, dtypes)
+before any tensor is read, and never unpickles. Writing goes file by file
+through a temporary file and `os.replace`.
+"""
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from vlmsae.errors import ConfigError, NonFiniteError, SAEFileError
+from vlmsae.sae import DTYPES, SAE, SAEConfig, check_metadata
+
+CFG_FILE = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+FORMAT_VERSION = 1
+# The layout version we follow; SAELens reads configs without it as pre-6.0.
+SAELENS_LAYOUT_VERSION = "6.0.0"
+ARCHITECTURES = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
+KINDS_BY_ARCHITECTURE = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
+# Config fields SAELens has its own top-level keys for.
+SAELENS_KEYS = ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "metadata")
+SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
+
+
+def save_sae(sae: SAE, path: str | Path) -> None:
+    """Write `sae` to the folder `path` in the SAELens layout; nothing is written if a check fails."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SAEFileError(f"{path}: exists and is not a folder; choose a folder path")
+    try:
+        check_metadata(sae.metadata)
+    except ConfigError as err:
+        raise SAEFileError(f"{path / CFG_FILE}: key 'metadata': {err}") from err
+    tensors = _saelens_tensors(sae)
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise NonFiniteError(f"{path / SAELENS_WEIGHTS}: tensor {name!r} holds NaN or Inf; not saving it")
+    cfg_text = json.dumps(_saelens_cfg(sae), indent=2, allow_nan=False)
+    path.mkdir(parents=True, exist_ok=True)
+    # Weights first: a crash between the two replaces leaves the old config,
+    # whose shapes then disagree with the new weights and fail loudly on load.
+    _write_atomic(path / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_atomic(path / CFG_FILE, lambda tmp: Path(tmp).write_text(cfg_text))
+
+
+def load_sae(path: str | Path, device: torch.device | str | None = None) -> SAE:
+    """Open a vlmsae / SAELens folder or an EleutherAI sparsify folder; the SAE comes back in eval mode."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SAEFileError(f"{path}: no such folder; pass the folder holding {CFG_FILE}")
+    cfg_path = path / CFG_FILE
+    if not cfg_path.is_file():
+        raise SAEFileError(f"{cfg_path}: missing; an SAE folder holds {CFG_FILE} and its weights")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SAEFileError(f"{cfg_path}: not valid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise SAEFileError(f"{cfg_path}: must hold a JSON object, not {type(raw).__name__}")
+
+    if (path / SAELENS_WEIGHTS).is_file():
+        weights_path = path / SAELENS_WEIGHTS
+        cfg, act_scale, rescale = _config_from_saelens(raw, cfg_path)
+        names = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
+        transposed = set()
+        if cfg.kind in ("jumprelu", "batchtopk"):
+            names["threshold"] = "threshold"
+    elif (path / SPARSIFY_WEIGHTS).is_file():
+        weights_path = path / SPARSIFY_WEIGHTS
+        cfg, act_scale, rescale = _config_from_sparsify(raw, cfg_path, path.name), 1.0, False
+        names = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec", "b_dec": "b_dec"}
+        transposed = {"W_enc"}
+    else:
+        raise SAEFileError(f"{path}: holds neither {SAELENS_WEIGHTS} (SAELens / vlmsae) nor {SPARSIFY_WEIGHTS} (sparsify)")
+
+    tensors = _read_tensors(weights_path, cfg, names, transposed, device)
+    return _build(cfg, tensors, act_scale, rescale)
+
+
+def _saelens_tensors(sae: SAE) -> dict[str, Tensor]:
+    """The SAE's tensors in SAELens' layout, with the input scale folded in (exact: a power of two)."""
+    scale = sae.act_scale.to(sae.W_dec.dtype)
+    tensors = {
+        "W_enc": sae.W_enc * scale,  # u = x*s - b_dec  ==  s * (x - b_dec/s)
+        "b_enc": sae.b_enc,
+        "W_dec": sae.W_dec / scale,  # recon = (z W_dec + b_dec) / s
+        "b_dec": sae.b_dec / scale,
+    }
+    if sae.cfg.kind in ("jumprelu", "batchtopk"):
+        tensors["threshold"] = sae.threshold
+    # Fresh contiguous CPU copies: safetensors refuses shared storage, and the
+    # live parameters must not change under a running optimiser.
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+
+
+def _saelens_cfg(sae: SAE) -> dict[str, Any]:
+    cfg = sae.cfg
+    dtype = next(name for name, dt in DTYPES.items() if dt == sae.W_dec.dtype)
+    out: dict[str, Any] = {
+        "architecture": ARCHITECTURES[cfg.kind],
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "sae_lens_version": SAELENS_LAYOUT_VERSION,
+        "metadata": dict(cfg.metadata),
+    }
+    if cfg.kind == "topk":
+        out["k"] = cfg.k
+        out["rescale_acts_by_decoder_norm"] = False
+    own = {name: value for name, value in asdict(cfg).items() if name not in SAELENS_KEYS}
+    out["vlmsae"] = {"format_version": FORMAT_VERSION, "act_scale": float(sae.act_scale), "config": own}
+    return out
+
+
+def _write_atomic(target: Path, write) -> None:
+    """Call `write(tmp_path)` on a temporary file beside `target`, then move it into place."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _need(raw: dict, key: str, cfg_path: Path, types: type | tuple) -> Any:
+    if key not in raw:
+        raise SAEFileError(f"{cfg_path}: missing key {key!r}")
+    value = raw[key]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise SAEFileError(f"{cfg_path}: key {key!r} = {value!r} has the wrong type")
+    if not isinstance(value, types):
+        raise SAEFileError(f"{cfg_path}: key {key!r} = {value!r} has the wrong type")
+    return value
+
+
+def _dtype_name(value: str, cfg_path: Path) -> str:
+    name = value.removeprefix("torch.")
+    if name not in DTYPES:
+        raise SAEFileError(f"{cfg_path}: key 'dtype' = {value!r} is not a dtype; use one of {', '.join(DTYPES)}")
+    return name
+
+
+def _make_config(fields_: dict[str, Any], cfg_path: Path) -> SAEConfig:
+    try:
+        return SAEConfig(**fields_)
+    except ConfigError as err:
+        raise SAEFileError(f"{cfg_path}: {err}") from err
+
+
+def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, bool]:
+    """SAEConfig, input scale, and whether to fold decoder norms (SAELens' rescale_acts_by_decoder_norm)."""
+    architecture = _need(raw, "architecture", cfg_path, str)
+    if architecture not in KINDS_BY_ARCHITECTURE:
+        raise SAEFileError(
+            f"{cfg_path}: key 'architecture' = {architecture!r} is not supported; "
+            f"vlmsae opens {', '.join(KINDS_BY_ARCHITECTURE)}"
+        )
+    fields_: dict[str, Any] = {
+        "d_in": _need(raw, "d_in", cfg_path, int),
+        "d_sae": _need(raw, "d_sae", cfg_path, int),
+        "dtype": _dtype_name(_need(raw, "dtype", cfg_path, str), cfg_path),
+        "kind": KINDS_BY_ARCHITECTURE[architecture],
+        "apply_b_dec_to_input": raw.get("apply_b_dec_to_input", True),
+        "metadata": raw.get("metadata", {}),
+    }
+    if not isinstance(fields_["apply_b_dec_to_input"], bool):
+        raise SAEFileError(f"{cfg_path}: key 'apply_b_dec_to_input' must be true or false")
+    if not isinstance(fields_["metadata"], dict):
+        raise SAEFileError(f"{cfg_path}: key 'metadata' must be a JSON object")
+    if architecture == "topk":
+        fields_["k"] = _need(raw, "k", cfg_path, int)
+    normalize = raw.get("normalize_activations", "none")
+    if normalize != "none":
+        raise SAEFileError(
+            f"{cfg_path}: key 'normalize_activations' = {normalize!r} is not supported; "
+            "fold the normalisation into the weights first (SAELens: fold_activation_norm_scaling_factor)"
+        )
+    reshape = raw.get("reshape_activations", "none")
+    if reshape != "none":
+        raise SAEFileError(f"{cfg_path}: key 'reshape_activations' = {reshape!r} is not supported (residual-stream SAEs only)")
+    rescale = raw.get("rescale_acts_by_decoder_norm", False) is True
+
+    act_scale = 1.0
+    own = raw.get("vlmsae")
+    if own is not None:
+        if not isinstance(own, dict) or not isinstance(own.get("config"), dict):
+            raise SAEFileError(f"{cfg_path}: key 'vlmsae' must be an object with a 'config' object")
+        known = {f.name for f in fields(SAEConfig)} - set(SAELENS_KEYS)
+        for key, value in own["config"].items():
+            if key not in known:
+                raise SAEFileError(f"{cfg_path}: key 'vlmsae.config.{key}' is unknown to this vlmsae version")
+            fields_[key] = value
+        act_scale = own.get("act_scale", 1.0)
+        if isinstance(act_scale, bool) or not isinstance(act_scale, (int, float)) or act_scale <= 0 or math.frexp(act_scale)[0] != 0.5:
+            raise SAEFileError(f"{cfg_path}: key 'vlmsae.act_scale' = {act_scale!r} must be a positive power of two")
+        if ARCHITECTURES.get(fields_.get("kind")) != architecture:
+            raise SAEFileError(
+                f"{cfg_path}: key 'vlmsae.config.kind' = {fields_.get('kind')!r} disagrees with 'architecture' = {architecture!r}"
+            )
+        if architecture == "topk" and fields_["k"] != raw["k"]:
+            raise SAEFileError(f"{cfg_path}: key 'vlmsae.config.k' = {fields_['k']!r} disagrees with 'k' = {raw['k']!r}")
+    return _make_config(fields_, cfg_path), float(act_scale), rescale
+
+
+def _config_from_sparsify(raw: dict, cfg_path: Path, folder_name: str) -> SAEConfig:
+    d_in = _need(raw, "d_in", cfg_path, int)
+    k = _need(raw, "k", cfg_path, int)
+    d_sae = raw.get("num_latents") or d_in * _need(raw, "expansion_factor", cfg_path, int)
+    for key, fine in (("activation", "topk"), ("transcode", False), ("skip_connection", False), ("signed", False)):
+        if raw.get(key, fine) != fine:
+            raise SAEFileError(f"{cfg_path}: key {key!r} = {raw[key]!r} is not supported; vlmsae opens plain TopK SAEs")
+    # sparsify names the folder after the hooked module, e.g. "layers.9".
+    metadata: dict[str, Any] = {"sparsify_hookpoint": folder_name}
+    match = re.fullmatch(r"(?:.*\.)?(?:layers|h)[._](\d+)", folder_name)
+    if match:
+        metadata["hook_name"] = f"blocks.{match.group(1)}.hook_resid_post"
+    # The dtype is set from the tensors once the header is read.
+    return _make_config({"d_in": d_in, "d_sae": d_sae, "k": k, "kind": "topk", "metadata": metadata}, cfg_path)
+
+
+def _read_tensors(
+    weights_path: Path, cfg: SAEConfig, names: dict[str, str], transposed: set[str], device
+) -> dict[str, Tensor]:
+    """Check the header against `cfg`, then read the tensors (vlmsae name -> tensor)."""
+    shapes = {
+        "W_enc": [cfg.d_in, cfg.d_sae],
+        "b_enc": [cfg.d_sae],
+        "W_dec": [cfg.d_sae, cfg.d_in],
+        "b_dec": [cfg.d_in],
+        "threshold": [cfg.d_sae],
+    }
+    try:
+        with safe_open(weights_path, framework="pt", device="cpu") as handle:
+            keys = set(handle.keys())
+            wanted = set(names.values())
+            if keys != wanted:
+                missing, extra = sorted(wanted - keys), sorted(keys - wanted)
+                raise SAEFileError(f"{weights_path}: tensors do not match the config (missing {missing}, unexpected {extra})")
+            dtypes = set()
+            for name, key in names.items():
+                meta = handle.get_slice(key)
+                shape = list(meta.get_shape())
+                expected = shapes[name][::-1] if name in transposed else shapes[name]
+                if shape != expected:
+                    raise SAEFileError(f"{weights_path}: key {key!r} has shape {shape}, config says {expected}")
+                dtypes.add(meta.get_dtype())
+            if len(dtypes) != 1 or next(iter(dtypes)) not in SAFETENSORS_DTYPES:
+                raise SAEFileError(f"{weights_path}: tensor dtypes {sorted(dtypes)} must be one of {sorted(SAFETENSORS_DTYPES)}, all alike")
+            file_dtype = SAFETENSORS_DTYPES[dtypes.pop()]
+            if weights_path.name == SPARSIFY_WEIGHTS:
+                cfg.dtype = file_dtype
+            elif file_dtype != cfg.dtype:
+                raise SAEFileError(f"{weights_path}: tensors are {file_dtype} but key 'dtype' in {CFG_FILE} says {cfg.dtype}")
+        with safe_open(weights_path, framework="pt", device=str(device or "cpu")) as handle:
+            tensors = {name: handle.get_tensor(key) for name, key in names.items()}
+    except SafetensorError as err:
+        raise SAEFileError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    return {name: t.T if name in transposed else t for name, t in tensors.items()}
+
+
+def _build(cfg: SAEConfig, tensors: dict[str, Tensor], act_scale: float, rescale: bool) -> SAE:
+    """An SAE holding `tensors` (SAELens layout, scale folded in), built without a random init."""
+    with torch.device("meta"):
+        sae = SAE(cfg)
+    if rescale:
+        # SAELens' rescale_acts_by_decoder_norm multiplies pre-activations by
+        # the decoder row norms; folding them into the encoder is equivalent.
+        norms = tensors["W_dec"].norm(dim=1)
+        tensors["W_enc"] = tensors["W_enc"] * norms
+        tensors["b_enc"] = tensors["b_enc"] * norms
+        tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+    scale = torch.tensor(act_scale, dtype=tensors["W_dec"].dtype, device=tensors["W_dec"].device)
+    # W_enc keeps its [d_sae, d_in] storage (see SAE.__init__).
+    sae.W_enc = nn.Parameter((tensors["W_enc"] / scale).T.contiguous().T)
+    sae.b_enc = nn.Parameter(tensors["b_enc"].contiguous())
+    sae.W_dec = nn.Parameter((tensors["W_dec"] * scale).contiguous())
+    sae.b_dec = nn.Parameter((tensors["b_dec"] * scale).contiguous())
+    if cfg.kind == "jumprelu":
+        sae.threshold = nn.Parameter(tensors["threshold"].contiguous())
+    elif cfg.kind == "batchtopk":
+        sae.threshold = tensors["threshold"].contiguous()
+    sae.act_scale = torch.tensor(act_scale, dtype=torch.float32, device=tensors["W_dec"].device)
+    return sae.eval()
