@@ -5,7 +5,7 @@ import torch
 
 import vlmsae
 from vlmsae import Kind
-from vlmsae.zoo import tiny_inputs
+from vlmsae.zoo import tiny_inputs, with_sequences
 
 from conftest import logits
 
@@ -75,16 +75,11 @@ def test_generate_captures_join_to_uncached_forward(model):
     prompt_len = inputs[info.ids_key].shape[1]
     with torch.no_grad(), vlmsae.record(model, [0, info.n_layers - 1]) as rec:
         seqs = model.generate(**inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
-    n_new = seqs.shape[1] - (prompt_len if info.family != "vit-gpt2" else prompt_len)
-    assert n_new == 5
+    assert seqs.shape[1] == prompt_len + 5
     steps = rec.steps(0)
     assert [s.shape[1] for s in steps] == [prompt_len] + [1] * 4  # the prompt, then one new position per step
     # one uncached forward over the final sequence (less its last token, which is never fed back in)
-    full = dict(inputs)
-    full[info.ids_key] = seqs[:, :-1]
-    full[info.mask_key] = torch.cat([inputs[info.mask_key], torch.ones(2, 4, dtype=torch.long)], 1)
-    if "mm_token_type_ids" in full:
-        full["mm_token_type_ids"] = (full[info.ids_key] == info.image_token_id).long()
+    full = with_sequences(model, inputs, seqs[:, :-1])
     with torch.no_grad(), vlmsae.record(model, [0, info.n_layers - 1]) as ref:
         model(**full, use_cache=False)
     for layer in (0, info.n_layers - 1):

@@ -142,6 +142,9 @@ def tiny_model(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size:
     model = _CLASSES[family](config).to(dtype).eval()
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = EOS
+    # A random model would happily emit <image> or <bos>; keep generated tokens text, so that a generated
+    # sequence is always valid input again (LLaVA checks image tokens against image features).
+    model.generation_config.suppress_tokens = list(range(FIRST_TEXT_ID))
     if family == "vit-gpt2":
         model.generation_config.decoder_start_token_id = BOS
     return model
@@ -224,4 +227,25 @@ def tiny_inputs(model: PreTrainedModel, batch: int = 2, *, text_len: int = 8, pa
     out = {"input_ids": ids, "attention_mask": mask, "pixel_values": flat.to(dtype), "image_grid_thw": grid}
     # Qwen2-VL and Qwen3-VL want the token types (0 text, 1 image) whenever images are passed.
     out["mm_token_type_ids"] = (ids == IMAGE).long()
+    return out
+
+
+def with_sequences(model: PreTrainedModel, inputs: dict[str, torch.Tensor], sequences: torch.Tensor,
+                   ) -> dict[str, torch.Tensor]:
+    """Inputs for one uncached forward over ``sequences`` (``inputs`` extended by generated tokens).
+
+    ``sequences`` is what ``generate(**inputs)`` returned (or a prefix of it, at least the prompt);
+    the attention mask grows by ones and Qwen's token types are recomputed.
+    """
+    info_ids, info_mask = ("decoder_input_ids", "decoder_attention_mask") if "decoder_input_ids" in inputs \
+        else ("input_ids", "attention_mask")
+    prompt = inputs[info_ids].shape[1]
+    if sequences.shape[1] < prompt:
+        raise ConfigError(f"sequences of length {sequences.shape[1]} are shorter than the prompt ({prompt})")
+    out = dict(inputs)
+    out[info_ids] = sequences
+    grown = torch.ones(sequences.shape[0], sequences.shape[1] - prompt, dtype=inputs[info_mask].dtype)
+    out[info_mask] = torch.cat([inputs[info_mask], grown], 1)
+    if "mm_token_type_ids" in out:
+        out["mm_token_type_ids"] = (sequences == IMAGE).long()
     return out

@@ -1,0 +1,332 @@
+"""Put an SAE into the running model: splice, ablate, steer.
+
+Every intervention is one hook at one site, through :func:`vlmsae.attach`, so each is a context
+manager that removes itself in ``finally`` and acts on every forward inside it, each decode step
+of ``generate()`` included. Where several are open at one site, the outer one acts first
+(hooks run in the order they were attached).
+
+``where`` chooses the positions an intervention touches: ``None`` (every non-pad position), a
+kind name or a list of them (``"image"``, ``"text"``, ``"special"``, ``"generated"``, ``"prompt"``:
+every non-pad position that was not generated), or a callable ``fwd -> (batch, seq) bool``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .adapters import Kind, ModelInfo, layers
+from .errors import ConfigError, SiteError
+from .hooks import Forward, attach, check_sites
+from .sae import SAE
+
+Where = "None | str | Kind | Iterable[str | Kind] | Callable[[Forward], Tensor]"
+WHERE_NAMES = ("all", "image", "text", "special", "generated", "prompt")
+_KINDS_OF = {
+    "all": (Kind.SPECIAL, Kind.IMAGE, Kind.TEXT, Kind.GENERATED),
+    "image": (Kind.IMAGE,), "text": (Kind.TEXT,), "special": (Kind.SPECIAL,), "generated": (Kind.GENERATED,),
+    "prompt": (Kind.SPECIAL, Kind.IMAGE, Kind.TEXT),
+}
+
+
+def where_kinds(where, info: ModelInfo) -> tuple[Kind, ...] | None:
+    """The kinds a ``where`` selects (``None`` for a callable); raises if it can select no token."""
+    if callable(where) and not isinstance(where, (str, Kind)):
+        return None
+    names = ["all"] if where is None else [where] if isinstance(where, (str, Kind)) else list(where)
+    if not names:
+        raise ConfigError("where=[] selects no token; pass None for every non-pad position, or kind names")
+    kinds = set()
+    for name in names:
+        if isinstance(name, Kind):
+            kinds.add(name)
+        elif name in _KINDS_OF:
+            kinds.update(_KINDS_OF[name])
+        else:
+            raise ConfigError(f"where={name!r} is not a token kind; use one of {WHERE_NAMES} or a callable")
+    if not info.has_image_tokens:
+        kinds.discard(Kind.IMAGE)
+        if not kinds:
+            raise ConfigError(
+                f"where={where!r} selects no token in a {info.family} model: its decoder stream holds no image "
+                "tokens (the image enters by cross-attention); use 'text' or None")
+    if kinds == {Kind.PAD}:
+        raise ConfigError(f"where={where!r} selects only padding; use 'text', 'image' or None")
+    return tuple(sorted(kinds))
+
+
+def where_mask(where, kinds: tuple[Kind, ...] | None, fwd: Forward) -> Tensor:
+    """``(batch, seq)`` bool: the positions of this forward that ``where`` selects."""
+    if kinds is None:
+        return where(fwd)
+    return torch.isin(fwd.kinds, torch.tensor(kinds, dtype=fwd.kinds.dtype, device=fwd.kinds.device))
+
+
+def check_sae(sae: SAE, info: ModelInfo) -> None:
+    if sae.cfg.d_in != info.d_model:
+        raise ConfigError(
+            f"the SAE reads d_in={sae.cfg.d_in} but this {info.family} model's residual has d_model={info.d_model}; "
+            "use an SAE trained on this model (or one of the same width)")
+
+
+def check_features(features: Iterable[int], d_sae: int) -> list[int]:
+    features = list(features)
+    bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae]
+    if bad:
+        raise ConfigError(f"feature index {bad[0]!r} is out of range; this SAE has features 0..{d_sae - 1}")
+    return features
+
+
+def _put_back(x: Tensor, sae: SAE, latents: Tensor, edited: Tensor, recon: Tensor, error: bool) -> Tensor:
+    """The residual to put back, on the SAE's device in ``x``'s dtype; ``recon`` is ``decode(latents)``.
+
+    With the error term, ``recon(edited) + (x - recon)`` is computed as ``x + (recon(edited) - recon)``
+    so that no edit gives back ``x`` exactly.
+    """
+    if error:
+        return x if edited is latents else x + (sae.decode(edited) - recon).to(x.dtype)
+    return (recon if edited is latents else sae.decode(edited)).to(x.dtype)
+
+
+def reconstruct(resid: Tensor, sae: SAE, *, error: bool = False, edit: Callable[[Tensor], Tensor] | None = None,
+                mask: Tensor | None = None) -> Tensor:
+    """What a splice puts back, in ``resid``'s dtype and device: for an nnsight trace or a hook of your own.
+
+    ``edit(latents) -> latents`` changes latents; ``error=True`` keeps the SAE's error term;
+    ``mask`` ``(batch, seq)`` bool limits the change to some positions (a splice leaves padding alone:
+    pass ``vlmsae.layers(model).kinds(ids, attention_mask) != Kind.PAD`` to do the same).
+    """
+    with torch.no_grad():
+        x = resid.to(sae.W_dec.device)
+        latents = sae.encode(x)
+        edited = latents if edit is None else edit(latents)
+        new = _put_back(x, sae, latents, edited, sae.decode(latents), error)
+        if mask is not None:
+            new = torch.where(mask[..., None].to(x.device), new, x)
+        return new.to(resid.device, resid.dtype)
+
+
+class SpliceStats(NamedTuple):
+    """Running sums per token kind, on the device; :meth:`Splice.stats` turns them into a table."""
+
+    tokens: Tensor  # (n_kinds,)
+    squared_error: Tensor  # (n_kinds,)
+    sum_x: Tensor  # (n_kinds, d_in)
+    sum_sq_x: Tensor  # (n_kinds,)
+    l0: Tensor  # (n_kinds,) sum of per-token L0
+
+
+class Splice:
+    """A splice in progress: ``s.latents`` of the last forward and running FVU / L0 per token kind."""
+
+    def __init__(self, sae: SAE, d_in: int, device):
+        self.sae = sae
+        self.latents: Tensor | None = None
+        """``(batch, seq, d_sae)`` latents of the last forward inside the splice, at every position."""
+        n = len(Kind)
+        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float64)  # noqa: E731
+        self._sums = SpliceStats(zeros(n), zeros(n), zeros(n, d_in), zeros(n), zeros(n))
+
+    def _accumulate(self, x: Tensor, recon: Tensor, latents: Tensor, kinds: Tensor, mask: Tensor) -> None:
+        onehot = torch.nn.functional.one_hot(kinds.long(), len(Kind)).to(torch.float64)  # (b, s, kinds)
+        onehot = onehot * mask[..., None]
+        x64 = x.to(torch.float64)
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        w = flat(onehot)
+        err = (x64 - recon.to(x64.device, torch.float64)).pow(2).sum(-1).reshape(-1)
+        s = self._sums
+        s.tokens.add_(w.sum(0))
+        s.squared_error.add_(w.T @ err)
+        s.sum_x.add_(w.T @ flat(x64))
+        s.sum_sq_x.add_(w.T @ x64.pow(2).sum(-1).reshape(-1))
+        s.l0.add_(w.T @ (latents != 0).sum(-1).reshape(-1).to(torch.float64).to(w.device))
+
+    def stats(self) -> pd.DataFrame:
+        """FVU, L0 and token count per token kind that was spliced, plus ``all``."""
+        return kind_stats(self._sums)
+
+
+def kind_stats(s: SpliceStats) -> pd.DataFrame:
+    """FVU, L0 and token count per token kind present in the sums, plus ``all``.
+
+    The sums add across batches, so FVU over many batches is measured around their joint mean.
+    """
+    rows = {}
+    groups = [("all", list(Kind))] + [(k.name.lower(), [k]) for k in Kind]
+    for name, kinds in groups:
+        idx = torch.tensor([int(k) for k in kinds])
+        n = s.tokens[idx].sum()
+        if n == 0:
+            continue
+        sum_x = s.sum_x[idx].sum(0)
+        variance = s.sum_sq_x[idx].sum() - sum_x.pow(2).sum() / n  # sum ||x - mean||^2
+        rows[name] = {"fvu": (s.squared_error[idx].sum() / variance).item(),
+                      "l0": (s.l0[idx].sum() / n).item(), "tokens": int(n.item())}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+_ACTIVE: set[tuple[int, int, str, int]] = set()  # (id(model), layer, site, id(sae)) of open splices
+
+
+@contextmanager
+def splice(model, layer: int, sae: SAE, *, error: bool = False, where=None, site: str = "resid_post",
+           edit: Callable[[Tensor, Forward], Tensor] | None = None) -> Iterator[Splice]:
+    """Replace the residual at ``layer`` by the SAE's reconstruction on every forward inside the block.
+
+    ``error=True`` keeps the error term, so downstream sees the original residual except for what
+    ``edit(latents, fwd) -> latents`` changes. ``where`` restricts the splice to some positions.
+    The SAE runs in its own dtype and device; the result goes back in the model's.
+    """
+    info = layers(model)
+    check_sites(info, [(layer, site)])
+    check_sae(sae, info)
+    kinds = where_kinds(where, info)
+    key = (id(info.model), layer, site, id(sae))
+    if key in _ACTIVE:
+        raise SiteError(f"this SAE is already spliced at layer {layer} ({site}) of this model; "
+                        "splicing it twice would reconstruct a reconstruction — close the outer splice first")
+    state = Splice(sae, info.d_model, sae.W_dec.device)
+
+    @torch.no_grad()
+    def hook(resid: Tensor, fwd: Forward) -> Tensor:
+        x = resid.to(sae.W_dec.device)
+        latents = sae.encode(x)
+        state.latents = latents
+        edited = latents if edit is None else edit(latents, fwd)
+        mask = where_mask(where, kinds, fwd).to(x.device)
+        recon = sae.decode(latents)
+        state._accumulate(x, recon, latents, fwd.kinds.to(x.device), mask)
+        new = _put_back(x, sae, latents, edited, recon, error)
+        if new is x:
+            return None  # error term kept and nothing edited: the residual stays bit-for-bit
+        return torch.where(mask[..., None], new, x).to(resid.device)
+
+    _ACTIVE.add(key)
+    try:
+        with attach(model, {(layer, site): hook}):
+            yield state
+    finally:
+        _ACTIVE.discard(key)
+
+
+@contextmanager
+def ablate(model, layer: int, sae: SAE, features: Iterable[int], *, mode: str = "zero",
+           means: Tensor | None = None, where=None, site: str = "resid_post") -> Iterator[Splice]:
+    """Set ``features`` to zero (or to their mean activation, ``mode="mean"``) with the error term kept.
+
+    Only those features change: the residual moves by ``(new - activation) * W_dec[f]`` per feature.
+    ``means`` is ``(d_sae,)``, e.g. ``latent_stats(model, layer, sae, data).mean``.
+    """
+    features = check_features(features, sae.cfg.d_sae)
+    if mode not in ("zero", "mean"):
+        raise ConfigError(f"mode={mode!r} is not an ablation; use 'zero' or 'mean'")
+    if mode == "mean" and (means is None or tuple(means.shape) != (sae.cfg.d_sae,)):
+        raise ConfigError(f"mode='mean' needs means= of shape ({sae.cfg.d_sae},), e.g. "
+                          "vlmsae.latent_stats(model, layer, sae, data).mean")
+    index = torch.tensor(features, dtype=torch.long, device=sae.W_dec.device)
+    edit = None
+    if features:
+        def edit(latents: Tensor, fwd: Forward) -> Tensor:
+            latents = latents.clone()
+            if mode == "zero":
+                latents[..., index] = 0
+            else:
+                latents[..., index] = means.to(latents)[index]
+            return latents
+
+    with splice(model, layer, sae, error=True, where=where, site=site, edit=edit) as state:
+        yield state
+
+
+def steering_vector(target, features: Mapping[int, float] | None = None, *, strength: float = 1.0,
+                    relative_to: Tensor | None = None) -> Tensor:
+    """``(d_in,)`` vector to add: ``sum_f strength_f * W_dec[f]`` in the model's units, or ``strength * target``.
+
+    ``relative_to`` (``(d_sae,)``, e.g. ``latent_stats(...).mean_firing``) makes each strength a multiple
+    of that feature's typical activation instead of an absolute activation.
+    """
+    if isinstance(target, SAE):
+        if not features:
+            raise ConfigError("steering with an SAE needs features={index: strength}, e.g. {12: 8.0}")
+        index = check_features(features, target.cfg.d_sae)
+        with torch.no_grad():
+            s = torch.tensor([float(features[f]) for f in index], device=target.W_dec.device)
+            if relative_to is not None:
+                s = s * relative_to.to(s.device, torch.float32)[index]
+            W = target.W_dec[index].float() / target.act_scale
+            return s @ W
+    if isinstance(target, Tensor):
+        if features:
+            raise ConfigError("features= applies to an SAE; for a raw direction pass strength= only")
+        if target.ndim != 1:
+            raise ConfigError(f"a steering direction must be (d_in,), got shape {tuple(target.shape)}")
+        return strength * target.detach().float()
+    raise ConfigError(f"steer() takes an SAE or a (d_in,) tensor, not {type(target).__name__}")
+
+
+@contextmanager
+def steer(model, layer: int, target, features: Mapping[int, float] | None = None, *, strength: float = 1.0,
+          where=None, relative_to: Tensor | None = None, site: str = "resid_post") -> Iterator[Tensor]:
+    """Add decoder directions (or a raw vector) at ``where`` positions on every forward inside the block.
+
+    Under ``generate()`` the vector is added to the new position at every decode step, not only to the
+    prompt. Yields the ``(d_in,)`` vector added.
+    """
+    info = layers(model)
+    check_sites(info, [(layer, site)])
+    if isinstance(target, SAE):
+        check_sae(target, info)
+    vector = steering_vector(target, features, strength=strength, relative_to=relative_to)
+    if vector.shape[0] != info.d_model:
+        raise ConfigError(f"a steering vector of width {vector.shape[0]} does not fit d_model={info.d_model}")
+    kinds = where_kinds(where, info)
+
+    def hook(resid: Tensor, fwd: Forward) -> Tensor:
+        mask = where_mask(where, kinds, fwd).to(resid.device)
+        return resid + mask[..., None].to(resid.dtype) * vector.to(resid.device, resid.dtype)
+
+    with attach(model, {(layer, site): hook}):
+        yield vector
+
+
+class LatentStats(NamedTuple):
+    """Per-feature statistics over a dataset, each ``(d_sae,)``."""
+
+    mean: Tensor
+    """Mean activation over all selected tokens (what mean-ablation sets a feature to)."""
+    mean_firing: Tensor
+    """Mean activation over the tokens where the feature fires (its typical strength; 0 if it never does)."""
+    density: Tensor
+    """Fraction of selected tokens where the feature fires."""
+
+
+@torch.no_grad()
+def latent_stats(model, layer: int, sae: SAE, data: Iterable[dict], *, where=None,
+                 site: str = "resid_post") -> LatentStats:
+    """Mean, mean-when-firing and firing density of every latent over ``data`` (batches of model inputs)."""
+    from .record import record
+
+    info = layers(model)
+    check_sae(sae, info)
+    kinds = where_kinds(where, info)
+    d_sae = sae.cfg.d_sae
+    total = torch.zeros(d_sae, dtype=torch.float64, device=sae.W_dec.device)
+    fired = torch.zeros_like(total)
+    tokens = torch.zeros((), dtype=torch.float64, device=total.device)
+    for batch in tqdm(data, desc="latent stats", leave=False):
+        with record(model, [layer], site=site, stop=True) as rec:
+            model(**batch)
+        mask = where_mask(where, kinds, rec.forwards[0]).to(total.device)
+        latents = sae.encode(rec[layer].to(total.device))[mask].to(torch.float64)
+        total += latents.sum(0)
+        fired += (latents != 0).sum(0)
+        tokens += latents.shape[0]
+    if tokens == 0:
+        raise ConfigError(f"where={where!r} selected no token in the data; check the data or where")
+    return LatentStats(total / tokens, total / fired.clamp_min(1), fired / tokens)
