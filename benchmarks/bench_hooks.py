@@ -10,56 +10,13 @@ the machine hits them alike) and the median over repeats is reported.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
+import pandas as pd
 import torch
 
 import vlmsae
+from common import add_model_args, llava_7b, median_times, timer, zoo_cases
 from vlmsae import zoo
-
-
-def timer(device: torch.device):
-    def now():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-    return now
-
-
-def median_times(variants: dict, repeats: int, now) -> dict[str, float]:
-    """Median seconds of each variant, running them in turn within every repeat."""
-    for fn in variants.values():  # warm-up
-        fn()
-    times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            t0 = now()
-            fn()
-            times[name].append(now() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def llava_7b(dtype, device):
-    """LLaVA-1.5-7B's shapes with random weights (a 7B decoder over 576 image tokens from a CLIP-L/336 tower)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-        text_config=LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                                max_position_embeddings=4096),
-        image_token_index=32000, image_seq_length=576, vision_feature_layer=-2, pad_token_id=0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    batch, text = 4, 64
-    ids = torch.randint(10, 32000, (batch, 1 + 576 + text))
-    ids[:, 0] = 1
-    ids[:, 1:577] = 32000
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "pixel_values": torch.randn(batch, 3, 336, 336, dtype=dtype)}
-    return model, {k: v.to(device) for k, v in inputs.items()}
 
 
 def bench_model(name, model, inputs, args, now) -> dict:
@@ -125,38 +82,18 @@ def bench_stop(args, device, dtype, now) -> tuple[float, float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--families", nargs="+", default=list(zoo.FAMILIES))
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-layers", type=int, default=8)
+    add_model_args(parser)
     parser.add_argument("--deep-layers", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--text-len", type=int, default=96)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--llava-7b", action="store_true", help="also LLaVA-1.5-7B shapes, random weights (GPU)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     now = timer(device)
     torch.set_grad_enabled(False)
-    rows = []
-    for family in args.families:
-        model = zoo.tiny_model(family, n_layers=args.n_layers, d_model=args.d_model, vocab_size=4096)
-        model = model.to(device, dtype)
-        inputs = {k: v.to(device) for k, v in zoo.tiny_inputs(model, args.batch, text_len=args.text_len,
-                                                             padding="left").items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        rows.append(bench_model(f"{family} d={args.d_model} L={args.n_layers}", model, inputs, args, now))
-        del model
+    rows = [bench_model(name, model, inputs, args, now) for name, model, inputs in zoo_cases(args, device, dtype)]
     if args.llava_7b:
         model, inputs = llava_7b(dtype, device)
         rows.append(bench_model("llava-1.5-7b shapes", model, inputs, args, now))
         del model
     speedup, deep = bench_stop(args, device, dtype, now)
-    import pandas as pd
-
     table = pd.DataFrame(rows).set_index("model")
     print(f"\ndevice {device}, dtype {args.dtype}, batch {args.batch}, text {args.text_len} tokens, "
           f"{args.new_tokens} new tokens, median of {args.repeats} interleaved repeats")
