@@ -81,7 +81,7 @@ class SAEConfig:
         if self.kind not in KINDS:
             raise ConfigError(f"kind={self.kind!r} is unknown; use one of {', '.join(KINDS)}")
         _check_int("k", self.k, 1)
-        if self.k > self.d_sae:
+        if self.kind in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ConfigError(f"k={self.k} must be in 1..d_sae={self.d_sae}; lower k or raise d_sae")
         if self.aux_k is None:
             self.aux_k = min(self.d_in // 2, self.d_sae)

@@ -1,0 +1,341 @@
+"""One SAE training step (loss, backward, Adam, decoder renorm), fast and free of host syncs.
+
+TopK kinds take the sparse path: one dense matmul scores every latent
+(in bf16 on CUDA), TopK picks k per token, and decoding plus every gradient
+touch only the chosen rows (`vlmsae.sparse`). ReLU and JumpReLU latents are
+not sparse enough early in training for that to pay, so they take the dense
+path under autocast. Metrics accumulate on the device; every `sync_every`
+steps one readout moves them to the host, appends them to `history`, and
+refreshes whether any latent is dead (which gates the AuxK pass).
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vlmsae import metrics
+from vlmsae.errors import ConfigError, NonFiniteError
+from vlmsae.sae import DTYPES, SAE
+from vlmsae.sparse import SparseCode, gather_pre_acts, sparse_decode
+
+
+@dataclass
+class TrainerConfig:
+    """Optimiser and step settings; the loss recipe lives in SAEConfig."""
+
+    lr: float | None = None
+    """Adam learning rate; None means 2e-4 / sqrt(d_sae / 2**14) (Gao et al. 2024 §2.3)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 6.25e-10
+    """Adam epsilon (Gao et al. 2024 §2.3)."""
+    sync_every: int = 100
+    """Steps between the host readouts of metrics and of the dead-latent count."""
+    compute_dtype: str | None = None
+    """dtype of the encoder matmul; None means bfloat16 on CUDA and the weights' dtype elsewhere."""
+    encode_chunk: int | None = None
+    """Tokens per chunk of the selection matmul; None means 1024 on CPU (cache-sized) and the whole batch on CUDA."""
+    init_from_first_batch: bool = True
+    """Set b_dec and the input scale from the first batch (turn off when resuming a trained SAE)."""
+
+    def __post_init__(self):
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise ConfigError(f"lr={self.lr!r} must be in (0, 1)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas={self.betas!r} must be two numbers in [0, 1)")
+        if not self.eps > 0:
+            raise ConfigError(f"eps={self.eps!r} must be > 0")
+        if isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int) or self.sync_every < 1:
+            raise ConfigError(f"sync_every={self.sync_every!r} must be an integer >= 1")
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
+            raise ConfigError(f"compute_dtype={self.compute_dtype!r} must be None or one of {', '.join(DTYPES)}")
+        if self.encode_chunk is not None and (not isinstance(self.encode_chunk, int) or self.encode_chunk < 1):
+            raise ConfigError(f"encode_chunk={self.encode_chunk!r} must be None or an integer >= 1")
+
+
+@dataclass
+class TrainMetrics:
+    """Averages over the steps since the previous readout (mse in the model's units)."""
+
+    step: int
+    tokens: int
+    loss: float
+    mse: float
+    fvu: float
+    l0: float
+    aux_loss: float
+    dead_fraction: float
+    dense_fraction: float
+
+
+# Slots of the on-device metric accumulator.
+_LOSS, _SQ_ERR, _TOTAL_VAR, _NONZERO, _AUX, _TOKENS, _ELEMENTS = range(7)
+
+
+class SAETrainer:
+    """Trains `sae` one batch of activations at a time: `trainer.step(x)` with x (..., d_in)."""
+
+    def __init__(self, sae: SAE, cfg: TrainerConfig | None = None, **fields):
+        if cfg is None:
+            cfg = TrainerConfig(**fields)
+        elif fields:
+            raise ConfigError(f"pass either a TrainerConfig or its fields, not both (got cfg and {sorted(fields)})")
+        self.sae, self.cfg = sae, cfg
+        device = sae.W_dec.device
+        self.compute_dtype = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else (
+            torch.bfloat16 if device.type == "cuda" else sae.W_dec.dtype
+        )
+        self.encode_chunk = cfg.encode_chunk or (1024 if device.type == "cpu" else 1 << 62)
+        lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
+        options = dict(lr=lr, betas=cfg.betas, eps=cfg.eps)
+        try:
+            self.optimizer = torch.optim.Adam(sae.parameters(), fused=True, **options)
+        except RuntimeError:  # fused Adam is missing for some device / dtype pairs
+            self.optimizer = torch.optim.Adam(sae.parameters(), foreach=True, **options)
+        d_sae = sae.cfg.d_sae
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.fire_count = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.sums = torch.zeros(7, dtype=torch.float64, device=device)
+        self.n_steps = 0
+        self.n_tokens = 0
+        self.window_start = 0
+        self.history: list[TrainMetrics] = []
+        self.aux_active = False
+        self.initialized = not cfg.init_from_first_batch
+
+    def step(self, x: Tensor) -> None:
+        """One optimiser step on `x` (..., d_in); no host synchronisation except the readout every `sync_every` steps."""
+        sae = self.sae
+        x = x.reshape(-1, sae.cfg.d_in).to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+        if not self.initialized:
+            sae.init_from_batch(x)
+            self.initialized = True
+        sae.train()
+        kind = sae.cfg.kind
+        loss, recon, nonzero, fired, aux = (self._sparse_loss if kind in ("topk", "batchtopk") else self._dense_loss)(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if sae.unit_norm_decoder:
+            sae.remove_parallel_decoder_grad_()
+        self.optimizer.step()
+        with torch.no_grad():
+            if sae.unit_norm_decoder:
+                sae.normalize_decoder_()
+            if kind == "jumprelu":
+                sae.threshold.clamp_(min=0)
+            self._count(x, recon, loss, nonzero, fired, aux)
+        self.n_steps += 1
+        self.n_tokens += x.shape[0]
+        if self.n_steps % self.cfg.sync_every == 0:
+            self.history.append(self.read_metrics())
+
+    def _encoder_chunks(self, u: Tensor):
+        """No-grad dense pass over the encoder: yields (start, stop, pre-activations of those tokens)."""
+        sae = self.sae
+        W_encT = sae.W_enc.T.to(self.compute_dtype)  # (d_sae, d_in), contiguous
+        b_enc = sae.b_enc.to(self.compute_dtype)
+        u = u.detach().to(self.compute_dtype)
+        for start in range(0, u.shape[0], self.encode_chunk):
+            stop = min(start + self.encode_chunk, u.shape[0])
+            yield start, stop, torch.addmm(b_enc, u[start:stop], W_encT.T)
+
+    @torch.no_grad()
+    def _select_topk(self, u: Tensor, dead: Tensor, aux_k: int) -> tuple[Tensor, Tensor]:
+        """(values, latents), each (n_tokens, k + aux_k): the k largest pre-activations, then aux_k among dead latents."""
+        k = self.sae.cfg.k
+        values = torch.empty(u.shape[0], k + aux_k, device=u.device, dtype=u.dtype)
+        latents = torch.empty(u.shape[0], k + aux_k, device=u.device, dtype=torch.long)
+        for start, stop, pre in self._encoder_chunks(u):
+            values[start:stop, :k], latents[start:stop, :k] = pre.topk(k, dim=1, sorted=False)
+            if aux_k:
+                # Top-k_aux among dead latents only (Gao et al. 2024 §A.2); with
+                # fewer dead than aux_k the rest are -inf, which ReLU turns to 0.
+                values[start:stop, k:], latents[start:stop, k:] = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False)
+        return values, latents
+
+    @torch.no_grad()
+    def _select_batchtopk(self, u: Tensor, dead: Tensor, aux_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(values, rows, cols) of the k * n_tokens largest pre-activations of the batch (Bussmann et al. 2024),
+        in token order, then (aux_values, aux_latents) (n_tokens, aux_k) among dead latents."""
+        d_sae, n_tokens = self.sae.cfg.d_sae, u.shape[0]
+        pre = torch.empty(n_tokens, d_sae, device=u.device, dtype=self.compute_dtype)
+        for start, stop, chunk in self._encoder_chunks(u):
+            pre[start:stop] = chunk
+        values, flat = pre.view(-1).topk(self.sae.cfg.k * n_tokens, sorted=False)
+        flat, order = flat.sort()
+        aux_values, aux_latents = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False) if aux_k else (None, None)
+        return values[order].to(u.dtype), flat // d_sae, flat % d_sae, aux_values, aux_latents
+
+    def _sparse_loss(self, x: Tensor):
+        sae, cfg = self.sae, self.sae.cfg
+        n_tokens, k = x.shape[0], cfg.k
+        dead = self.tokens_since_fired >= cfg.dead_tokens
+        aux_k = cfg.aux_k if self.aux_active and cfg.aux_coefficient > 0 else 0
+        x_n = x * sae.act_scale.to(x.dtype)
+        u = sae.center(x)
+        W_encT = sae.W_enc.T
+        if cfg.kind == "topk":
+            values, latents = self._select_topk(u, dead, aux_k)
+            pre = gather_pre_acts(u, W_encT, sae.b_enc, SparseCode.from_topk(latents), values.view(-1)).view(n_tokens, -1)
+            main_code = SparseCode.from_topk(latents[:, :k].contiguous())
+            acts = pre[:, :k].relu().reshape(-1)
+            if aux_k:
+                aux_code = SparseCode.from_topk(latents[:, k:].contiguous())
+                aux_acts = pre[:, k:].relu().reshape(-1)
+        else:
+            values, rows, cols, aux_values, aux_latents = self._select_batchtopk(u, dead, aux_k)
+            main_code = SparseCode.from_rows_cols(rows, cols, n_tokens)
+            if not aux_k:
+                acts = gather_pre_acts(u, W_encT, sae.b_enc, main_code, values).relu()
+            else:
+                aux_code = SparseCode.from_topk(aux_latents)
+                # One gather for both: merge the entries back into token order.
+                all_rows = torch.cat([rows, aux_code.rows])
+                order = torch.sort(all_rows, stable=True).indices
+                merged = SparseCode.from_rows_cols(all_rows[order], torch.cat([cols, aux_code.cols])[order], n_tokens)
+                pre = gather_pre_acts(u, W_encT, sae.b_enc, merged, torch.cat([values, aux_values.view(-1).to(u.dtype)])[order])
+                unsorted = torch.empty_like(pre).index_copy(0, order, pre)
+                acts, aux_acts = unsorted[: values.shape[0]].relu(), unsorted[values.shape[0] :].relu()
+            self._update_threshold(acts.detach())
+        recon_n = sparse_decode(acts, sae.W_dec, main_code) + sae.b_dec
+        loss = metrics.mse(x_n, recon_n)
+        aux_loss = torch.zeros((), device=x.device)
+        if aux_k:
+            # The dead latents model what the live ones left over; scaled down
+            # while few latents are dead (Gao et al. 2024 §A.2).
+            residual = (x_n - recon_n).detach()
+            aux_loss = metrics.mse(residual, sparse_decode(aux_acts, sae.W_dec, aux_code))
+            aux_loss = aux_loss * (dead.sum() / aux_k).clamp(max=1)
+            loss = loss + cfg.aux_coefficient * aux_loss
+        nonzero = (acts != 0).sum()
+        fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device).index_add_(
+            0, main_code.cols, (acts != 0).long()
+        )
+        return loss, recon_n, nonzero, fired, aux_loss
+
+    @torch.no_grad()
+    def _update_threshold(self, acts: Tensor) -> None:
+        """BatchTopK inference threshold: moving average of the smallest kept activation (Bussmann et al. 2024)."""
+        sae = self.sae
+        smallest = torch.where(acts > 0, acts, math.inf).min()
+        lr = sae.cfg.batchtopk_threshold_lr
+        moved = (1 - lr) * sae.threshold + lr * smallest.to(sae.threshold.dtype)
+        sae.threshold.copy_(torch.where(torch.isfinite(smallest), moved, sae.threshold))
+
+    def _autocast(self, x: Tensor):
+        """bf16 (or `compute_dtype`) matmuls over the fp32 weights, when it differs from them."""
+        if self.compute_dtype == self.sae.W_dec.dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=self.compute_dtype)
+
+    def _dense_loss(self, x: Tensor):
+        sae, cfg = self.sae, self.sae.cfg
+        x_n = x * sae.act_scale.to(x.dtype)
+        with self._autocast(x):
+            pre = sae.pre_acts(x).float()
+        if cfg.kind == "relu":
+            latents = pre.relu()
+            # L1 weighted by decoder norms, so shrinking W_enc while growing
+            # W_dec cannot dodge the penalty (Anthropic, April 2024 update).
+            sparsity = (latents * sae.W_dec.norm(dim=1)).sum(-1).mean()
+            coefficient = cfg.l1_coefficient
+        else:
+            bandwidth = cfg.jumprelu_bandwidth
+            latents = _JumpReLU.apply(pre, sae.threshold, bandwidth)
+            sparsity = _Step.apply(pre, sae.threshold, bandwidth).sum(-1).mean()
+            coefficient = cfg.l0_coefficient
+        with self._autocast(x):
+            recon_n = (latents @ sae.W_dec + sae.b_dec).float()
+        loss = metrics.mse(x_n, recon_n) + coefficient * sparsity
+        nonzero = (latents != 0).sum()
+        fired = (latents != 0).sum(0)
+        return loss, recon_n, nonzero, fired, torch.zeros((), device=x.device)
+
+    @torch.no_grad()
+    def _count(self, x: Tensor, recon_n: Tensor, loss: Tensor, nonzero: Tensor, fired: Tensor, aux: Tensor) -> None:
+        n_tokens = x.shape[0]
+        x_n = x * self.sae.act_scale.to(x.dtype)
+        scale2 = self.sae.act_scale.double() ** 2
+        update = torch.stack([
+            loss.double(),
+            metrics.squared_error(x_n, recon_n).double() / scale2,
+            metrics.total_variance(x_n).double() / scale2,
+            nonzero.double(),
+            aux.double(),
+            torch.tensor(n_tokens, dtype=torch.float64, device=x.device),
+            torch.tensor(x.numel(), dtype=torch.float64, device=x.device),
+        ])
+        self.sums += update
+        self.fire_count += fired
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired > 0, 0)
+
+    def read_metrics(self) -> TrainMetrics:
+        """Move the accumulated metrics to the host (one sync) and start a new window."""
+        cfg = self.sae.cfg
+        window = torch.cat([
+            self.sums,
+            metrics.dead_fraction(self.tokens_since_fired, cfg.dead_tokens).double().view(1),
+            metrics.dense_fraction(self.fire_count, self.sums[_TOKENS].clamp(min=1)).double().view(1),
+        ])
+        loss, sq_err, total_var, nonzero, aux, tokens, elements, dead, dense = window.tolist()
+        steps = self.n_steps - self.window_start
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"training loss is {loss} over steps {self.window_start + 1}..{self.n_steps}; "
+                "check the activations for NaN/Inf or lower the learning rate"
+            )
+        self.sums.zero_()
+        self.fire_count.zero_()
+        self.window_start = self.n_steps
+        # The one place that learns, on the host, whether AuxK has work to do.
+        self.aux_active = dead > 0
+        return TrainMetrics(
+            step=self.n_steps,
+            tokens=self.n_tokens,
+            loss=loss / max(steps, 1),
+            mse=sq_err / max(elements, 1),
+            fvu=sq_err / total_var if total_var > 0 else float("nan"),
+            l0=nonzero / max(tokens, 1),
+            aux_loss=aux / max(steps, 1),
+            dead_fraction=dead,
+            dense_fraction=dense,
+        )
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z * H(z - threshold), with the straight-through threshold gradient of Rajamanoharan et al. 2024 (eq. 11)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        bandwidth = ctx.bandwidth
+        # Rectangle kernel: only pre-activations within bandwidth/2 of the threshold move it.
+        near = ((pre - threshold).abs() < bandwidth / 2).to(grad_out.dtype)
+        grad_threshold = -(threshold / bandwidth) * (near * grad_out).sum(0)
+        return grad_out * (pre > threshold), grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - threshold), the L0 count, with the threshold gradient of Rajamanoharan et al. 2024 (eq. 12); none to z."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        bandwidth = ctx.bandwidth
+        near = ((pre - threshold).abs() < bandwidth / 2).to(grad_out.dtype)
+        return None, -(1 / bandwidth) * (near * grad_out).sum(0), None
