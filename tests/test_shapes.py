@@ -113,9 +113,10 @@ def test_captioner_inputs_and_concept_sites(samples, tokenizer):
     assert -1 <= inp["pixel_values"].min() and inp["pixel_values"].max() <= 1
     ids, labels = inp["decoder_input_ids"], inp["labels"]
     assert (ids[:, 0] == shapes.BOS).all()
-    # labels are the inputs shifted by one, ending in <eos>
-    keep = labels[:, :-1] != -100
+    # labels are the inputs shifted by one, then <eos>
+    keep = (labels[:, :-1] != -100) & (labels[:, :-1] != shapes.EOS)
     assert (labels[:, :-1][keep] == ids[:, 1:][keep]).all()
+    assert ((labels == shapes.EOS).sum(1) == 1).all()
     for i, s in enumerate(samples[:16]):
         sites = shapes.concept_sites(s)
         assert len(sites) == 5 * len(s.objects)
