@@ -2,28 +2,32 @@
 
 With TopK, only k of d_sae latents are non-zero per token, so after the one
 dense matmul that scores every latent, everything else (decoding, and every
-gradient, the encoder's included) touches k rows per token. Both functions
-below are sums of weighted rows, which `embedding_bag` computes without
+gradient, the encoder's included) touches k rows per token. Four of the five
+pieces are sums of weighted rows, which `embedding_bag` computes without
 materialising a (tokens * k, d_in) tensor:
 
-    decode:        recon[t]    = sum_{entries e of token t}  value_e * W_dec[latent_e]
-    grad W_dec:    dW_dec[i]   = sum_{entries e of latent i} value_e * grad_recon[token_e]
-    grad input:    du[t]       = sum_{entries e of token t}  dpre_e * W_encT[latent_e]
-    grad W_enc:    dW_encT[i]  = sum_{entries e of latent i} dpre_e * u[token_e]
+    decode:       recon[t]   = sum_{entries e of token t}  value_e * W_dec[latent_e]
+    grad W_dec:   dW_dec[i]  = sum_{entries e of latent i} value_e * grad_recon[token_e]
+    grad input:   du[t]      = sum_{entries e of token t}  dpre_e * W_encT[latent_e]
+    grad W_enc:   dW_encT[i] = sum_{entries e of latent i} dpre_e * u[token_e]
 
-The per-token sums read the entries in token order (`row_offsets`); the
-per-latent sums read them in latent order (`by_latent`), found by one sort.
+and the fifth, grad value_e = W_dec[latent_e] . grad_recon[token_e], is a
+sampled dense-dense matmul. Per-token sums read the entries in token order
+(`row_offsets`); per-latent sums read them in latent order, found by one sort
+that the decoder and encoder backward passes share.
 """
 
-from typing import NamedTuple
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-class SparseCode(NamedTuple):
-    """Which latents are active for which tokens: N entries grouped by token."""
+@dataclass(frozen=True)
+class SparseCode:
+    """Which latents are active for which tokens: N entries, grouped by token, latents ascending within a token."""
 
     rows: Tensor
     """(N,) token of each entry, non-decreasing."""
@@ -31,27 +35,30 @@ class SparseCode(NamedTuple):
     """(N,) latent of each entry."""
     row_offsets: Tensor
     """(n_tokens,) index of each token's first entry."""
-    width: int | None
-    """Entries per token when every token has the same number (TopK), else None."""
+    latent_order: Tensor | None = None
+    """(N,) the entries sorted by latent, once `with_latent_order` has run."""
+    latent_offsets: Tensor | None = None
+    """(d_sae,) where each latent's entries start in `latent_order`."""
 
     @classmethod
-    def from_topk(cls, indices: Tensor) -> "SparseCode":
-        """(n_tokens, k) latent indices, k per token."""
-        n_tokens, k = indices.shape
-        rows = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
-        return cls(rows, indices.reshape(-1), torch.arange(n_tokens, device=indices.device) * k, k)
+    def from_topk(cls, latents: Tensor) -> "SparseCode":
+        """(n_tokens, k) latent indices, k per token, ascending within each row."""
+        n_tokens, k = latents.shape
+        rows = torch.arange(n_tokens, device=latents.device).repeat_interleave(k)
+        return cls(rows, latents.reshape(-1), torch.arange(n_tokens, device=latents.device) * k)
 
     @classmethod
     def from_rows_cols(cls, rows: Tensor, cols: Tensor, n_tokens: int) -> "SparseCode":
         """Entries already grouped by token (rows non-decreasing)."""
-        offsets = torch.searchsorted(rows, torch.arange(n_tokens, device=rows.device))
-        return cls(rows, cols, offsets, None)
+        return cls(rows, cols, torch.searchsorted(rows, torch.arange(n_tokens, device=rows.device)))
 
-    def by_latent(self, d_sae: int) -> tuple[Tensor, Tensor]:
-        """(order, latent_offsets): entries sorted by latent, and where each latent's entries start."""
+    def with_latent_order(self, d_sae: int) -> "SparseCode":
+        """The same code, with the latent order that the per-latent gradient sums need."""
+        if self.latent_order is not None:
+            return self
         cols, order = torch.sort(self.cols)
         # searchsorted, unlike bincount, needs no host synchronisation on CUDA.
-        return order, torch.searchsorted(cols, torch.arange(d_sae, device=cols.device))
+        return replace(self, latent_order=order, latent_offsets=torch.searchsorted(cols, torch.arange(d_sae, device=cols.device)))
 
 
 def _rows_sum(index: Tensor, offsets: Tensor, table: Tensor, weights: Tensor) -> Tensor:
@@ -59,72 +66,66 @@ def _rows_sum(index: Tensor, offsets: Tensor, table: Tensor, weights: Tensor) ->
     return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
-def _entry_dots(W: Tensor, per_token: Tensor, code: "SparseCode", chunk_elements: int = 1 << 22) -> Tensor:
-    """out[e] = W[cols[e]] . per_token[rows[e]]: the gradient of each entry's value, in memory-bounded chunks."""
-    per_token = per_token.to(W.dtype)
-    if code.width is not None and code.width * 16 >= W.shape[0]:
-        # Dense enough that one matmul (fast per element) beats gathering rows
-        # (slow per element): score every latent, keep the chosen ones.
-        return (per_token @ W.T).gather(1, code.cols.view(-1, code.width)).view(-1)
-    if code.width is not None:
-        # k entries per token: gather W's rows and multiply each token's block at once.
-        width, d = code.width, W.shape[1]
-        tokens = max(1, chunk_elements // (width * d))
-        out = torch.empty(code.cols.shape[0], device=W.device, dtype=W.dtype)
-        for start in range(0, per_token.shape[0], tokens):
-            stop = min(start + tokens, per_token.shape[0])
-            rows = W.index_select(0, code.cols[start * width : stop * width]).view(stop - start, width, d)
-            out[start * width : stop * width] = torch.bmm(rows, per_token[start:stop].unsqueeze(2)).view(-1)
-        return out
-    entries = max(1, chunk_elements // W.shape[1])
-    out = torch.empty(code.cols.shape[0], device=W.device, dtype=W.dtype)
-    for start in range(0, code.cols.shape[0], entries):
-        stop = start + entries
-        rows, tokens = W.index_select(0, code.cols[start:stop]), per_token.index_select(0, code.rows[start:stop])
-        out[start:stop] = torch.bmm(rows.unsqueeze(1), tokens.unsqueeze(2)).view(-1)
-    return out
+def _per_latent_sum(code: SparseCode, per_token: Tensor, weights: Tensor, d_sae: int) -> Tensor:
+    """(d_sae, d_in): out[i] = sum over entries e of latent i of weights_e * per_token[rows_e]."""
+    code = code.with_latent_order(d_sae)
+    order = code.latent_order
+    return _rows_sum(code.rows[order], code.latent_offsets, per_token, weights[order])
+
+
+def _entry_dots(W: Tensor, per_token: Tensor, code: SparseCode) -> Tensor:
+    """(N,): out[e] = W[cols_e] . per_token[rows_e], as a sampled dense-dense matmul.
+
+    Computing (per_token @ W.T) only at the code's entries beats gathering the
+    rows of W by about 3x on CPU, and never builds the (n_tokens, d_sae) product.
+    """
+    crow = torch.cat([code.row_offsets, code.row_offsets.new_tensor([code.cols.shape[0]])])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        pattern = torch.sparse_csr_tensor(
+            crow, code.cols, torch.zeros(code.cols.shape, device=W.device, dtype=W.dtype),
+            size=(per_token.shape[0], W.shape[0]), check_invariants=False,
+        )
+    return torch.sparse.sampled_addmm(pattern, per_token.to(W.dtype), W.T, beta=0).values()
 
 
 class _Decode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, W_dec: Tensor, code: SparseCode) -> Tensor:
-        ctx.save_for_backward(values, W_dec, code.rows, code.cols, code.row_offsets)
-        ctx.width = code.width
+        ctx.save_for_backward(values, W_dec)
+        ctx.code = code
         return _rows_sum(code.cols, code.row_offsets, W_dec, values)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        values, W_dec, rows, cols, row_offsets = ctx.saved_tensors
-        code = SparseCode(rows, cols, row_offsets, ctx.width)
+    def backward(ctx, grad_recon: Tensor):
+        values, W_dec = ctx.saved_tensors
         grad_values = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            grad_values = _entry_dots(W_dec, grad_out, code).to(values.dtype)
+            grad_values = _entry_dots(W_dec, grad_recon, ctx.code).to(values.dtype)
         if ctx.needs_input_grad[1]:
-            order, latent_offsets = code.by_latent(W_dec.shape[0])
-            grad_W_dec = _rows_sum(rows[order], latent_offsets, grad_out.to(W_dec.dtype), values[order])
+            grad_W_dec = _per_latent_sum(ctx.code, grad_recon.to(W_dec.dtype), values, W_dec.shape[0])
         return grad_values, grad_W_dec, None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, W_encT: Tensor, b_enc: Tensor, code: SparseCode, values: Tensor) -> Tensor:
-        ctx.save_for_backward(u, W_encT, code.rows, code.cols, code.row_offsets)
-        ctx.width = code.width
-        ctx.b_enc_shape = b_enc.shape
+        ctx.save_for_backward(u, W_encT)
+        ctx.code = code
+        ctx.d_sae = b_enc.shape[0]
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad_pre: Tensor):
-        u, W_encT, rows, cols, row_offsets = ctx.saved_tensors
-        code = SparseCode(rows, cols, row_offsets, ctx.width)
+        u, W_encT = ctx.saved_tensors
+        code = ctx.code
         grad_u = grad_W_encT = grad_b_enc = None
         if ctx.needs_input_grad[0]:
-            grad_u = _rows_sum(cols, row_offsets, W_encT, grad_pre).to(u.dtype)
+            grad_u = _rows_sum(code.cols, code.row_offsets, W_encT, grad_pre).to(u.dtype)
         if ctx.needs_input_grad[1]:
-            order, latent_offsets = code.by_latent(W_encT.shape[0])
-            grad_W_encT = _rows_sum(rows[order], latent_offsets, u.to(W_encT.dtype), grad_pre[order])
+            grad_W_encT = _per_latent_sum(code, u.to(W_encT.dtype), grad_pre, ctx.d_sae)
         if ctx.needs_input_grad[2]:
-            grad_b_enc = torch.zeros(ctx.b_enc_shape, device=grad_pre.device, dtype=grad_pre.dtype).index_add_(0, cols, grad_pre)
+            grad_b_enc = torch.zeros(ctx.d_sae, device=grad_pre.device, dtype=grad_pre.dtype).index_add_(0, code.cols, grad_pre)
         return grad_u, grad_W_encT, grad_b_enc, None, None
 
 

@@ -154,51 +154,50 @@ class SAETrainer:
                 # Top-k_aux among dead latents only (Gao et al. 2024 §A.2); with
                 # fewer dead than aux_k the rest are -inf, which ReLU turns to 0.
                 values[start:stop, k:], latents[start:stop, k:] = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False)
-        return values, latents
+        return _ascending(values[:, :k], latents[:, :k]), _ascending(values[:, k:], latents[:, k:])
 
     @torch.no_grad()
-    def _select_batchtopk(self, u: Tensor, dead: Tensor, aux_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(values, rows, cols) of the k * n_tokens largest pre-activations of the batch (Bussmann et al. 2024),
-        in token order, then (aux_values, aux_latents) (n_tokens, aux_k) among dead latents."""
+    def _select_batchtopk(self, u: Tensor, dead: Tensor, aux_k: int):
+        """The k * n_tokens largest pre-activations of the batch (Bussmann et al. 2024) as (values, rows, cols)
+        in token order, then (aux_values, aux_latents), each (n_tokens, aux_k), among dead latents."""
         d_sae, n_tokens = self.sae.cfg.d_sae, u.shape[0]
         pre = torch.empty(n_tokens, d_sae, device=u.device, dtype=self.compute_dtype)
         for start, stop, chunk in self._encoder_chunks(u):
             pre[start:stop] = chunk
         values, flat = pre.view(-1).topk(self.sae.cfg.k * n_tokens, sorted=False)
         flat, order = flat.sort()
-        aux_values, aux_latents = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False) if aux_k else (None, None)
-        return values[order].to(u.dtype), flat // d_sae, flat % d_sae, aux_values, aux_latents
+        values = values[order].to(u.dtype)
+        if not aux_k:
+            return (values, flat // d_sae, flat % d_sae), (values[:0].view(n_tokens, 0), flat[:0].view(n_tokens, 0))
+        aux = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False)
+        return (values, flat // d_sae, flat % d_sae), _ascending(aux.values.to(u.dtype), aux.indices)
 
     def _sparse_loss(self, x: Tensor):
         sae, cfg = self.sae, self.sae.cfg
-        n_tokens, k = x.shape[0], cfg.k
+        n_tokens, d_sae = x.shape[0], cfg.d_sae
         dead = self.tokens_since_fired >= cfg.dead_tokens
         aux_k = cfg.aux_k if self.aux_active and cfg.aux_coefficient > 0 else 0
         x_n = x * sae.act_scale.to(x.dtype)
         u = sae.center(x)
-        W_encT = sae.W_enc.T
         if cfg.kind == "topk":
-            values, latents = self._select_topk(u, dead, aux_k)
-            pre = gather_pre_acts(u, W_encT, sae.b_enc, SparseCode.from_topk(latents), values.view(-1)).view(n_tokens, -1)
-            main_code = SparseCode.from_topk(latents[:, :k].contiguous())
-            acts = pre[:, :k].relu().reshape(-1)
-            if aux_k:
-                aux_code = SparseCode.from_topk(latents[:, k:].contiguous())
-                aux_acts = pre[:, k:].relu().reshape(-1)
+            (values, latents), (aux_values, aux_latents) = self._select_topk(u, dead, aux_k)
+            main_code = SparseCode.from_topk(latents).with_latent_order(d_sae)
         else:
-            values, rows, cols, aux_values, aux_latents = self._select_batchtopk(u, dead, aux_k)
-            main_code = SparseCode.from_rows_cols(rows, cols, n_tokens)
-            if not aux_k:
-                acts = gather_pre_acts(u, W_encT, sae.b_enc, main_code, values).relu()
-            else:
-                aux_code = SparseCode.from_topk(aux_latents)
-                # One gather for both: merge the entries back into token order.
-                all_rows = torch.cat([rows, aux_code.rows])
-                order = torch.sort(all_rows, stable=True).indices
-                merged = SparseCode.from_rows_cols(all_rows[order], torch.cat([cols, aux_code.cols])[order], n_tokens)
-                pre = gather_pre_acts(u, W_encT, sae.b_enc, merged, torch.cat([values, aux_values.view(-1).to(u.dtype)])[order])
-                unsorted = torch.empty_like(pre).index_copy(0, order, pre)
-                acts, aux_acts = unsorted[: values.shape[0]].relu(), unsorted[values.shape[0] :].relu()
+            (values, rows, cols), (aux_values, aux_latents) = self._select_batchtopk(u, dead, aux_k)
+            main_code = SparseCode.from_rows_cols(rows, cols, n_tokens).with_latent_order(d_sae)
+        if not aux_k:
+            acts = gather_pre_acts(u, sae.W_enc.T, sae.b_enc, main_code, values.reshape(-1)).relu()
+        else:
+            aux_code = SparseCode.from_topk(aux_latents)
+            # One encoder backward for both selections: gather them as one code.
+            n_main = main_code.cols.shape[0]
+            rows = torch.cat([main_code.rows, aux_code.rows])
+            order = torch.sort(rows, stable=True).indices
+            both = SparseCode.from_rows_cols(rows[order], torch.cat([main_code.cols, aux_code.cols])[order], n_tokens)
+            pre = gather_pre_acts(u, sae.W_enc.T, sae.b_enc, both, torch.cat([values.reshape(-1), aux_values.reshape(-1)])[order])
+            pre = torch.empty_like(pre).index_copy(0, order, pre)  # back to [main entries, aux entries]
+            acts, aux_acts = pre[:n_main].relu(), pre[n_main:].relu()
+        if cfg.kind == "batchtopk":
             self._update_threshold(acts.detach())
         recon_n = sparse_decode(acts, sae.W_dec, main_code) + sae.b_dec
         loss = metrics.mse(x_n, recon_n)
@@ -211,9 +210,7 @@ class SAETrainer:
             aux_loss = aux_loss * (dead.sum() / aux_k).clamp(max=1)
             loss = loss + cfg.aux_coefficient * aux_loss
         nonzero = (acts != 0).sum()
-        fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device).index_add_(
-            0, main_code.cols, (acts != 0).long()
-        )
+        fired = torch.zeros(d_sae, dtype=torch.long, device=x.device).index_add_(0, main_code.cols, (acts != 0).long())
         return loss, recon_n, nonzero, fired, aux_loss
 
     @torch.no_grad()
@@ -303,6 +300,12 @@ class SAETrainer:
             dead_fraction=dead,
             dense_fraction=dense,
         )
+
+
+def _ascending(values: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
+    """Reorder each token's entries by latent index, as `SparseCode` wants."""
+    latents, order = latents.sort(dim=1)
+    return values.gather(1, order), latents
 
 
 class _JumpReLU(torch.autograd.Function):
