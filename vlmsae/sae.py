@@ -244,7 +244,8 @@ class SAE(nn.Module):
         """Drop the part of W_dec.grad along each decoder row, which unit-norm renormalisation would undo anyway (Bricken et al. 2023)."""
         grad = self.W_dec.grad
         if grad is not None:
-            grad.addcmul_(torch.linalg.vecdot(grad, self.W_dec).unsqueeze(1), self.W_dec, value=-1)
+            along = torch.bmm(grad.unsqueeze(1), self.W_dec.unsqueeze(2)).squeeze(2)  # (d_sae, 1) row-wise dots
+            grad.addcmul_(along, self.W_dec, value=-1)
 
     def save(self, path: str | Path) -> None:
         """Write `path/cfg.json` + `path/sae_weights.safetensors` in the SAELens layout (atomically, file by file)."""

@@ -37,7 +37,7 @@ class TrainerConfig:
     compute_dtype: str | None = None
     """dtype of the encoder matmul; None means bfloat16 on CUDA and the weights' dtype elsewhere."""
     encode_chunk: int | None = None
-    """Tokens per chunk of the selection matmul; None means 1024 on CPU (cache-sized) and the whole batch on CUDA."""
+    """Tokens per chunk of the selection matmul; None means 256 on CPU (so that a chunk of pre-activations stays in cache) and the whole batch on CUDA."""
     init_from_first_batch: bool = True
     """Set b_dec and the input scale from the first batch (turn off when resuming a trained SAE)."""
 
@@ -88,13 +88,18 @@ class SAETrainer:
         self.compute_dtype = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else (
             torch.bfloat16 if device.type == "cuda" else sae.W_dec.dtype
         )
-        self.encode_chunk = cfg.encode_chunk or (1024 if device.type == "cpu" else 1 << 62)
+        self.encode_chunk = cfg.encode_chunk or (256 if device.type == "cpu" else 1 << 62)
         lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
         options = dict(lr=lr, betas=cfg.betas, eps=cfg.eps)
+        # Fused Adam copies a non-contiguous parameter twice per step. W_enc is
+        # the transpose of a contiguous [d_sae, d_in] block (see SAE.__init__),
+        # so Adam updates that block, through a storage-sharing alias.
+        self.W_encT = sae.W_enc.detach().T
+        params = [p for name, p in sae.named_parameters() if name != "W_enc"] + [self.W_encT]
         try:
-            self.optimizer = torch.optim.Adam(sae.parameters(), fused=True, **options)
+            self.optimizer = torch.optim.Adam(params, fused=True, **options)
         except RuntimeError:  # fused Adam is missing for some device / dtype pairs
-            self.optimizer = torch.optim.Adam(sae.parameters(), foreach=True, **options)
+            self.optimizer = torch.optim.Adam(params, foreach=True, **options)
         d_sae = sae.cfg.d_sae
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.fire_count = torch.zeros(d_sae, dtype=torch.long, device=device)
@@ -116,10 +121,11 @@ class SAETrainer:
         sae.train()
         kind = sae.cfg.kind
         loss, recon, nonzero, fired, aux = (self._sparse_loss if kind in ("topk", "batchtopk") else self._dense_loss)(x)
-        self.optimizer.zero_grad(set_to_none=True)
+        sae.zero_grad(set_to_none=True)
         loss.backward()
         if sae.unit_norm_decoder:
             sae.remove_parallel_decoder_grad_()
+        self.W_encT.grad = sae.W_enc.grad.T
         self.optimizer.step()
         with torch.no_grad():
             if sae.unit_norm_decoder:
