@@ -1,0 +1,80 @@
+"""A peer's TopK training step, timed on request: run by bench_sae_step.py inside the interop venv.
+
+    python peer_sae_step.py {saelens,sparsify} ACTIVATIONS D_SAE K DEVICE
+
+Reads "x" (batch, d_in) from ACTIVATIONS, builds the peer's TopK SAE, then for
+each line "N" on stdin runs N full training steps (forward, loss, backward,
+Adam, the peer's decoder upkeep) and prints one JSON list of seconds per step.
+Each step is the one the peer's own trainer runs, minus data loading and logging.
+"""
+
+import json
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+
+def saelens_step(x: torch.Tensor, d_sae: int, k: int):
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, device=str(x.device)))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4)
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+
+    # As sae_lens.training.sae_trainer.SAETrainer._train_step.
+    def step():
+        sae.train()
+        with autocast:
+            out = sae.training_forward_pass(TrainStepInput(
+                sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def sparsify_step(x: torch.Tensor, d_sae: int, k: int):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k), device=x.device, dtype=torch.float32)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (d_sae / 2**14) ** 0.5)
+
+    # As sparsify.trainer.Trainer.fit with loss_fn="fvu" and auxk_alpha=0 (its defaults).
+    def step():
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def main() -> None:
+    peer, activations, d_sae, k, device = sys.argv[1:]
+    x = load_file(activations)["x"].to(device)
+    step = {"saelens": saelens_step, "sparsify": sparsify_step}[peer](x, int(d_sae), int(k))
+    step()  # warm-up
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        print(json.dumps(times), flush=True)
+
+
+if __name__ == "__main__":
+    main()
