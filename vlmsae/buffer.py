@@ -104,21 +104,21 @@ class RingBuffer:
         """Copy the kept positions of one forward's residual ``(batch, seq, d_model)`` into free slots."""
         if resid.shape[-1] != self.d_model:
             raise ConfigError(f"a residual of width {resid.shape[-1]} does not fit this buffer's d_model={self.d_model}")
-        batch, seq = resid.shape[:2]
         if fwd.past == 0:  # a fresh forward brings new samples; a decode step continues the last ones
-            self.samples += batch
-        base = self.samples - batch
-        x = resid.detach().reshape(batch * seq, self.d_model).to(self.device)
-        kinds = fwd.kinds.reshape(-1).to(self.device)
-        nonpad = kinds != Kind.PAD
-        keep = nonpad.clone()
+            self.samples += resid.shape[0]
+        rows = tag_rows(resid, fwd, self.samples - resid.shape[0], self.device)
+        keep = rows.kind != Kind.PAD
+        self.left_out["pad"] += (~keep).sum()
         if self.outlier_factor is not None:
-            norms = x.float().norm(dim=-1)
-            median = norms.masked_fill(~nonpad, float("nan")).nanmedian()
-            outlier = nonpad & (norms > self.outlier_factor * median)
+            outlier = keep & outliers(rows.acts, keep, self.outlier_factor)
             self.left_out["outlier"] += outlier.sum()
             keep &= ~outlier
-        self.left_out["pad"] += (~nonpad).sum()
+        self.write_rows(rows, keep)
+
+    def write_rows(self, rows: Rows, keep: Tensor | None = None) -> None:
+        """Copy tagged rows (those in ``keep``, of the admitted kinds) into free slots; the rest is counted."""
+        kinds = rows.kind.to(self.device)
+        keep = torch.ones_like(kinds, dtype=torch.bool) if keep is None else keep.to(self.device)
         dest = torch.full_like(kinds, self.capacity, dtype=torch.long)
         wanted = torch.zeros_like(keep)
         for seg in self.segments:
@@ -132,14 +132,9 @@ class RingBuffer:
             self.left_out["full"] += (mine & ~fits).sum()
         self.left_out["kind"] += (keep & ~wanted).sum()
         self.kept += (dest < self.capacity).sum()
-        positions = (fwd.past + torch.arange(seq, device=self.device, dtype=torch.int32)).expand(batch, seq)
-        ids = (fwd.ids if fwd.ids is not None else torch.full((batch, seq), -1)).to(self.device, torch.int32)
-        samples = (base + torch.arange(batch, device=self.device)).unsqueeze(1).expand(batch, seq)
-        self.acts.index_copy_(0, dest, x.to(self.acts.dtype))
-        self.kind.index_copy_(0, dest, kinds)
-        self.position.index_copy_(0, dest, positions.reshape(-1).to(self.device))
-        self.token.index_copy_(0, dest, ids.reshape(-1).to(self.device))
-        self.sample.index_copy_(0, dest, samples.reshape(-1))
+        for name, value in zip(Rows._fields, rows):
+            store = getattr(self, name)
+            store.index_copy_(0, dest, value.to(self.device, store.dtype))
 
     def sink(self):
         """A ``record(..., sink=...)`` callable writing into this buffer (one buffer per layer)."""
@@ -214,6 +209,22 @@ class RingBuffer:
             seg.filled = state[f"segment{i}.filled"].to(self.device).clone()
             seg.order = state[f"segment{i}.order"].to(self.device).clone()
             seg.read = int(state[f"segment{i}.read"])
+
+
+def tag_rows(resid: Tensor, fwd: Forward, first_sample: int, device) -> Rows:
+    """Flatten one forward's residual ``(batch, seq, d)`` into rows tagged with kind, position, token, sample."""
+    batch, seq, d = resid.shape
+    positions = (fwd.past + torch.arange(seq, device=device, dtype=torch.int32)).expand(batch, seq)
+    ids = fwd.ids if fwd.ids is not None else torch.full((batch, seq), -1)
+    samples = (first_sample + torch.arange(batch, device=device)).unsqueeze(1).expand(batch, seq)
+    return Rows(resid.detach().reshape(batch * seq, d).to(device), fwd.kinds.reshape(-1).to(device),
+                positions.reshape(-1), ids.reshape(-1).to(device, torch.int32), samples.reshape(-1))
+
+
+def outliers(acts: Tensor, among: Tensor, factor: float) -> Tensor:
+    """``(n,)`` bool: rows whose norm exceeds ``factor`` times the median norm of the rows in ``among``."""
+    norms = acts.float().norm(dim=-1)
+    return norms > factor * norms.masked_fill(~among, float("nan")).nanmedian()
 
 
 def _kinds(names, what: str) -> tuple[Kind, ...]:

@@ -93,7 +93,7 @@ def _replace(new: torch.Tensor, resid: torch.Tensor, key) -> torch.Tensor:
     return new.to(device=resid.device, dtype=resid.dtype)
 
 
-def _execution_device(layer: nn.Module) -> torch.device | None:
+def execution_device(layer: nn.Module) -> torch.device | None:
     # accelerate's dispatch hook knows where the layer runs (its weights may be offloaded to "meta").
     hook = getattr(layer, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
@@ -176,7 +176,7 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
             if site == "resid_post":
                 handles.append(layer.register_forward_hook(post(key, fns[key])))
             else:
-                handles.append(layer.register_forward_pre_hook(pre(key, fns[key], _execution_device(layer)),
+                handles.append(layer.register_forward_pre_hook(pre(key, fns[key], execution_device(layer)),
                                                                with_kwargs=True))
         if stop:
             inner = root.forward

@@ -1,0 +1,135 @@
+"""Activations on disk: ``harvest`` writes them as safetensors shards, ``Shards`` feeds them to ``train``.
+
+Training from shards is the same trainer with another source: instead of running the model, each
+fill of a ring buffer reads the next rows of that layer's shards. The rows are filtered exactly as
+the live buffer filters them (no padding, admitted kinds, outliers left out) before they are written.
+
+Layout of a shard folder::
+
+    manifest.json             layers, d_model, dtype, rows per shard, where they came from
+    L{layer}-{index:05d}.safetensors   acts (n, d_model), kind, position, token, sample
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .adapters import Kind, layers as adapter_info
+from .buffer import Rows, _kinds, outliers, tag_rows
+from .errors import ConfigError, SAEFileError
+from .hooks import check_sites
+from .record import record
+
+
+def _save_atomic(tensors: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@torch.no_grad()
+def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str | os.PathLike, *,
+            site: str = "resid_post", kinds=("image", "text", "generated"), outlier_factor: float | None = 10.0,
+            shard_rows: int = 65536, dtype: torch.dtype = torch.float32) -> Path:
+    """Run ``data`` through the model once and write the residuals of ``layers`` as shards under ``out``."""
+    info = adapter_info(model)
+    layers = [layers] if isinstance(layers, int) else sorted(layers)
+    check_sites(info, [(L, site) for L in layers])
+    admitted = torch.tensor([int(k) for k in _kinds(kinds, "kinds")], dtype=torch.int8)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pending = {L: [] for L in layers}
+    counts = {L: [] for L in layers}
+    samples = 0
+
+    def flush(L, final=False):
+        rows = Rows(*(torch.cat(parts) for parts in zip(*pending[L]))) if pending[L] else None
+        while rows is not None and (rows.acts.shape[0] >= shard_rows or (final and rows.acts.shape[0])):
+            head = Rows(*(t[:shard_rows].contiguous() for t in rows))
+            _save_atomic(dict(zip(Rows._fields, head)), out / f"L{L}-{len(counts[L]):05d}.safetensors")
+            counts[L].append(head.acts.shape[0])
+            rows = Rows(*(t[shard_rows:] for t in rows))
+        pending[L] = [rows] if rows is not None and rows.acts.shape[0] else []
+
+    def sink(L, resid, fwd):
+        rows = tag_rows(resid, fwd, samples, "cpu")
+        keep = torch.isin(rows.kind, admitted)
+        if outlier_factor is not None:
+            keep &= ~outliers(rows.acts, rows.kind != Kind.PAD, outlier_factor)
+        pending[L].append(Rows(rows.acts[keep].to(dtype), *(t[keep] for t in rows[1:])))
+        if sum(p.acts.shape[0] for p in pending[L]) >= shard_rows:
+            flush(L)
+
+    for batch in tqdm(data, desc="harvest"):
+        with record(info.model, layers, site=site, stop=True, sink=sink):
+            info.model(**batch)
+        samples += next(iter(batch.values())).shape[0]
+    for L in layers:
+        flush(L, final=True)
+    manifest = {"layers": layers, "d_model": info.d_model, "site": site, "dtype": str(dtype).removeprefix("torch."),
+                "shards": {str(L): counts[L] for L in layers}, "family": info.family,
+                "model_class_name": type(info.model).__name__,
+                "hook_names": {str(L): info.hook_name(L, site) for L in layers}}
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, out / "manifest.json")
+    return out
+
+
+class Shards:
+    """A harvested shard folder, read as a stream of row chunks per layer (cycling at the end)."""
+
+    def __init__(self, folder: str | os.PathLike, chunk_rows: int = 4096):
+        self.folder = Path(folder)
+        path = self.folder / "manifest.json"
+        try:
+            self.manifest = json.loads(path.read_text())
+            self.layers = [int(L) for L in self.manifest["layers"]]
+            self.d_model = int(self.manifest["d_model"])
+            self.site = self.manifest["site"]
+        except FileNotFoundError:
+            raise SAEFileError(f"{path} is missing: {self.folder} is not a shard folder written by vlmsae.harvest") \
+                from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise SAEFileError(f"{path}: unreadable manifest ({err}); harvest again") from None
+        self.chunk_rows = chunk_rows
+
+    def stream(self, layer: int, skip_rows: int = 0) -> Iterator[Rows]:
+        """Row chunks of one layer, shard after shard, cycling; ``skip_rows`` rows are passed over first."""
+        if layer not in self.layers:
+            raise ConfigError(f"layer={layer} was not harvested; {self.folder} holds layers {self.layers}")
+        counts = self.manifest["shards"][str(layer)]
+        if not counts:
+            raise ConfigError(f"{self.folder} holds no rows of layer {layer}; harvest more data")
+        while True:
+            for index, _ in enumerate(counts):
+                path = self.folder / f"L{layer}-{index:05d}.safetensors"
+                try:
+                    shard = load_file(str(path))
+                    rows = Rows(*(shard[name] for name in Rows._fields))
+                except (OSError, SafetensorError, KeyError) as err:
+                    raise SAEFileError(f"{path}: unreadable shard ({err}); harvest again") from None
+                for start in range(0, rows.acts.shape[0], self.chunk_rows):
+                    chunk = Rows(*(t[start:start + self.chunk_rows] for t in rows))
+                    if skip_rows >= chunk.acts.shape[0]:
+                        skip_rows -= chunk.acts.shape[0]
+                        continue
+                    if skip_rows:
+                        chunk = Rows(*(t[skip_rows:] for t in chunk))
+                        skip_rows = 0
+                    yield chunk
