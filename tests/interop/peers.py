@@ -1,12 +1,14 @@
 """Peer side of the interop checks: runs inside the interop venv (sae-lens, eai-sparsify), never imports vlmsae.
 
-    python peers.py saelens-read   FOLDER INPUTS OUT   # open a folder with sae_lens, encode/decode INPUTS
-    python peers.py saelens-write  FOLDER ARCH INPUTS OUT   # write an SAE with sae_lens, and its outputs
-    python peers.py sparsify-write FOLDER INPUTS OUT   # write an SAE with sparsify, and its outputs
+    python peers.py JOBS.json   # a list of jobs, run in order in this one process (the imports are slow):
+        ["saelens-read", FOLDER, INPUTS, OUT]          open a folder with sae_lens, encode/decode INPUTS
+        ["saelens-write", FOLDER, ARCH, INPUTS, OUT]   write an SAE with sae_lens, and its outputs
+        ["sparsify-write", FOLDER, INPUTS, OUT]        write an SAE with sparsify, and its outputs
 
 INPUTS holds one tensor "x" (n, d_in); OUT gets "latents" (n, d_sae) and "recon" (n, d_in).
 """
 
+import json
 import sys
 
 import torch
@@ -74,5 +76,7 @@ def sparsify_write(folder: str, inputs: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    command, *args = sys.argv[1:]
-    {"saelens-read": saelens_read, "saelens-write": saelens_write, "sparsify-write": sparsify_write}[command](*args)
+    commands = {"saelens-read": saelens_read, "saelens-write": saelens_write, "sparsify-write": sparsify_write}
+    with open(sys.argv[1]) as handle:
+        for command, *args in json.load(handle):
+            commands[command](*args)
