@@ -147,7 +147,7 @@ class SAE(nn.Module):
         self.cfg = cfg
         d_in, d_sae, dtype = cfg.d_in, cfg.d_sae, DTYPES[cfg.dtype]
         # Decoder rows start as random directions and the encoder as their
-        # transpose (Gao et al. 2024 §A.1). ReLU rows start at norm 0.1
+        # transpose (Gao et al. 2024). ReLU rows start at norm 0.1
         # (Anthropic, April 2024 update); the other kinds keep unit rows.
         W_dec = torch.randn(d_sae, d_in, device=device, dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True)

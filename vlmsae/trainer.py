@@ -27,11 +27,11 @@ class TrainerConfig:
     """Optimiser and step settings; the loss recipe lives in SAEConfig."""
 
     lr: float | None = None
-    """Adam learning rate; None means 2e-4 / sqrt(d_sae / 2**14) (Gao et al. 2024 §2.3)."""
+    """Adam learning rate; None means 2e-4 / sqrt(d_sae / 2**14), the scaling of Gao et al. 2024."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     eps: float = 6.25e-10
-    """Adam epsilon (Gao et al. 2024 §2.3)."""
+    """Adam epsilon (Gao et al. 2024)."""
     sync_every: int = 100
     """Steps between the host readouts of metrics and of the dead-latent count."""
     compute_dtype: str | None = None
@@ -71,10 +71,6 @@ class TrainMetrics:
     dense_fraction: float
 
 
-# Slots of the on-device metric accumulator.
-_LOSS, _SQ_ERR, _TOTAL_VAR, _NONZERO, _AUX, _TOKENS, _ELEMENTS = range(7)
-
-
 class SAETrainer:
     """Trains `sae` one batch of activations at a time: `trainer.step(x)` with x (..., d_in)."""
 
@@ -103,10 +99,12 @@ class SAETrainer:
         d_sae = sae.cfg.d_sae
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.fire_count = torch.zeros(d_sae, dtype=torch.long, device=device)
-        self.sums = torch.zeros(7, dtype=torch.float64, device=device)
+        # On-device sums since the last readout: loss, squared error, total variance, non-zero latents, AuxK loss.
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
         self.n_steps = 0
         self.n_tokens = 0
         self.window_start = 0
+        self.window_tokens = 0
         self.history: list[TrainMetrics] = []
         self.aux_active = False
         self.initialized = not cfg.init_from_first_batch
@@ -127,6 +125,7 @@ class SAETrainer:
             sae.remove_parallel_decoder_grad_()
         self.W_encT.grad = sae.W_enc.grad.T
         self.optimizer.step()
+        self.W_encT.grad = None
         with torch.no_grad():
             if sae.unit_norm_decoder:
                 sae.normalize_decoder_()
@@ -135,6 +134,7 @@ class SAETrainer:
             self._count(x, recon, loss, nonzero, fired, aux)
         self.n_steps += 1
         self.n_tokens += x.shape[0]
+        self.window_tokens += x.shape[0]
         if self.n_steps % self.cfg.sync_every == 0:
             self.history.append(self.read_metrics())
 
@@ -173,10 +173,11 @@ class SAETrainer:
         values, flat = pre.view(-1).topk(self.sae.cfg.k * n_tokens, sorted=False)
         flat, order = flat.sort()
         values = values[order].to(u.dtype)
+        main = (values, flat // d_sae, flat % d_sae)
         if not aux_k:
-            return (values, flat // d_sae, flat % d_sae), (values[:0].view(n_tokens, 0), flat[:0].view(n_tokens, 0))
+            return main, (values.new_empty(n_tokens, 0), flat.new_empty(n_tokens, 0))
         aux = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False)
-        return (values, flat // d_sae, flat % d_sae), _ascending(aux.values.to(u.dtype), aux.indices)
+        return main, _ascending(aux.values.to(u.dtype), aux.indices)
 
     def _sparse_loss(self, x: Tensor):
         sae, cfg = self.sae, self.sae.cfg
@@ -259,32 +260,28 @@ class SAETrainer:
 
     @torch.no_grad()
     def _count(self, x: Tensor, recon_n: Tensor, loss: Tensor, nonzero: Tensor, fired: Tensor, aux: Tensor) -> None:
-        n_tokens = x.shape[0]
         x_n = x * self.sae.act_scale.to(x.dtype)
-        scale2 = self.sae.act_scale.double() ** 2
-        update = torch.stack([
+        scale2 = self.sae.act_scale.double() ** 2  # errors in the model's units
+        self.sums += torch.stack([
             loss.double(),
             metrics.squared_error(x_n, recon_n).double() / scale2,
             metrics.total_variance(x_n).double() / scale2,
             nonzero.double(),
             aux.double(),
-            torch.tensor(n_tokens, dtype=torch.float64, device=x.device),
-            torch.tensor(x.numel(), dtype=torch.float64, device=x.device),
         ])
-        self.sums += update
         self.fire_count += fired
-        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired > 0, 0)
+        self.tokens_since_fired.add_(x.shape[0]).masked_fill_(fired > 0, 0)
 
     def read_metrics(self) -> TrainMetrics:
         """Move the accumulated metrics to the host (one sync) and start a new window."""
         cfg = self.sae.cfg
+        tokens, steps = max(self.window_tokens, 1), max(self.n_steps - self.window_start, 1)
         window = torch.cat([
             self.sums,
             metrics.dead_fraction(self.tokens_since_fired, cfg.dead_tokens).double().view(1),
-            metrics.dense_fraction(self.fire_count, self.sums[_TOKENS].clamp(min=1)).double().view(1),
+            metrics.dense_fraction(self.fire_count, tokens).double().view(1),
         ])
-        loss, sq_err, total_var, nonzero, aux, tokens, elements, dead, dense = window.tolist()
-        steps = self.n_steps - self.window_start
+        loss, sq_err, total_var, nonzero, aux, dead, dense = window.tolist()
         if not math.isfinite(loss):
             raise NonFiniteError(
                 f"training loss is {loss} over steps {self.window_start + 1}..{self.n_steps}; "
@@ -292,17 +289,17 @@ class SAETrainer:
             )
         self.sums.zero_()
         self.fire_count.zero_()
-        self.window_start = self.n_steps
+        self.window_start, self.window_tokens = self.n_steps, 0
         # The one place that learns, on the host, whether AuxK has work to do.
         self.aux_active = dead > 0
         return TrainMetrics(
             step=self.n_steps,
             tokens=self.n_tokens,
-            loss=loss / max(steps, 1),
-            mse=sq_err / max(elements, 1),
+            loss=loss / steps,
+            mse=sq_err / (tokens * cfg.d_in),
             fvu=sq_err / total_var if total_var > 0 else float("nan"),
-            l0=nonzero / max(tokens, 1),
-            aux_loss=aux / max(steps, 1),
+            l0=nonzero / tokens,
+            aux_loss=aux / steps,
             dead_fraction=dead,
             dense_fraction=dense,
         )
@@ -315,7 +312,7 @@ def _ascending(values: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _JumpReLU(torch.autograd.Function):
-    """z * H(z - threshold), with the straight-through threshold gradient of Rajamanoharan et al. 2024 (eq. 11)."""
+    """z * H(z - threshold), with the straight-through threshold gradient of Rajamanoharan et al. 2024."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -334,7 +331,7 @@ class _JumpReLU(torch.autograd.Function):
 
 
 class _Step(torch.autograd.Function):
-    """H(z - threshold), the L0 count, with the threshold gradient of Rajamanoharan et al. 2024 (eq. 12); none to z."""
+    """H(z - threshold), the L0 count, with the threshold gradient of Rajamanoharan et al. 2024; none to z."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
