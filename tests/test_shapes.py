@@ -68,7 +68,7 @@ def test_pixels_match_labels(samples):
             assert ((rows < half) if o.vertical == "top" else (rows >= half)).all()
             assert ((cols < half) if o.horizontal == "left" else (cols >= half)).all()
             extent = max(np.ptp(rows), np.ptp(cols)) + 1
-            assert (extent <= 11) if o.size == "small" else (extent >= 12)
+            assert (extent <= 13) if o.size == "small" else (extent >= 15)
 
 
 def test_patch_labels_cover_object_pixels(samples):

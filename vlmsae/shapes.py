@@ -65,7 +65,7 @@ COUNTS = ("one", "two", "three")
 
 _HUE = {"red": 0.0, "green": 0.33, "blue": 0.62, "yellow": 0.15, "purple": 0.79}
 _HUE_JITTER = 0.025
-_RADIUS = {"small": (3.5, 5.0), "large": (7.0, 10.0)}  # half the object's extent, pixels
+_RADIUS = {"small": (4.5, 6.0), "large": (8.0, 10.5)}  # half the object's extent, pixels
 
 QUESTIONS = {
     "color": "what color is the shape?",
@@ -205,7 +205,7 @@ def _render_coverage(shape: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.nd
     y = s[None, :, None] - cy[:, None, None]
     r = r[:, None, None]
     circle = x * x + y * y <= r * r
-    square = (np.abs(x) <= 0.85 * r) & (np.abs(y) <= 0.85 * r)  # about a circle's area
+    square = (np.abs(x) <= 0.9 * r) & (np.abs(y) <= 0.9 * r)  # about a circle's area
     # Upward isosceles triangle, base 2r and height 2r.
     triangle = (y <= r) & (np.abs(x) <= (y + r) / 2)
     k = shape[:, None, None]
