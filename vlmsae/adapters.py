@@ -7,6 +7,7 @@ Adding a family is adding a row to ``FAMILIES``. Everything else in vlmsae asks
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,8 @@ class Family:
     """Config attribute with the image placeholder id; ``None``: images never enter the decoder stream."""
     special_tokens: tuple[str, ...]
     """Config attributes (top or text config) whose ids count as special tokens."""
+    hf_class: str
+    """The transformers class that loads a checkpoint of this family."""
 
 
 _QWEN_SPECIAL = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "video_token_id")
@@ -56,24 +59,29 @@ FAMILIES = (
         ids_key="decoder_input_ids", mask_key="decoder_attention_mask",
         image_token=None,  # the image enters through cross-attention: every decoder position is text
         special_tokens=("decoder_start_token_id", "bos_token_id", "eos_token_id"),
+        hf_class="VisionEncoderDecoderModel",
     ),
     Family(
         name="llava", model_types=("llava",),
         layer_paths=("model.language_model.layers", "language_model.model.layers", "language_model.layers"),
         text_config="text_config", ids_key="input_ids", mask_key="attention_mask",
         image_token="image_token_index", special_tokens=("bos_token_id", "eos_token_id"),
+        hf_class="LlavaForConditionalGeneration",
     ),
     Family(
         name="qwen2-vl", model_types=("qwen2_vl",), layer_paths=_QWEN_PATHS, text_config="text_config",
         ids_key="input_ids", mask_key="attention_mask", image_token="image_token_id", special_tokens=_QWEN_SPECIAL,
+        hf_class="Qwen2VLForConditionalGeneration",
     ),
     Family(
         name="qwen2.5-vl", model_types=("qwen2_5_vl",), layer_paths=_QWEN_PATHS, text_config="text_config",
         ids_key="input_ids", mask_key="attention_mask", image_token="image_token_id", special_tokens=_QWEN_SPECIAL,
+        hf_class="Qwen2_5_VLForConditionalGeneration",
     ),
     Family(
         name="qwen3-vl", model_types=("qwen3_vl",), layer_paths=_QWEN_PATHS, text_config="text_config",
         ids_key="input_ids", mask_key="attention_mask", image_token="image_token_id", special_tokens=_QWEN_SPECIAL,
+        hf_class="Qwen3VLForConditionalGeneration",
     ),
 )
 
@@ -195,3 +203,24 @@ def layers(model) -> ModelInfo:
         image_token_id=None if image is None else int(image),
         special_ids=frozenset(special), pad_token_id=min(pad) if pad else None,
     )
+
+
+def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a supported VLM with ``from_pretrained`` from a local folder (or a hub id when online), in eval mode."""
+    import transformers
+    from transformers import AutoConfig
+
+    local = os.path.isdir(name)
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=local)
+    except OSError as err:
+        raise UnsupportedModelError(
+            f"cannot load {name!r}: {'its config is unreadable' if local else 'not a local folder, and the hub is out of reach'} "
+            f"({str(err).splitlines()[0]}); download it where you have network (huggingface-cli download "
+            f"{name} --local-dir DIR) and pass the folder") from None
+    for family in FAMILIES:
+        if config.model_type in family.model_types:
+            cls = getattr(transformers, family.hf_class)
+            model = cls.from_pretrained(name, local_files_only=local, dtype=dtype)
+            return model.to(device).eval()
+    raise UnsupportedModelError(f"{name!r} is a {config.model_type!r} model; supported families: {supported()}")

@@ -8,9 +8,15 @@ import sys
 import torch
 from tqdm import tqdm
 
+from pathlib import Path
+
 from . import zoo
-from .adapters import Kind, layers
+from .adapters import Kind, layers, load_model
+from .data import ImageTextFolder, hf_processor
+from .errors import VlmsaeError
 from .record import record
+from .sae import SAE
+from .train import TrainConfig, train
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -36,6 +42,30 @@ def demo(args: argparse.Namespace) -> None:
     print(f"\nrecorded {len(rows)} families: {', '.join(rows)}")
 
 
+def model_and_inputs(name: str, device: str):
+    """``zoo:FAMILY`` (a tiny random model) or a local folder / hub id, with its ``(images, texts) -> inputs``."""
+    if name.startswith("zoo:"):
+        model = zoo.tiny_model(name.removeprefix("zoo:")).to(device)
+        return model, zoo.processor(model)
+    model = load_model(name, device=device)
+    return model, hf_processor(model)
+
+
+def train_command(args: argparse.Namespace) -> None:
+    """Train SAEs online on decoder layers of a model over a folder of images and texts."""
+    model, to_inputs = model_and_inputs(args.model, args.device)
+    info = layers(model)
+    data = ImageTextFolder(args.data, to_inputs, batch_size=args.data_batch)
+    saes = {L: SAE(d_in=info.d_model, d_sae=args.expansion * info.d_model, k=args.k, kind=args.kind)
+            for L in args.layer}
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, buffer_size=args.buffer_size,
+                      checkpoint_every=args.checkpoint_every, lr=args.lr, wandb=args.wandb, seed=args.seed,
+                      kinds=tuple(args.kinds))
+    train(model, args.layer, data, saes, cfg=cfg, out=args.out, resume=args.resume)
+    for L in args.layer:
+        print(f"wrote {Path(args.out) / f'L{L}'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlmsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,8 +73,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--families", nargs="+", default=list(zoo.FAMILIES), choices=zoo.FAMILIES)
     p.add_argument("--n-layers", type=int, default=4)
     p.set_defaults(run=demo)
+    p = sub.add_parser("train", help=train_command.__doc__)
+    p.add_argument("--model", required=True, help="a local model folder, a hub id, or zoo:FAMILY")
+    p.add_argument("--data", required=True, help="a folder of images with captions.jsonl / .parquet")
+    p.add_argument("--layer", type=int, nargs="+", required=True)
+    p.add_argument("--out", required=True, help="folder for the SAEs and checkpoints")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per SAE step")
+    p.add_argument("--buffer-size", type=int, default=65536, help="rows of each layer's ring buffer")
+    p.add_argument("--data-batch", type=int, default=8, help="images per model forward")
+    p.add_argument("--kind", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"])
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--kinds", nargs="+", default=["image", "text", "generated"], help="token kinds to train on")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--wandb", default=None, help="a wandb project to log to")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=train_command)
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except VlmsaeError as err:
+        parser.exit(2, f"vlmsae {args.command}: {err}\n")
 
 
 if __name__ == "__main__":

@@ -185,20 +185,32 @@ def tiny_inputs(model: PreTrainedModel, batch: int = 2, *, text_len: int = 8, pa
 
     Sample ``i`` has ``text_len - i`` text tokens (at least 1); the rest is padding on the
     ``padding`` side ("right" or "left"; ``None`` keeps all samples at full length).
-    ``images`` is an optional ``(batch, 3, 32, 32)`` tensor; otherwise random pixels.
-    Decoder-only families lay a sample out as ``<bos> [image tokens] text``
-    (Qwen: ``<vision_start> <image>... <vision_end> text``); ViT-GPT2 gets the image as
-    ``pixel_values`` and ``<bos> text`` as ``decoder_input_ids``.
+    ``images`` is an optional ``(batch, 3, 32, 32)`` tensor in [0, 1]; otherwise random pixels.
     """
-    if padding not in ("right", "left", None):
-        raise ConfigError(f"padding={padding!r} must be 'right', 'left' or None")
-    family = family_of_config(model.config)
     g = torch.Generator().manual_seed(seed)
     if images is None:
         images = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    vocab = model.config.get_text_config().vocab_size
+    texts = [torch.randint(FIRST_TEXT_ID, vocab, (max(1, text_len - i) if padding else text_len,),
+                           generator=g).tolist() for i in range(batch)]
+    return build_inputs(model, images, texts, padding=padding or "right")
+
+
+def build_inputs(model: PreTrainedModel, images: torch.Tensor, texts: list[list[int]], *,
+                 padding: str = "left") -> dict[str, torch.Tensor]:
+    """Model inputs for a zoo model from images ``(n, 3, 32, 32)`` in [0, 1] and text token ids per sample.
+
+    Decoder-only families lay a sample out as ``<bos> [image tokens] text``
+    (Qwen: ``<vision_start> <image>... <vision_end> text``); ViT-GPT2 gets the image as
+    ``pixel_values`` and ``<bos> text`` as ``decoder_input_ids``. Shorter samples are padded on
+    the ``padding`` side ("left" or "right").
+    """
+    if padding not in ("right", "left"):
+        raise ConfigError(f"padding={padding!r} must be 'right' or 'left'")
+    family = family_of_config(model.config)
+    batch = len(texts)
     if images.shape != (batch, 3, IMAGE_SIZE, IMAGE_SIZE):
         raise ConfigError(f"images of shape {tuple(images.shape)}; the zoo expects {(batch, 3, IMAGE_SIZE, IMAGE_SIZE)}")
-    vocab = model.config.get_text_config().vocab_size
     n_img = image_token_count(family)
     if family == "vit-gpt2":
         prefix = [BOS]
@@ -206,10 +218,7 @@ def tiny_inputs(model: PreTrainedModel, batch: int = 2, *, text_len: int = 8, pa
         prefix = [BOS] + [IMAGE] * n_img
     else:
         prefix = [VISION_START] + [IMAGE] * n_img + [VISION_END]
-    rows = []
-    for i in range(batch):
-        n_text = max(1, text_len - i) if padding else text_len
-        rows.append(prefix + torch.randint(FIRST_TEXT_ID, vocab, (n_text,), generator=g).tolist())
+    rows = [prefix + list(text) for text in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((batch, width), PAD, dtype=torch.long)
     mask = torch.zeros(batch, width, dtype=torch.long)
@@ -228,6 +237,30 @@ def tiny_inputs(model: PreTrainedModel, batch: int = 2, *, text_len: int = 8, pa
     # Qwen2-VL and Qwen3-VL want the token types (0 text, 1 image) whenever images are passed.
     out["mm_token_type_ids"] = (ids == IMAGE).long()
     return out
+
+
+def processor(model: PreTrainedModel):
+    """A stand-in for a processor: ``(PIL images, texts) -> inputs`` for a zoo model, with no tokenizer files.
+
+    Images are resized to 32x32; each word maps to a text id by a stable hash, so the same text
+    always gives the same ids.
+    """
+    import zlib
+
+    import numpy as np
+
+    vocab = model.config.get_text_config().vocab_size
+
+    def word_id(word: str) -> int:
+        return FIRST_TEXT_ID + zlib.crc32(word.lower().encode()) % (vocab - FIRST_TEXT_ID)
+
+    def to_inputs(images, texts: list[str]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)),
+                                                          dtype=np.float32) / 255).permute(2, 0, 1)
+                              for im in images])
+        return build_inputs(model, pixels, [[word_id(w) for w in t.split()] or [FIRST_TEXT_ID] for t in texts])
+
+    return to_inputs
 
 
 def with_sequences(model: PreTrainedModel, inputs: dict[str, torch.Tensor], sequences: torch.Tensor,

@@ -1,0 +1,113 @@
+"""Data sources for training and evaluation: batches of model inputs.
+
+Anything iterable over input dicts works (a list of batches you already have). ``ImageTextFolder``
+reads a folder of images with a table of captions or questions (Parquet or JSON lines, read with
+pandas) and turns each chunk into model inputs with ``to_inputs(images, texts)`` — the model's own
+processor (``hf_processor``) or, for the tiny zoo models, ``vlmsae.zoo.processor``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from .adapters import layers as adapter_info
+from .errors import ConfigError
+
+TABLE_NAMES = ("captions.parquet", "captions.jsonl", "questions.parquet", "questions.jsonl")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=path.suffix == ".jsonl")
+    raise ConfigError(f"table={str(path)!r} must be .parquet or .jsonl")
+
+
+class ImageTextFolder:
+    """Batches of model inputs from ``folder``: images named in a table's ``image`` column, texts in ``text``.
+
+    The table is ``table`` or the first of ``captions.parquet``, ``captions.jsonl``,
+    ``questions.parquet``, ``questions.jsonl`` in the folder. Iterating again starts over (epochs).
+    """
+
+    def __init__(self, folder: str | os.PathLike, to_inputs: Callable[[list, list[str]], dict], *,
+                 batch_size: int = 8, table: str | os.PathLike | None = None, image_column: str = "image",
+                 text_column: str = "text"):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ConfigError(f"folder={str(folder)!r} is not a folder of images")
+        if table is None:
+            found = [self.folder / n for n in TABLE_NAMES if (self.folder / n).exists()]
+            if not found:
+                raise ConfigError(f"{self.folder} holds none of {TABLE_NAMES}; write one with columns "
+                                  f"{image_column!r} (file name) and {text_column!r}, or pass table=")
+            table = found[0]
+        self.table = read_table(Path(table))
+        missing = [c for c in (image_column, text_column) if c not in self.table.columns]
+        if missing:
+            raise ConfigError(f"table {table} lacks columns {missing}; it has {list(self.table.columns)}")
+        absent = [n for n in self.table[image_column] if not (self.folder / n).exists()]
+        if absent:
+            raise ConfigError(f"{len(absent)} images named in {table} are not in {self.folder}, e.g. {absent[0]!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
+        self.to_inputs, self.batch_size = to_inputs, batch_size
+        self.image_column, self.text_column = image_column, text_column
+
+    def __len__(self) -> int:
+        return -(-len(self.table) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        for start in range(0, len(self.table), self.batch_size):
+            rows = self.table.iloc[start:start + self.batch_size]
+            images = [Image.open(self.folder / name).convert("RGB") for name in rows[self.image_column]]
+            yield self.to_inputs(images, [str(t) for t in rows[self.text_column]])
+
+
+def hf_processor(model, processor=None) -> Callable[[list, list[str]], dict]:
+    """``(images, texts) -> inputs`` with the model's own Hugging Face processor (loaded from its folder).
+
+    Decoder-only VLMs get each text after one image placeholder, through the processor's chat
+    template when it has one; a ViT-GPT2 captioner gets ``pixel_values`` and the text as
+    ``decoder_input_ids``.
+    """
+    info = adapter_info(model)
+    if processor is None:
+        from transformers import AutoProcessor
+
+        name = getattr(info.model.config, "_name_or_path", "")
+        try:
+            processor = AutoProcessor.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"no processor found for {name!r} offline ({err}); pass processor=, or for the "
+                              "tiny zoo models use vlmsae.zoo.processor(model)") from None
+    if info.family == "vit-gpt2":
+        tokenizer = getattr(processor, "tokenizer", None)
+        image_processor = getattr(processor, "image_processor", processor)
+
+        def captioner(images, texts):
+            pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+            if tokenizer is None:
+                return {"pixel_values": pixels}
+            text = tokenizer([tokenizer.bos_token + t for t in texts], return_tensors="pt", padding=True)
+            return {"pixel_values": pixels, "decoder_input_ids": text["input_ids"],
+                    "decoder_attention_mask": text["attention_mask"]}
+
+        return captioner
+
+    def vlm(images, texts):
+        if getattr(processor, "chat_template", None):
+            prompts = [processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
+                add_generation_prompt=True) for t in texts]
+        else:
+            prompts = [f"{processor.image_token}\n{t}" for t in texts]
+        return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
+
+    return vlm
