@@ -208,3 +208,20 @@ def test_cuda_step_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(p.dtype == torch.float32 for p in sae.parameters())
+
+
+
+def test_bf16_selection_keeps_full_precision_values():
+    """bf16 scores pick the latents; the values decoded are the float32 pre-activations at those latents."""
+    torch.manual_seed(0)
+    sae = SAE(d_in=32, d_sae=256, k=8)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    trainer = SAETrainer(sae, compute_dtype="bfloat16", init_from_first_batch=False)
+    x = torch.randn(64, 32)
+    _, recon, *_ = trainer._sparse_loss(x)
+    u = sae.center(x).detach()
+    chosen = torch.addmm(sae.b_enc.bfloat16(), u.bfloat16(), sae.W_enc.bfloat16()).topk(8, dim=1).indices
+    exact = sae.pre_acts(x).detach().gather(1, chosen).relu()
+    expected = torch.zeros(64, 256).scatter(1, chosen, exact) @ sae.W_dec + sae.b_dec
+    torch.testing.assert_close(recon, expected, rtol=1e-5, atol=1e-5)

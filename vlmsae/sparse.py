@@ -73,7 +73,7 @@ def _per_latent_sum(code: SparseCode, per_token: Tensor, weights: Tensor, d_sae:
     return _rows_sum(code.rows[order], code.latent_offsets, per_token, weights[order])
 
 
-def _entry_dots(W: Tensor, per_token: Tensor, code: SparseCode) -> Tensor:
+def entry_dots(W: Tensor, per_token: Tensor, code: SparseCode) -> Tensor:
     """(N,): out[e] = W[cols_e] . per_token[rows_e], as a sampled dense-dense matmul.
 
     Computing (per_token @ W.T) only at the code's entries beats gathering the
@@ -101,7 +101,7 @@ class _Decode(torch.autograd.Function):
         values, W_dec = ctx.saved_tensors
         grad_values = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            grad_values = _entry_dots(W_dec, grad_recon, ctx.code).to(values.dtype)
+            grad_values = entry_dots(W_dec, grad_recon, ctx.code).to(values.dtype)
         if ctx.needs_input_grad[1]:
             grad_W_dec = _per_latent_sum(ctx.code, grad_recon.to(W_dec.dtype), values, W_dec.shape[0])
         return grad_values, grad_W_dec, None

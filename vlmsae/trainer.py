@@ -19,7 +19,7 @@ from torch import Tensor
 from vlmsae import metrics
 from vlmsae.errors import ConfigError, NonFiniteError
 from vlmsae.sae import DTYPES, SAE
-from vlmsae.sparse import SparseCode, gather_pre_acts, sparse_decode
+from vlmsae.sparse import SparseCode, entry_dots, gather_pre_acts, sparse_decode
 
 
 @dataclass
@@ -192,6 +192,12 @@ class SAETrainer:
         else:
             (values, rows, cols), (aux_values, aux_latents) = self._select_batchtopk(u, dead, aux_k)
             main_code = SparseCode.from_rows_cols(rows, cols, n_tokens).with_latent_order(d_sae)
+        if self.compute_dtype != u.dtype:
+            # Low-precision scores chose the latents; their values are
+            # recomputed in full precision, at k entries per token.
+            values = self._exact(u, main_code)
+            if aux_k:
+                aux_values = torch.where(aux_values.isfinite(), self._exact(u, SparseCode.from_topk(aux_latents)).view_as(aux_values), aux_values)
         if not aux_k:
             acts = gather_pre_acts(u, sae.W_enc.T, sae.b_enc, main_code, values.reshape(-1)).relu()
         else:
@@ -219,6 +225,11 @@ class SAETrainer:
         nonzero = (acts != 0).sum()
         fired = torch.zeros(d_sae, dtype=torch.long, device=x.device).index_add_(0, main_code.cols, (acts != 0).long())
         return loss, recon_n, nonzero, fired, aux_loss
+
+    @torch.no_grad()
+    def _exact(self, u: Tensor, code: SparseCode) -> Tensor:
+        """(N,) encoder pre-activations at `code`'s entries, in the weights' precision."""
+        return entry_dots(self.sae.W_enc.T, u, code) + self.sae.b_enc[code.cols]
 
     @torch.no_grad()
     def _update_threshold(self, acts: Tensor) -> None:
