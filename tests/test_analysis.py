@@ -1,0 +1,203 @@
+"""Feature analysis: the running top-k equals a brute-force top-k, heatmaps land on the patch grid, tables add up."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import vlmsae
+from vlmsae import Kind
+from vlmsae.analysis import (PatchLayout, auroc, concept_aurocs, feature_table, image_question_grid, patch_grid,
+                             patch_layout, scan)
+from vlmsae.errors import ConfigError
+from vlmsae.probes import compare_probes, probe_accuracy
+from vlmsae.zoo import qwen_patchify, tiny_inputs, tiny_model
+
+LAYER = 1
+
+
+def relu_sae(d_in: int, d_sae: int = 48, seed: int = 0) -> vlmsae.SAE:
+    """A ReLU SAE whose features fire on part of the tokens, so top-k orders are not ties at zero."""
+    torch.manual_seed(seed)
+    sae = vlmsae.SAE(d_in=d_in, d_sae=d_sae, kind="relu")
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae))
+        sae.b_enc.copy_(-0.5 * torch.rand(d_sae))
+    return sae.eval()
+
+
+def brute_force(model, sae, data, where_kinds, features):
+    """Every example's peak, its position and its image-token activations, computed example by example."""
+    peaks, positions, heats, ids = [], [], [], []
+    for batch in data:
+        with vlmsae.record(model, [LAYER], stop=True) as rec:
+            model(**batch)
+        latents = sae.encode(rec[LAYER]).detach().float()[..., features]
+        kinds = rec.mask(LAYER)
+        for b in range(latents.shape[0]):
+            read = torch.isin(kinds[b], torch.tensor(where_kinds, dtype=kinds.dtype))
+            acts = latents[b][read]  # (n_read, F)
+            peak, at = acts.max(0)
+            peaks.append(peak)
+            positions.append(read.nonzero().flatten()[at])
+            heats.append(latents[b][kinds[b] == Kind.IMAGE].T)  # (F, n_image)
+            ids.append(rec.forwards[0].ids[b])
+    return torch.stack(peaks, 1), torch.stack(positions, 1), heats, ids
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "vit-gpt2"])
+def test_running_topk_equals_brute_force(family):
+    model = tiny_model(family, n_layers=2)
+    sae = relu_sae(64)
+    # batches of different sizes and paddings, so examples move between batches
+    data = [tiny_inputs(model, n, seed=s, text_len=6) for s, n in enumerate([3, 1, 4, 2, 5])]
+    features = [0, 5, 7, 11, 20, 33, 47]
+    k = 6
+    found = scan(model, LAYER, sae, data, k=k, features=features, context=2)
+    kinds = (Kind.IMAGE, Kind.TEXT, Kind.GENERATED)
+    peaks, positions, heats, ids = brute_force(model, sae, data, kinds, features)
+    top = found.top
+    assert top.values.shape == (len(features), k)
+    for row in range(len(features)):
+        want = peaks[row].topk(k)
+        torch.testing.assert_close(top.values[row], want.values, rtol=1e-5, atol=1e-6)
+        positive = want.values > 0  # examples where the feature did not fire tie at zero in any order
+        assert top.example[row][positive].tolist() == want.indices[positive].tolist()
+        for j in positive.nonzero().flatten().tolist():
+            example = int(top.example[row, j])
+            assert int(top.position[row, j]) == int(positions[row, example])
+            centre = top.tokens[row, j, 2]
+            assert int(centre) == int(ids[example][positions[row, example]])
+            torch.testing.assert_close(top.token_acts[row, j, 2], top.values[row, j])
+            if top.heat is not None:
+                flat = heats[example][row]
+                torch.testing.assert_close(top.heat[row, j], patch_grid(flat, top.layout))
+    if family == "vit-gpt2":
+        assert top.heat is None and top.layout is None
+    else:
+        assert top.layout == PatchLayout((4, 4), 1) if family == "llava" else PatchLayout((8, 8), 2)
+
+
+def test_fewer_examples_than_k_leave_empty_slots():
+    model = tiny_model("llava", n_layers=2)
+    found = scan(model, LAYER, relu_sae(64), [tiny_inputs(model, 2)], k=5, features=[1, 2])
+    assert (found.top.example[:, 2:] == -1).all()
+    assert torch.isinf(found.top.values[:, 2:]).all()
+
+
+def test_qwen_heatmap_follows_the_2x2_merge():
+    """Tokens made the way Qwen's vision tower makes them (merge consecutive patches of qwen_patchify's
+    order) land back on the patches they came from."""
+    gh, gw, merge, patch = 6, 8, 2, 4
+    rows = torch.arange(gh).repeat_interleave(patch)[:, None].expand(gh * patch, gw * patch)
+    cols = torch.arange(gw).repeat_interleave(patch)[None, :].expand(gh * patch, gw * patch)
+    patch_id = (rows * gw + cols).float()  # (H, W): each pixel knows its patch
+    image = patch_id.expand(1, 3, -1, -1)
+    flat, grid = qwen_patchify(image, patch=patch, merge=merge)
+    assert grid.tolist() == [[1, gh, gw]]
+    tokens = flat[:, 0].reshape(-1, merge * merge).mean(1)  # the merger pools each run of merge^2 patches
+    mapped = patch_grid(tokens, PatchLayout((gh, gw), merge))
+    ids = patch_id[::patch, ::patch]  # (gh, gw)
+    pooled = ids.reshape(gh // merge, merge, gw // merge, merge).mean((1, 3))
+    want = pooled.repeat_interleave(merge, 0).repeat_interleave(merge, 1)
+    torch.testing.assert_close(mapped, want)
+    # and each patch's own id is inside the block of its token
+    assert ((mapped - ids).abs() <= (gw + 1) / 2).all()
+
+
+def test_patch_layout_of_zoo_models():
+    for family, want in (("llava", PatchLayout((4, 4), 1)), ("qwen2-vl", PatchLayout((8, 8), 2)),
+                         ("vit-gpt2", None)):
+        model = tiny_model(family, n_layers=1)
+        assert patch_layout(model, tiny_inputs(model, 1)) == want
+    with pytest.raises(ConfigError, match="16 image tokens"):
+        patch_grid(torch.zeros(16), PatchLayout((6, 6), 1))
+
+
+def test_feature_table_matches_the_recorded_latents():
+    model = tiny_model("llava", n_layers=2)
+    sae = relu_sae(64)
+    data = [tiny_inputs(model, 3, seed=s) for s in range(3)]
+    found = scan(model, LAYER, sae, data, k=4)
+    table = feature_table(found)
+    latents, kinds = [], []
+    for batch in data:
+        with vlmsae.record(model, [LAYER], stop=True) as rec:
+            model(**batch)
+        read = torch.isin(rec.mask(LAYER), torch.tensor([Kind.IMAGE, Kind.TEXT], dtype=torch.int8))
+        latents.append(sae.encode(rec[LAYER])[read].detach())
+        kinds.append(rec.mask(LAYER)[read])
+    latents, kinds = torch.cat(latents), torch.cat(kinds)
+    assert found.tokens == latents.shape[0]
+    fired = (latents > 0).double()
+    np.testing.assert_allclose(table["density"], fired.mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(table["max"], latents.amax(0).clamp_min(0).numpy(), rtol=1e-5)
+    image_share = fired[kinds == Kind.IMAGE].sum(0) / fired.sum(0).clamp_min(1)
+    np.testing.assert_allclose(table["image_fraction"], image_share.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(table["image_fraction"] + table["text_fraction"], (fired.sum(0) > 0).double().numpy())
+    assert table["dead"].tolist() == (fired.sum(0) == 0).tolist()
+    assert set(table.columns) >= {"density", "log10_density", "mean", "mean_firing", "max", "image_fraction",
+                                  "text_fraction", "dead", "dense", "top_tokens"}
+    assert (table.loc[~table["dead"], "top_tokens"] != "").all()
+    # L0 counts cover every non-pad position once
+    assert int(found.l0_counts.sum()) == sum(int((b["attention_mask"] > 0).sum()) for b in data)
+
+
+def test_auroc_counts_pairs_with_ties_as_half():
+    torch.manual_seed(0)
+    scores = torch.randint(0, 4, (60, 5)).float()  # many ties
+    labels = torch.rand(60) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+    torch.testing.assert_close(auroc(scores, labels).double(), pairs.mean((0, 1)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="both classes"):
+        auroc(scores, torch.zeros(60, dtype=torch.bool))
+
+
+def test_concept_aurocs_scores_each_value_within_its_concept():
+    torch.manual_seed(0)
+    groups = pd.Series(["color"] * 40 + ["shape"] * 40)
+    values = pd.Series(["red", "blue"] * 20 + ["circle", "square"] * 20)
+    latents = torch.rand(80, 6)
+    latents[:, 3] = torch.tensor([1.0 if v == "red" else 0.0 for v in values])
+    table = concept_aurocs(latents, values, groups)
+    assert list(table.index) == [("color", "blue"), ("color", "red"), ("shape", "circle"), ("shape", "square")]
+    assert table.loc[("color", "red"), 3] == 1.0
+    assert table.loc[("color", "blue"), 3] == 0.0
+
+
+def test_image_tokens_cannot_depend_on_the_question():
+    """In LLaVA the image comes before the question and attention is causal: on image tokens a feature
+    depends on the image only; on the question's tokens it depends on the question."""
+    model = tiny_model("llava", n_layers=2)
+    sae = relu_sae(64)
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    questions = ["10 11 12", "40 41", "90 91 92 93"]
+
+    def inputs(chunk, question):
+        return vlmsae.zoo.build_inputs(model, chunk, [[int(w) for w in question.split()]] * len(chunk))
+
+    features = [0, 3, 9, 21]
+    on_image = image_question_grid(model, LAYER, sae, images, questions, inputs, features=features, where="image",
+                                   batch_size=2)
+    assert on_image.values.shape == (4, 5, 3)
+    share = on_image.dependence()
+    live = share["mean"] > 0
+    assert live.any()
+    np.testing.assert_allclose(share.loc[live, "question_share"], 0, atol=1e-8)
+    np.testing.assert_allclose(share.loc[live, "image_share"], 1, atol=1e-6)
+    on_text = image_question_grid(model, LAYER, sae, images, questions, inputs, features=features, where="text",
+                                  reduce="last")
+    assert (on_text.dependence()["question_share"].fillna(0) > 0).any()
+
+
+def test_probes_read_a_linear_concept_and_not_noise():
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (400,))
+    signal = torch.randn(400, 16) + 5 * torch.nn.functional.one_hot(y, 16).float()
+    noise = torch.randn(400, 16)
+    table = compare_probes({"signal": signal, "noise": noise}, {"class": y})
+    assert table.loc["class", "signal"] > 0.95
+    assert table.loc["class", "noise"] < 0.5
+    result = probe_accuracy(signal, [str(int(v)) for v in y])  # string labels too
+    assert result.test == table.loc["class", "signal"] and 0.2 < result.chance < 0.35

@@ -1,0 +1,412 @@
+"""Feature analysis over a dataset: statistics, top-activating examples with patch heatmaps, image x question grids.
+
+One pass of :func:`scan` over batches of model inputs feeds everything: per-feature firing
+statistics and, for each feature, a running top-k of the examples where it peaks, kept on the
+SAE's device. An example's activation is its peak over the selected positions, so the top-k
+holds distinct examples (images), not several patches of one image.
+
+For families whose decoder stream holds image tokens (LLaVA, Qwen-VL), each top example keeps
+the feature's activation at every image token, mapped back onto the patch grid by
+:func:`patch_grid`:
+
+- LLaVA: one token per patch, row-major over the ``image_size / patch_size`` grid;
+- Qwen-VL: one token per ``merge x merge`` block of patches (the vision tower's spatial merge),
+  row-major over the merged grid, so each token's value covers its whole block.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .adapters import Kind, layers
+from .errors import ConfigError
+from .interventions import check_features, check_sae, where_kinds, where_mask
+from .record import record
+from .sae import SAE
+
+DEFAULT_WHERE = ("image", "text", "generated")
+"""Positions a scan reads by default: every content token, never padding or special tokens (BOS
+is an attention sink whose huge activations would fill every top-k)."""
+
+
+@dataclass(frozen=True)
+class PatchLayout:
+    """How a model's image tokens tile the image: ``grid`` patches, ``merge x merge`` patches per token."""
+
+    grid: tuple[int, int]
+    """(rows, cols) of patches."""
+    merge: int
+    """Patches per token along each side: 1 for LLaVA, ``spatial_merge_size`` (2) for Qwen-VL."""
+
+    @property
+    def n_tokens(self) -> int:
+        return (self.grid[0] // self.merge) * (self.grid[1] // self.merge)
+
+
+def patch_layout(model, batch: dict) -> PatchLayout | None:
+    """The patch layout of the images in ``batch``; ``None`` for families without image tokens."""
+    info = layers(model)
+    if not info.has_image_tokens:
+        return None
+    vision = info.model.config.vision_config
+    if info.family == "llava":
+        side = vision.image_size // vision.patch_size
+        return PatchLayout((side, side), 1)
+    grid_thw = batch.get("image_grid_thw")
+    if grid_thw is None:
+        raise ConfigError(f"a {info.family} batch needs image_grid_thw to place image tokens on the patch grid")
+    if (grid_thw != grid_thw[0]).any() or int(grid_thw[0, 0]) != 1:
+        raise ConfigError(f"image_grid_thw={grid_thw.tolist()}: heatmaps need one still image (t=1) per example, "
+                          "all of one size; resize the images to one size")
+    return PatchLayout((int(grid_thw[0, 1]), int(grid_thw[0, 2])), int(vision.spatial_merge_size))
+
+
+def patch_grid(acts: Tensor, layout: PatchLayout) -> Tensor:
+    """``(..., n_tokens)`` activations at image tokens, in stream order -> ``(..., rows, cols)`` per patch."""
+    if acts.shape[-1] != layout.n_tokens:
+        raise ConfigError(f"{acts.shape[-1]} image tokens do not tile a {layout.grid} patch grid merged "
+                          f"{layout.merge}x{layout.merge} ({layout.n_tokens} tokens)")
+    rows, cols = layout.grid[0] // layout.merge, layout.grid[1] // layout.merge
+    grid = acts.reshape(*acts.shape[:-1], rows, cols)
+    return grid.repeat_interleave(layout.merge, -2).repeat_interleave(layout.merge, -1)
+
+
+@dataclass
+class TopExamples:
+    """For each feature, the ``k`` examples where it peaks highest, best first."""
+
+    features: Tensor
+    """``(F,)`` the SAE feature of each row."""
+    values: Tensor
+    """``(F, k)`` the example's peak activation; ``-inf`` where fewer than ``k`` examples were seen."""
+    example: Tensor
+    """``(F, k)`` index of the example in the data (batches concatenated in order); -1 where empty."""
+    position: Tensor
+    """``(F, k)`` sequence position of the peak."""
+    tokens: Tensor
+    """``(F, k, 2c+1)`` token ids around the peak (the peak in the middle); -1 outside the sequence or on padding."""
+    token_acts: Tensor
+    """``(F, k, 2c+1)`` the feature's activation at those tokens."""
+    heat: Tensor | None
+    """``(F, k, rows, cols)`` the feature's activation on each image patch; ``None`` without image tokens."""
+    layout: PatchLayout | None
+
+    def row(self, feature: int) -> int:
+        """Row of ``feature`` in these tensors."""
+        hits = (self.features == feature).nonzero()
+        if len(hits) == 0:
+            raise ConfigError(f"feature {feature} was not scanned; scanned features include "
+                              f"{self.features[:10].tolist()} (pass features= to scan())")
+        return int(hits[0, 0])
+
+
+@dataclass
+class Scan:
+    """What one :func:`scan` pass measured: per-feature sums and the top examples."""
+
+    tokens: int
+    """Positions read (selected by ``where``)."""
+    fired: Tensor
+    """``(d_sae,)`` positions where each feature fired (> 0)."""
+    fired_image: Tensor
+    """``(d_sae,)`` of those, image-token positions."""
+    total: Tensor
+    """``(d_sae,)`` sum of activations."""
+    max: Tensor
+    """``(d_sae,)`` largest activation (0 if never fired)."""
+    l0_counts: Tensor
+    """``(len(Kind), d_sae + 1)`` positions of each token kind with each L0 (active features at the position)."""
+    top: TopExamples
+
+    @property
+    def density(self) -> Tensor:
+        return self.fired / max(self.tokens, 1)
+
+
+def _window(ids: Tensor, kinds: Tensor, latents: Tensor, position: Tensor, context: int):
+    """Ids ``(B, F, W)`` and activations ``(B, F, W)`` of the ``W = 2c+1`` positions around each peak."""
+    batch, seq = ids.shape
+    offsets = torch.arange(-context, context + 1, device=position.device)
+    at = position[..., None] + offsets  # (B, F, W)
+    inside = (at >= 0) & (at < seq)
+    at = at.clamp(0, seq - 1)
+    rows = torch.arange(batch, device=ids.device)[:, None, None]
+    tok = ids[rows, at]
+    tok = torch.where(inside & (kinds[rows, at] != Kind.PAD), tok, -1)
+    f = torch.arange(latents.shape[-1], device=latents.device)[None, :, None]
+    acts = latents[rows, at, f]
+    return tok, torch.where(inside, acts, torch.zeros((), dtype=acts.dtype, device=acts.device))
+
+
+def _merge_top(top: tuple[Tensor, ...], new: tuple[Tensor, ...], k: int) -> tuple[Tensor, ...]:
+    """Keep the ``k`` best of the old rows and a batch's candidates; every tensor is ``(F, n, ...)``, values first."""
+    cand = [torch.cat([old, fresh], 1) for old, fresh in zip(top, new)]
+    best = cand[0].topk(min(k, cand[0].shape[1]), dim=1).indices  # sorted, best first
+    out = []
+    for t in cand:
+        index = best.reshape(*best.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:])
+        out.append(t.gather(1, index))
+    return tuple(out)
+
+
+@torch.no_grad()
+def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, k: int = 8, features: Iterable[int] | None = None,
+         where=DEFAULT_WHERE, context: int = 4, site: str = "resid_post") -> Scan:
+    """One pass over ``data`` (batches of model inputs): feature statistics and each feature's top ``k`` examples.
+
+    ``features`` limits the top-k (not the statistics) to some features: its memory is
+    ``F x k x (image tokens + 2 context + 1)`` on the SAE's device, which for a large SAE on a
+    model with hundreds of image tokens is worth limiting. ``where`` chooses the positions read
+    (kind names as in :func:`vlmsae.steer`). Examples are numbered across batches in order.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k={k!r} must be an integer >= 1 (examples kept per feature)")
+    if context < 0:
+        raise ConfigError(f"context={context} must be >= 0 (tokens shown either side of the peak)")
+    info = layers(model)
+    check_sae(sae, info)
+    kinds_read = where_kinds(where, info)
+    device = sae.W_dec.device
+    d_sae = sae.cfg.d_sae
+    subset = None if features is None else torch.tensor(check_features(features, d_sae), dtype=torch.long,
+                                                        device=device)
+    feats = subset if subset is not None else torch.arange(d_sae, device=device)
+    n_feat, width = len(feats), 2 * context + 1
+    zeros = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    fired, fired_image, total = zeros(d_sae, dtype=torch.long), zeros(d_sae, dtype=torch.long), zeros(d_sae)
+    peak_max, tokens = zeros(d_sae), zeros((), dtype=torch.long)
+    l0_counts = zeros(len(Kind), d_sae + 1, dtype=torch.long)
+    top: tuple[Tensor, ...] | None = None
+    layout, offset = None, 0
+    for batch in tqdm(data, desc="scan", leave=False):
+        with record(model, [layer], site=site, stop=True) as rec:
+            model(**batch)
+        fwd = rec.forwards[0]
+        kinds = rec.mask(layer).to(device)
+        read = where_mask(where, kinds_read, fwd).to(device)  # (B, T)
+        latents = sae.encode(rec[layer].to(device)).float()  # (B, T, d_sae)
+        active = latents > 0
+        chosen = latents[read]  # (N, d_sae)
+        tokens += read.sum()
+        fired += active[read].sum(0)
+        fired_image += active[read & (kinds == Kind.IMAGE)].sum(0)
+        total += chosen.sum(0)
+        if chosen.shape[0]:
+            peak_max = torch.maximum(peak_max, chosen.amax(0))
+        content = kinds != Kind.PAD
+        l0_counts.index_put_((kinds[content].long(), active.sum(-1)[content]),
+                             torch.ones((), dtype=torch.long, device=device), accumulate=True)
+
+        acts = latents if subset is None else latents[..., subset]  # (B, T, F)
+        n_batch = acts.shape[0]
+        peak, position = acts.masked_fill(~read[..., None], float("-inf")).max(1)  # (B, F)
+        ids, window_acts = _window(fwd.ids.to(device), kinds, acts, position, context)
+        example = torch.arange(offset, offset + n_batch, device=device)[None, :].expand(n_feat, -1)
+        new = [peak.T, example, position.T, ids.transpose(0, 1), window_acts.transpose(0, 1)]
+        if info.has_image_tokens:
+            layout = _check_layout(layout, patch_layout(model, batch))
+            image = kinds == Kind.IMAGE
+            counts = image.sum(1)
+            if not bool((counts == layout.n_tokens).all()):
+                raise ConfigError(f"image tokens per example {counts.tolist()}; heatmaps need exactly one image of "
+                                  f"{layout.n_tokens} tokens per example")
+            at_image = acts[image].reshape(n_batch, layout.n_tokens, n_feat).transpose(1, 2)  # (B, F, n)
+            new.append(patch_grid(at_image, layout).transpose(0, 1))  # (F, B, rows, cols)
+        if top is None:
+            top = tuple(t[:, :0] for t in new)
+        top = _merge_top(top, tuple(new), k)
+        offset += n_batch
+    if top is None:
+        raise ConfigError("scan() got no batches: data yielded nothing")
+    values, example, position, ids, window_acts, *heat = top
+    missing = k - values.shape[1]
+    if missing:  # fewer examples than k in the whole dataset
+        pad = lambda t, v: torch.cat([t, t.new_full((n_feat, missing, *t.shape[2:]), v)], 1)  # noqa: E731
+        values, example, position = pad(values, float("-inf")), pad(example, -1), pad(position, -1)
+        ids, window_acts = pad(ids, -1), pad(window_acts, 0.0)
+        heat = [pad(h, 0.0) for h in heat]
+    example = torch.where(torch.isinf(values), -1, example)
+    found = TopExamples(features=feats, values=values, example=example, position=position, tokens=ids,
+                        token_acts=window_acts, heat=heat[0] if heat else None, layout=layout)
+    return Scan(tokens=int(tokens), fired=fired, fired_image=fired_image, total=total, max=peak_max,
+                l0_counts=l0_counts, top=found)
+
+
+def _check_layout(seen: PatchLayout | None, layout: PatchLayout) -> PatchLayout:
+    if seen is not None and seen != layout:
+        raise ConfigError(f"images change patch layout between batches ({seen} then {layout}); heatmaps need one "
+                          "image size throughout: resize the images to one size")
+    return layout
+
+
+def _token_text(tokenizer, ids: Iterable[int]) -> list[str]:
+    ids = [int(i) for i in ids]
+    if tokenizer is None:
+        return [str(i) for i in ids]
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def feature_table(scan: Scan, *, tokenizer=None, aurocs: pd.DataFrame | None = None, dense: float = 0.1,
+                  top_tokens: int = 3) -> pd.DataFrame:
+    """One row per feature: firing density, mean and max activation, image / text share, top tokens, flags.
+
+    ``top_tokens``: the commonest tokens at the peak of the feature's top examples (``<image>``
+    where it peaks on image tokens), decoded with ``tokenizer`` if given. ``aurocs``: a concept x
+    feature table (:func:`concept_aurocs`) adds the concept each feature detects best (``color=red``)
+    and its AUROC. ``dead``: never fired on the data; ``dense``: fired on more than ``dense`` of positions.
+    """
+    fired = scan.fired.double().cpu()
+    n = max(scan.tokens, 1)
+    density = fired / n
+    safe = fired.clamp_min(1)
+    table = pd.DataFrame({
+        "density": density.numpy(),
+        "log10_density": torch.where(fired > 0, density.clamp_min(1e-30).log10(), float("-inf")).numpy(),
+        "mean": (scan.total.double().cpu() / n).numpy(),
+        "mean_firing": (scan.total.double().cpu() / safe).numpy(),
+        "max": scan.max.double().cpu().numpy(),
+        "image_fraction": (scan.fired_image.double().cpu() / safe).numpy(),
+        "text_fraction": ((fired - scan.fired_image.double().cpu()) / safe).numpy(),
+        "dead": (fired == 0).numpy(),
+        "dense": (density > dense).numpy(),
+    })
+    table.index.name = "feature"
+    top = scan.top
+    middle = top.tokens.shape[2] // 2
+    words = [""] * len(table)
+    peaks = top.tokens[:, :, middle].cpu()
+    hit = (top.values > 0).cpu()
+    for row, feature in enumerate(top.features.tolist()):
+        common = Counter(peaks[row][hit[row]].tolist()).most_common(top_tokens)
+        words[feature] = " ".join(_token_text(tokenizer, [t for t, _ in common]))
+    table["top_tokens"] = words
+    if aurocs is not None:
+        names = ["=".join(map(str, key)) if isinstance(key, tuple) else str(key) for key in aurocs.index]
+        best = aurocs.to_numpy().argmax(0)
+        table["concept"] = pd.Series([names[i] for i in best], index=aurocs.columns).reindex(table.index)
+        table["concept_auroc"] = pd.Series(aurocs.to_numpy().max(0), index=aurocs.columns).reindex(table.index)
+    return table
+
+
+def auroc(scores: Tensor, labels: Tensor) -> Tensor:
+    """``(F,)`` area under the ROC curve of each column of ``scores`` ``(n, F)`` at detecting ``labels`` ``(n,)``.
+
+    The Mann-Whitney rank statistic with tied scores sharing their mean rank (SAE latents are
+    mostly exactly zero, so ties are the rule).
+    """
+    labels = labels.bool().reshape(-1)
+    n_pos, n = int(labels.sum()), labels.numel()
+    if n_pos in (0, n):
+        raise ConfigError(f"labels hold {n_pos} positives of {n}; an AUROC needs both classes")
+    cols = scores.double().reshape(n, -1).T.contiguous()  # (F, n)
+    ordered = cols.sort(dim=1).values
+    low = torch.searchsorted(ordered, cols, right=False)
+    high = torch.searchsorted(ordered, cols, right=True)
+    rank = (low + high + 1).double() / 2  # 1-based mean rank of each score among its ties
+    rank_sum = rank[:, labels].sum(1)
+    return ((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))).float()
+
+
+def concept_aurocs(latents: Tensor, values: pd.Series, groups: pd.Series | None = None) -> pd.DataFrame:
+    """AUROC of every feature (columns) at detecting every concept value (rows), from ``latents`` ``(n, d_sae)``.
+
+    ``values`` ``(n,)`` names each row's value (``red``); ``groups`` ``(n,)`` its concept (``color``):
+    a value's rows are scored against the other rows of its group, so red is told from the other
+    colours. Rows are ``(group, value)``; without ``groups`` every row is in one group ``all``.
+    """
+    values = pd.Series(values).reset_index(drop=True)
+    groups = pd.Series(["all"] * len(values)) if groups is None else pd.Series(groups).reset_index(drop=True)
+    if len(values) != latents.shape[0] or len(groups) != len(values):
+        raise ConfigError(f"{latents.shape[0]} rows of latents, {len(values)} values and {len(groups)} groups; "
+                          "give one value and group per row")
+    rows = {}
+    for group in groups.unique():
+        inside = (groups == group).to_numpy(copy=True)
+        for value in sorted(values[inside].unique()):
+            positive = (values[inside] == value).to_numpy(copy=True)
+            if positive.all():
+                continue  # nothing to tell it from
+            rows[(group, value)] = auroc(latents[torch.from_numpy(inside)], torch.from_numpy(positive)).cpu().numpy()
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["concept", "value"])
+    table.columns.name = "feature"
+    return table
+
+
+@dataclass
+class ImageQuestionGrid:
+    """A feature's activation for every (image, question) pair."""
+
+    values: Tensor
+    """``(F, n_images, n_questions)``."""
+    features: list[int]
+    questions: list[str]
+
+    def dependence(self) -> pd.DataFrame:
+        """Per feature, the share of its variance over the grid explained by the image, the question, and neither.
+
+        The two-way decomposition ``v = mean + a_image + b_question + interaction``: a feature
+        that reads the image has ``image_share`` near 1, one that reads the question ``question_share``.
+        """
+        v = self.values.double()
+        grand = v.mean((1, 2), keepdim=True)
+        by_image = v.mean(2, keepdim=True) - grand
+        by_question = v.mean(1, keepdim=True) - grand
+        rest = v - grand - by_image - by_question
+        total = (v - grand).pow(2).sum((1, 2))
+        share = lambda part: (part.expand_as(v).pow(2).sum((1, 2)) / total).numpy()  # noqa: E731
+        table = pd.DataFrame({"mean": grand.flatten().numpy(), "image_share": share(by_image),
+                              "question_share": share(by_question), "interaction_share": share(rest)},
+                             index=pd.Index(self.features, name="feature"))
+        return table
+
+
+@torch.no_grad()
+def image_question_grid(model, layer: int, sae: SAE, images: Sequence, questions: Sequence[str],
+                        inputs: Callable[[Sequence, str], dict], *, features: Iterable[int], where="text",
+                        reduce: str = "max", batch_size: int = 64, site: str = "resid_post") -> ImageQuestionGrid:
+    """Record ``features`` for every pair of ``images`` and ``questions``.
+
+    ``inputs(images, question)`` builds one batch of model inputs asking ``question`` about each
+    image (e.g. ``lambda s, q: shapes.qa_inputs(s, tokenizer, q, labels=False)``). Each pair's
+    value is the feature's ``reduce`` (``max``, ``mean``, or ``last``: the last selected position,
+    which predicts the answer) over the ``where`` positions.
+    """
+    if reduce not in ("max", "mean", "last"):
+        raise ConfigError(f"reduce={reduce!r} is unknown; use 'max', 'mean' or 'last'")
+    info = layers(model)
+    check_sae(sae, info)
+    kinds_read = where_kinds(where, info)
+    device = sae.W_dec.device
+    index = torch.tensor(check_features(features, sae.cfg.d_sae), dtype=torch.long, device=device)
+    if len(index) == 0:
+        raise ConfigError("features=[] records nothing; pass the features to put on the grid")
+    columns = []
+    for question in tqdm(questions, desc="image x question", leave=False):
+        column = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            with record(model, [layer], site=site, stop=True) as rec:
+                model(**inputs(chunk, question))
+            read = where_mask(where, kinds_read, rec.forwards[0]).to(device)  # (B, T)
+            if not bool(read.any(1).all()):
+                raise ConfigError(f"where={where!r} selects no position in some examples of question {question!r}")
+            acts = sae.encode(rec[layer].to(device)).float()[..., index]  # (B, T, F)
+            if reduce == "max":
+                value = acts.masked_fill(~read[..., None], float("-inf")).amax(1)
+            elif reduce == "mean":
+                value = (acts * read[..., None]).sum(1) / read.sum(1, keepdim=True)
+            else:
+                last = (read * torch.arange(1, read.shape[1] + 1, device=device)).argmax(1)
+                value = acts[torch.arange(acts.shape[0], device=device), last]
+            column.append(value)  # (B, F)
+        columns.append(torch.cat(column))  # (n_images, F)
+    values = torch.stack(columns, -1).transpose(0, 1).cpu()  # (F, n_images, n_questions)
+    return ImageQuestionGrid(values, index.tolist(), list(questions))
