@@ -1,0 +1,99 @@
+"""The feature dashboard: a self-contained file that a real headless browser opens offline and renders."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlmsae
+from vlmsae import Kind
+from vlmsae.analysis import feature_table, scan
+from vlmsae.dashboard import write_dashboard
+from vlmsae.trainer import SAETrainer
+from vlmsae.zoo import tiny_inputs, tiny_model
+
+LAYER = 1
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: install it with "
+                                   "`apt-get install -y chromium` (Debian) to run the browser checks")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_model("llava", n_layers=2)
+    data = [tiny_inputs(model, 4, seed=s) for s in range(3)]
+    acts = []
+    for batch in data:
+        with vlmsae.record(model, [LAYER], stop=True) as rec:
+            model(**batch)
+        acts.append(rec[LAYER][rec.mask(LAYER) != Kind.PAD])
+    acts = torch.cat(acts)
+    sae = vlmsae.SAE(d_in=64, d_sae=64, k=4)
+    trainer = SAETrainer(sae)
+    for _ in range(20):
+        trainer.step(acts[torch.randperm(len(acts))[:64]])
+    sae.eval()
+    features = list(range(0, 64, 2))  # the dashboard shows the scanned subset
+    found = scan(model, LAYER, sae, data, k=5, features=features)
+    images = torch.cat([(b["pixel_values"] + 1) / 2 for b in data])
+    table = feature_table(found)
+    path = write_dashboard(tmp_path_factory.mktemp("dash") / "features.html", found, images, table=table,
+                           title="tiny llava <L1>")
+    return path, found, table, features
+
+
+def browse(path: Path, fragment: str, tmp_path: Path) -> tuple[str, str]:
+    """Open ``path#fragment`` in headless chromium with no network; return the rendered DOM and the browser log."""
+    profile = tmp_path / f"profile-{abs(hash(fragment))}"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
+           "--dump-dom", f"{path.resolve().as_uri()}#{fragment}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, done.stderr
+
+
+def test_file_is_self_contained(built):
+    path, *_ = built
+    page = path.read_text()
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=\"?http|url\(http", page), "the page fetches something"
+    assert "plotly" in page.lower() and len(page) > 1_000_000  # plotly.js inline
+    assert "data:image/png;base64," in page
+    assert "tiny llava &lt;L1&gt;" in page  # the title is escaped
+    assert [p.name for p in path.parent.iterdir()] == ["features.html"]  # the temporary file was renamed away
+
+
+@needs_browser
+def test_browser_renders_the_features_and_images(built, tmp_path):
+    path, found, table, features = built
+    dom, log = browse(path, "", tmp_path)
+    consoles = [line for line in log.splitlines() if ":CONSOLE" in line]
+    assert not consoles, consoles
+    assert 'data-ready="1"' in dom
+    assert re.search(r'<pre id="errors"></pre>', dom)
+    assert len(re.findall(r'<li class="feature', dom)) == len(features)
+    assert f"{len(features)} of {len(features)} features" in dom
+    # the first feature is shown: one image per example where it fired, each with a 4x4 patch heatmap
+    first = features[0]
+    fired = int((found.top.values[0] > 0).sum())
+    assert f"Feature {first}" in dom
+    assert len(re.findall(r'<img src="data:image/png;base64,', dom)) == fired
+    assert len(re.findall(r'class="cell"', dom)) == 16 * fired
+    assert len(re.findall(r'class="plotly-graph-div', dom)) == 2  # the summary figures drew
+
+
+@needs_browser
+def test_fragment_selects_and_filters(built, tmp_path):
+    path, found, table, features = built
+    live = [f for f in features if not table.at[f, "dead"]]
+    target = live[-1]
+    dom, log = browse(path, f"f={target}", tmp_path)
+    assert f"Feature {target}" in dom and not [line for line in log.splitlines() if ":CONSOLE" in line]
+    dom, _ = browse(path, f"q={target}", tmp_path)
+    shown = re.findall(r'<li class="feature[^"]*" data-id="(\d+)"', dom)
+    assert str(target) in shown and 0 < len(shown) < len(features)

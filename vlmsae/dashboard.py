@@ -1,0 +1,246 @@
+"""A feature dashboard: one self-contained HTML file for an SAE, opened offline in any browser.
+
+The file holds everything it shows: the feature table and top examples as JSON, each image once
+as a base64 PNG, plotly.js inline for the summary figures, and a small script that renders a
+searchable feature list and, for the selected feature, its top images with the patch heatmap
+drawn over them, the tokens around each peak and its statistics. Nothing is fetched.
+
+The URL fragment selects and filters: ``dashboard.html#f=12`` opens feature 12,
+``#q=red`` pre-fills the search.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from PIL import Image
+
+from .analysis import Scan, feature_table
+from .errors import ConfigError
+from .plots import density_histogram, l0_by_kind, to_rgb
+
+STATS = ("density", "mean_firing", "max", "image_fraction", "text_fraction", "concept", "concept_auroc")
+"""Feature-table columns shown per feature (those present)."""
+
+
+def png_data_uri(image) -> str:
+    """A ``data:image/png;base64,...`` URI of an image (PIL, or an array / tensor as :func:`vlmsae.plots.to_rgb` takes)."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_rgb(image)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _number(value):
+    """JSON-safe: NaN and infinities become ``None``; numpy scalars become Python ones."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _token_strings(tokenizer, ids: list[int]) -> list[str | None]:
+    if tokenizer is None:
+        return [None if t < 0 else str(t) for t in ids]
+    return [None if t < 0 else str(tokenizer.convert_ids_to_tokens(t)) for t in ids]
+
+
+def dashboard_data(scan: Scan, images: Sequence, *, table: pd.DataFrame, tokenizer=None,
+                   features: Iterable[int] | None = None) -> dict:
+    """The JSON the page renders: features with stats and top examples, and each image used, once."""
+    top = scan.top
+    chosen = top.features.tolist() if features is None else list(features)
+    shown, uris = [], {}
+    for feature in chosen:
+        row = top.row(feature)
+        examples = []
+        for j in range(top.values.shape[1]):
+            example, value = int(top.example[row, j]), float(top.values[row, j])
+            if example < 0 or value <= 0:
+                continue
+            if example >= len(images):
+                raise ConfigError(f"the scan's example {example} has no image: images holds {len(images)}; pass the "
+                                  "images of the scanned data, in the order it was scanned")
+            if example not in uris:
+                uris[example] = png_data_uri(images[example])
+            examples.append({
+                "image": example, "value": round(value, 4),
+                "heat": None if top.heat is None else [[round(float(v), 4) for v in r] for r in top.heat[row, j]],
+                "tokens": _token_strings(tokenizer, top.tokens[row, j].tolist()),
+                "token_acts": [round(float(v), 4) for v in top.token_acts[row, j]],
+            })
+        stats = {c: _number(table.at[feature, c]) for c in STATS if c in table.columns}
+        shown.append({"id": feature, "top_tokens": str(table.at[feature, "top_tokens"]), "stats": stats,
+                      "dead": bool(table.at[feature, "dead"]), "examples": examples})
+    return {"features": shown, "images": {str(k): v for k, v in uris.items()}}
+
+
+def write_dashboard(path: str | os.PathLike, scan: Scan, images: Sequence, *, table: pd.DataFrame | None = None,
+                    tokenizer=None, features: Iterable[int] | None = None, title: str = "vlmsae features",
+                    figures: Sequence[go.Figure] | None = None) -> Path:
+    """Write the dashboard of the features in ``scan`` to ``path`` (atomically) and return the path.
+
+    ``images[i]`` is example ``i`` of the scanned data. ``table`` defaults to ``feature_table(scan)``
+    (pass your own to add concept columns); ``features`` defaults to every feature the scan kept
+    examples for; ``figures`` default to the density histogram and L0 per token kind.
+    """
+    table = feature_table(scan, tokenizer=tokenizer) if table is None else table
+    data = dashboard_data(scan, images, table=table, tokenizer=tokenizer, features=features)
+    if figures is None:
+        figures = [density_histogram(table), l0_by_kind(scan)]
+    # plotly.js goes in once, inline, with the first figure: the page must open with no network.
+    plots = "\n".join(f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False,
+                                default_height="360px", config={"displaylogo": False})
+                      for i, f in enumerate(figures))
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    page = _PAGE.replace("__TITLE__", html.escape(title)).replace("__PLOTS__", plots).replace("__DATA__", payload)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:0;display:flex;flex-direction:column;height:100vh}
+header{padding:8px 16px;background:#222;color:#eee}
+#main{display:flex;flex:1;min-height:0}
+#side{width:300px;border-right:1px solid #ccc;display:flex;flex-direction:column}
+#search{margin:8px;padding:6px;font-size:14px}
+#list{list-style:none;margin:0;padding:0;overflow-y:auto;flex:1}
+#list li{padding:4px 10px;cursor:pointer;border-bottom:1px solid #eee;font-size:13px}
+#list li.selected{background:#dde8ff}
+#list li .tok{color:#666}
+#detail{flex:1;overflow-y:auto;padding:12px 16px}
+.examples{display:flex;flex-wrap:wrap;gap:12px}
+.example{width:160px;font-size:12px}
+.frame{position:relative;width:160px;height:160px}
+.frame img{width:160px;height:160px;image-rendering:pixelated;display:block}
+.heat{position:absolute;inset:0;display:grid}
+.ctx span{padding:0 1px}
+.ctx .peak{font-weight:bold;text-decoration:underline}
+table.stats td{padding:1px 8px}
+#errors{color:#b00}
+</style></head>
+<body><header><b>__TITLE__</b> · <span id="count"></span></header>
+<div id="main"><div id="side"><input id="search" type="search" placeholder="search: id, token, concept">
+<ul id="list"></ul></div>
+<div id="detail"><div id="feature"></div><h3>Summary</h3>__PLOTS__</div></div>
+<pre id="errors"></pre>
+<script type="application/json" id="data">__DATA__</script>
+<script>
+"use strict";
+window.addEventListener("error", e => {document.getElementById("errors").textContent += e.message + "\\n";});
+const data = JSON.parse(document.getElementById("data").textContent);
+const list = document.getElementById("list"), search = document.getElementById("search");
+let selected = null;
+
+function el(tag, attrs, text) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function fmt(v) {
+  if (v === null || v === undefined) return "";
+  return typeof v === "number" ? (Math.abs(v) >= 0.01 || v === 0 ? v.toFixed(3) : v.toExponential(2)) : String(v);
+}
+
+function heatLayer(heat, peak) {
+  const layer = el("div", {class: "heat"});
+  layer.style.gridTemplateRows = `repeat(${heat.length}, 1fr)`;
+  layer.style.gridTemplateColumns = `repeat(${heat[0].length}, 1fr)`;
+  for (const row of heat) for (const v of row) {
+    const cell = el("div", {class: "cell"});
+    cell.style.background = `rgba(255, 40, 0, ${(0.7 * Math.max(v, 0) / peak).toFixed(3)})`;
+    layer.appendChild(cell);
+  }
+  return layer;
+}
+
+function showFeature(f) {
+  selected = f.id;
+  for (const li of list.children) li.classList.toggle("selected", Number(li.dataset.id) === f.id);
+  const box = document.getElementById("feature");
+  box.replaceChildren(el("h2", {}, `Feature ${f.id}` + (f.dead ? " (dead)" : "")));
+  const stats = el("table", {class: "stats"});
+  for (const [k, v] of Object.entries(f.stats)) {
+    const tr = el("tr");
+    tr.append(el("td", {}, k), el("td", {}, fmt(v)));
+    stats.appendChild(tr);
+  }
+  box.appendChild(stats);
+  box.appendChild(el("p", {}, "top tokens: " + f.top_tokens));
+  const grid = el("div", {class: "examples"});
+  const peak = Math.max(1e-9, ...f.examples.flatMap(x => x.heat ? x.heat.flat() : []));
+  for (const x of f.examples) {
+    const card = el("div", {class: "example"});
+    const frame = el("div", {class: "frame"});
+    frame.appendChild(el("img", {src: data.images[String(x.image)], alt: `example ${x.image}`}));
+    if (x.heat) frame.appendChild(heatLayer(x.heat, peak));
+    card.appendChild(frame);
+    card.appendChild(el("div", {}, `example ${x.image} · ${fmt(x.value)}`));
+    const ctx = el("div", {class: "ctx"});
+    const middle = Math.floor(x.tokens.length / 2);
+    x.tokens.forEach((t, i) => {
+      if (t === null) return;
+      const span = el("span", {class: i === middle ? "peak" : "", title: fmt(x.token_acts[i])}, t);
+      const a = x.value > 0 ? Math.max(0, x.token_acts[i]) / x.value : 0;
+      span.style.background = `rgba(255, 40, 0, ${(0.5 * a).toFixed(3)})`;
+      ctx.appendChild(span);
+      ctx.appendChild(document.createTextNode(" "));
+    });
+    card.appendChild(ctx);
+    grid.appendChild(card);
+  }
+  if (!f.examples.length) grid.appendChild(el("p", {}, "no example where it fires"));
+  box.appendChild(grid);
+}
+
+function render() {
+  const q = search.value.trim().toLowerCase();
+  list.replaceChildren();
+  let shown = 0;
+  for (const f of data.features) {
+    const text = `${f.id} ${f.top_tokens} ${f.stats.concept || ""}`.toLowerCase();
+    if (q && !text.split(/\\s+/).some(w => w.startsWith(q)) && !text.includes(q)) continue;
+    const li = el("li", {class: "feature", "data-id": f.id});
+    li.append(el("b", {}, `#${f.id}`), document.createTextNode(` ${fmt(f.stats.density)} `),
+              el("span", {class: "tok"}, f.top_tokens + (f.stats.concept ? " · " + f.stats.concept : "")));
+    li.addEventListener("click", () => showFeature(f));
+    list.appendChild(li);
+    shown++;
+  }
+  document.getElementById("count").textContent = `${shown} of ${data.features.length} features`;
+  document.body.dataset.shown = String(shown);
+}
+
+const params = new URLSearchParams(location.hash.slice(1));
+search.value = params.get("q") || "";
+search.addEventListener("input", render);
+render();
+const first = data.features.find(f => String(f.id) === params.get("f")) ||
+  data.features.find(f => Number(list.firstChild && list.firstChild.dataset.id) === f.id) || data.features[0];
+if (first) showFeature(first);
+document.body.dataset.ready = "1";
+</script></body></html>
+"""
