@@ -128,9 +128,9 @@ def main() -> None:
     ours, floor = median["vlmsae"], median["dense floor (x @ W_enc)"]
     print(f"\nTopK SAE training step, Adam: d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} "
           f"on {args.device} ({torch.get_num_threads()} threads), median of {args.rounds}x{args.steps} steps")
-    print(f"{'variant':28} {'s/step':>9} {'tokens/s':>11} {'vlmsae speedup':>15}")
+    print(f"{'variant':28} {'s/step':>9} {'tokens/s':>11} {'time / vlmsae':>14}")
     for name, seconds in median.items():
-        print(f"{name:28} {seconds:9.3f} {args.batch / seconds:11,.0f} {seconds / ours:14.2f}x")
+        print(f"{name:28} {seconds:9.3f} {args.batch / seconds:11,.0f} {seconds / ours:13.2f}x")
     print(f"vlmsae / dense floor: {floor / ours:.2f} of the floor's tokens/s")
     for name in peers:
         print(f"vlmsae / {name}: {median[name] / ours:.2f}x")

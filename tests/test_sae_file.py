@@ -53,7 +53,7 @@ def test_save_load_is_bitwise_exact(tmp_path, kind):
     assert loaded.W_enc.stride() == sae.W_enc.stride()
     x = torch.randn(3, 7, D_IN) * 20
     sae.eval()
-    for a, b in zip(sae(x), loaded(x)):
+    for a, b in zip(sae(x), loaded(x), strict=True):
         assert torch.equal(a, b)
 
 

@@ -6,7 +6,6 @@ every N steps. Inputs are `(..., d_in)` activations / reconstructions and
 `(..., d_sae)` latents; leading dimensions are flattened into tokens.
 """
 
-import torch
 from torch import Tensor
 
 
