@@ -9,7 +9,10 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 venv="${1:-$repo/.venv-interop}"
 python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --upgrade pip
-"$venv/bin/pip" install --quiet torch==2.13.0
-"$venv/bin/pip" install --quiet "sae-lens==6.54.12" "eai-sparsify==1.3.3" safetensors
+quiet_pip() {  # pip's notes about unused local index folders are noise here
+  "$venv/bin/pip" install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+quiet_pip --upgrade pip
+quiet_pip torch==2.13.0
+quiet_pip "sae-lens==6.54.12" "eai-sparsify==1.3.3" safetensors
 "$venv/bin/python" -c "import sae_lens, sparsify, torch; print('interop venv ready:', torch.__version__, 'sae_lens', sae_lens.__version__)"
