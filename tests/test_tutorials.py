@@ -1,0 +1,40 @@
+"""The tutorials run top to bottom in a real Jupyter kernel, on the shipped testbed models, offline."""
+
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from vlmsae import testbed
+
+TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("*.ipynb"))
+shipped = pytest.mark.skipif(not (testbed.CAPTIONER_DIR.is_dir() and testbed.QA_DIR.is_dir()),
+                             reason=f"the testbed models are not in {testbed.MODELS_DIR}; train them with "
+                                    "`python -m vlmsae.testbed train captioner` and `... train qa`")
+
+
+def test_there_are_three_tutorials_stored_without_outputs():
+    assert [p.name for p in TUTORIALS] == ["01_record_and_explore.ipynb", "02_train_and_evaluate.ipynb",
+                                           "03_ablate_and_steer.ipynb"]
+    for path in TUTORIALS:
+        book = nbformat.read(path, as_version=4)
+        nbformat.validate(book)
+        for cell in book.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, f"{path.name} is stored with outputs"
+
+
+@shipped
+@pytest.mark.slow
+@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_tutorial_runs(path, tmp_path):
+    book = nbformat.read(path, as_version=4)
+    client = NotebookClient(book, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})  # relative writes land in tmp_path
+    start = time.perf_counter()
+    client.execute()  # raises CellExecutionError naming the cell and the traceback
+    print(f"{path.name}: {time.perf_counter() - start:.0f} s")
+    errors = [o for cell in book.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
+    assert not errors
