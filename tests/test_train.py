@@ -81,7 +81,8 @@ def test_interrupt_resume_equals_uninterrupted(tmp_path):
     model = tiny_model("qwen2-vl")
     data = batches(model, 10)
     cfg = dict(FAST, steps=96, checkpoint_every=16)
-    ref = train(model, LAYER, data, make_sae(), out=tmp_path / "ref", **cfg)
+    ref_history, resumed_history = [], []
+    ref = train(model, LAYER, data, make_sae(), out=tmp_path / "ref", history=ref_history, **cfg)
 
     class Interrupt(Exception):
         pass
@@ -99,9 +100,11 @@ def test_interrupt_resume_equals_uninterrupted(tmp_path):
         train(model, LAYER, Flaky(), make_sae(), out=tmp_path / "run", **cfg)
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt is not None and 0 < json.loads((ckpt / "state.json").read_text())["step"] < 96
-    resumed = train(model, LAYER, data, make_sae(seed=123), out=tmp_path / "run", resume=True, **cfg)
+    resumed = train(model, LAYER, data, make_sae(seed=123), out=tmp_path / "run", resume=True,
+                    history=resumed_history, **cfg)
     for name, tensor in ref.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
+    assert resumed_history[-1] == ref_history[-1]  # the printed metrics continue exactly too
     assert SAE.load(tmp_path / "run" / f"L{LAYER}").cfg.d_sae == 256
 
 

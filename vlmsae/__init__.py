@@ -11,11 +11,13 @@ from .record import Recording, record
 from .sae import SAE, SAEConfig, SAEOutput
 from .shards import Shards, harvest
 from .train import TrainConfig, train
+from .trainer import SAETrainer, TrainerConfig, TrainMetrics
+from . import metrics
 
 __all__ = [
     "FAMILIES", "Kind", "ModelInfo", "layers", "SITES", "Forward", "attach", "Recording", "record",
     "SAE", "SAEConfig", "SAEOutput", "splice", "ablate", "steer", "evaluate", "reconstruct", "latent_stats",
-    "Splice", "LatentStats", "RingBuffer", "train", "TrainConfig", "harvest", "Shards",
+    "Splice", "LatentStats", "RingBuffer", "train", "TrainConfig", "harvest", "Shards", "SAETrainer", "TrainerConfig", "TrainMetrics", "metrics",
     "VlmsaeError", "ConfigError", "LayerIndexError", "NonFiniteError", "SAEFileError", "SiteError",
     "UnsupportedModelError",
 ]

@@ -19,7 +19,7 @@ from .sae import SAE
 from .train import TrainConfig, train
 
 
-def demo(args: argparse.Namespace) -> None:
+def zoo_command(args: argparse.Namespace) -> None:
     """Load a tiny model of each family, print its decoder layers and a summary of recorded residuals."""
     rows = []
     for family in tqdm(args.families, desc="families", disable=not sys.stderr.isatty()):
@@ -40,6 +40,16 @@ def demo(args: argparse.Namespace) -> None:
                   f"mean norm {resid.norm(dim=-1).mean():.3f}  std {resid.std():.3f}")
         rows.append(family)
     print(f"\nrecorded {len(rows)} families: {', '.join(rows)}")
+
+
+def demo_command(args: argparse.Namespace) -> None:
+    """Train, evaluate, name and steer SAE features on the Shapes captioner (or --model), and write a report."""
+    from .demo import DemoConfig, run
+
+    cfg = DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    run(cfg, model_name=args.model, images=args.images)
 
 
 def model_and_inputs(name: str, device: str):
@@ -69,10 +79,17 @@ def train_command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlmsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help=demo.__doc__)
+    p = sub.add_parser("demo", help="the whole pipeline: train, evaluate, name and steer SAE features, report")
+    p.add_argument("--out", default="vlmsae-demo", help="folder for the SAE and report.html")
+    p.add_argument("--model", default=None, help="your model: a local folder or hub id (default: the Shapes captioner)")
+    p.add_argument("--images", default=None, help="with --model: a folder of images with captions.jsonl / .parquet")
+    p.add_argument("--steps", type=int, default=None, help="SAE training steps")
+    p.add_argument("--quick", action="store_true", help="a shortened run (CI)")
+    p.set_defaults(run=demo_command)
+    p = sub.add_parser("zoo", help=zoo_command.__doc__)
     p.add_argument("--families", nargs="+", default=list(zoo.FAMILIES), choices=zoo.FAMILIES)
     p.add_argument("--n-layers", type=int, default=4)
-    p.set_defaults(run=demo)
+    p.set_defaults(run=zoo_command)
     p = sub.add_parser("train", help=train_command.__doc__)
     p.add_argument("--model", required=True, help="a local model folder, a hub id, or zoo:FAMILY")
     p.add_argument("--data", required=True, help="a folder of images with captions.jsonl / .parquet")
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except VlmsaeError as err:
+    except (VlmsaeError, ValueError) as err:
         parser.exit(2, f"vlmsae {args.command}: {err}\n")
 
 

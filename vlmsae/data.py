@@ -111,3 +111,36 @@ def hf_processor(model, processor=None) -> Callable[[list, list[str]], dict]:
         return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
 
     return vlm
+
+
+class ShapesData:
+    """Batches of Shapes testbed inputs, deterministic: batch ``i`` holds ``make_samples(batch_size, seed + i)``.
+
+    ``question=None`` gives captioner inputs (teacher-forced on the true caption); a question gives
+    QA inputs (teacher-forced on the true answer). Iterating again gives the same batches.
+    """
+
+    def __init__(self, tokenizer, *, batches: int, batch_size: int = 64, seed: int = 20_000_000,
+                 question: str | None = None):
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ConfigError(f"batches={batches!r} must be an integer >= 1")
+        self.tokenizer, self.batches, self.batch_size = tokenizer, batches, batch_size
+        self.seed, self.question = seed, question
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def samples(self, i: int):
+        from .shapes import make_samples
+
+        return make_samples(self.batch_size, self.seed + i)
+
+    def __iter__(self) -> Iterator[dict]:
+        from .shapes import captioner_inputs, qa_inputs
+
+        for i in range(self.batches):
+            samples = self.samples(i)
+            inputs = (captioner_inputs(samples, self.tokenizer) if self.question is None
+                      else qa_inputs(samples, self.tokenizer, self.question))
+            inputs.pop("labels")
+            yield inputs

@@ -134,13 +134,33 @@ def _set_generation(model: PreTrainedModel) -> None:
         g.decoder_start_token_id = shapes.BOS
 
 
-def _loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _patch_shape_targets(samples: list[shapes.Sample]) -> torch.Tensor:
+    """``(batch * N_PATCHES,)``: 0 for a background patch, else 1 + the shape index of the object it shows."""
+    rows = []
+    for s in samples:
+        owner = s.patch_labels().reshape(-1)  # row-major, the order of ViT / CLIP patch tokens
+        kinds = [1 + shapes.SHAPES.index(o.shape) for o in s.objects]
+        rows.append([0 if k < 0 else kinds[k] for k in owner])
+    return torch.tensor(rows, dtype=torch.long).reshape(-1)
+
+
+def _loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], patch_head: torch.nn.Linear,
+          patch_targets: torch.Tensor) -> torch.Tensor:
     inputs = dict(inputs)
     labels = inputs.pop("labels")
-    logits = model(**inputs).logits  # (batch, seq, vocab)
+    out = model(**inputs)
+    logits = out.logits  # (batch, seq, vocab)
     if isinstance(model, LlavaForConditionalGeneration):
         logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        patches = out.image_hidden_states  # the image tokens entering the decoder
+    else:
+        patches = out.encoder_last_hidden_state[:, 1:]  # drop ViT's CLS token
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    # Deep supervision of the vision side: every patch token predicts the shape it shows. Training-only (the
+    # head is not part of the shipped model); without it, circle vs square lagged every other concept by far
+    # (teacher-forced shape-word accuracy 0.79 after 1400 steps while colour and position were at 1.0).
+    aux = F.cross_entropy(patch_head(patches.reshape(-1, patches.shape[-1])).float(), patch_targets)
+    return loss + aux
 
 
 def _train(kind: str, cfg: TrainConfig, out: Path | None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -157,15 +177,17 @@ def _train(kind: str, cfg: TrainConfig, out: Path | None) -> tuple[PreTrainedMod
     # QA model asks it half the time; the other questions share the rest.
     cycle = ["shape", "color", "shape", "position", "shape", "size", "shape", "count"]
 
-    def batch(step: int) -> dict[str, torch.Tensor]:
+    def batch(step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         samples = shapes.make_samples(cfg.batch, cfg.seed + step)
         if kind == "captioner":
-            return shapes.captioner_inputs(samples, tokenizer)
+            return shapes.captioner_inputs(samples, tokenizer), _patch_shape_targets(samples)
         qs = [cycle[(step * cfg.batch + i) % len(cycle)] for i in range(cfg.batch)]
-        return shapes.qa_inputs(samples, tokenizer, qs)
+        return shapes.qa_inputs(samples, tokenizer, qs), _patch_shape_targets(samples)
 
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    patch_head = torch.nn.Linear(cfg.d_model, 1 + len(shapes.SHAPES))
+    params = list(model.named_parameters()) + [(f"patch_head.{n}", p) for n, p in patch_head.named_parameters()]
+    no_decay = [p for n, p in params if p.ndim < 2]
+    decay = [p for n, p in params if p.ndim >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
 
@@ -179,13 +201,13 @@ def _train(kind: str, cfg: TrainConfig, out: Path | None) -> tuple[PreTrainedMod
     bar = tqdm(range(cfg.steps), desc=f"train {kind}", mininterval=2.0)
     ema = None
     for step in bar:
-        inputs = batch(step)
+        inputs, patch_targets = batch(step)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = _loss(model, inputs)
+        loss = _loss(model, inputs, patch_head, patch_targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         value = loss.item()  # CPU training: a host sync per step costs nothing here
         ema = value if ema is None else 0.95 * ema + 0.05 * value

@@ -33,7 +33,7 @@ from .hooks import execution_device, check_sites
 from .record import record
 from .sae import SAE
 from .shards import Shards
-from .trainer import SAETrainer, TrainerConfig, TrainMetrics
+from .trainer import SAETrainer, TrainerConfig
 
 
 @dataclass
@@ -192,12 +192,14 @@ class _FromShards:
 
 def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, cfg: TrainConfig | None = None,
           trainer_cfg: TrainerConfig | None = None, out: str | os.PathLike | None = None, resume: bool = False,
-          **fields):
+          history: list | None = None, **fields):
     """Train SAEs on the residual of ``layer`` (one or many) from ``data`` (batches of model inputs).
 
     ``sae``: an SAE, a list of SAEs (one layer), a dict ``{layer: SAE or [SAE]}``, or None (TopK, 8x,
     k=32 per layer). ``fields`` set TrainConfig fields (``steps=``, ``batch_size=``, ...). With ``out``
     the final SAEs are written to ``out/L{layer}[-{i}]`` and checkpoints to ``out/checkpoints``.
+    ``history``, a list, receives one dict per SAE at every metric readout (``layer``, ``sae``, and
+    the fields of TrainMetrics: step, tokens, loss, mse, fvu, l0, aux_loss, dead and dense fractions).
     Returns the SAE, or ``{layer: SAE}`` / ``{layer: [SAE, ...]}`` in the shape ``sae`` was given.
     """
     if cfg is None:
@@ -285,6 +287,9 @@ def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, 
                 if step % cfg.sync_every == 0 or step == cfg.steps:
                     _check_finite(first_bad, step, saes, last_checkpoint)
                     bar.set_postfix_str(_postfix(trainers, saes, rows), refresh=False)
+                    if history is not None:
+                        history.extend({"layer": L, "sae": i, **asdict(t.history[-1])}
+                                       for (L, i), t in trainers.items() if t.history and t.history[-1].step == step)
                     if run is not None:
                         run.log(_log_row(trainers), step=step)
             if out is not None and cfg.checkpoint_every and (since_checkpoint >= cfg.checkpoint_every
@@ -375,7 +380,7 @@ def _save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers,
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".step-"))
     try:
         for (L, i), t in trainers.items():
-            tensors, meta = trainer_state(t)
+            tensors, meta = t.state_dict()
             save_file(tensors, str(tmp / f"trainer-L{L}-{i}.safetensors"))
             meta["scheduler_last_epoch"] = schedulers[(L, i)].last_epoch
             (tmp / f"trainer-L{L}-{i}.json").write_text(json.dumps(meta))
@@ -410,7 +415,7 @@ def _load_checkpoint(out: Path, trainers, schedulers, buffers) -> tuple[int, dic
     for (L, i), t in trainers.items():
         tensors = load_file(str(path / f"trainer-L{L}-{i}.safetensors"), device=str(t.sae.W_dec.device))
         meta = json.loads((path / f"trainer-L{L}-{i}.json").read_text())
-        load_trainer_state(t, tensors, meta, path)
+        t.load_state_dict(tensors, meta, path)
         schedulers[(L, i)].last_epoch = meta["scheduler_last_epoch"]
         schedulers[(L, i)]._last_lr = [group["lr"] for group in t.optimizer.param_groups]
     for L, b in buffers.items():
@@ -418,42 +423,3 @@ def _load_checkpoint(out: Path, trainers, schedulers, buffers) -> tuple[int, dic
     return state["step"], state["position"], path
 
 
-
-def trainer_state(t: SAETrainer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything a resumed SAETrainer needs: tensors (SAE, optimiser, counters) and JSON-able values."""
-    tensors = {f"sae.{k}": v.detach().contiguous().clone() for k, v in t.sae.state_dict().items()}
-    optim = t.optimizer.state_dict()
-    for index, slots in optim["state"].items():
-        tensors |= {f"optim.{index}.{k}": torch.as_tensor(v).contiguous() for k, v in slots.items()}
-    tensors |= {"tokens_since_fired": t.tokens_since_fired, "fire_count": t.fire_count, "sums": t.sums}
-    meta = {"param_groups": optim["param_groups"], "n_steps": t.n_steps, "n_tokens": t.n_tokens,
-            "window_start": t.window_start, "aux_active": bool(t.aux_active), "initialized": t.initialized,
-            "history": [asdict(m) for m in t.history]}
-    return tensors, meta
-
-
-def load_trainer_state(t: SAETrainer, tensors: dict[str, torch.Tensor], meta: dict, path) -> None:
-    own = t.sae.state_dict()
-    for name, value in own.items():
-        saved = tensors.get(f"sae.{name}")
-        if saved is None or saved.shape != value.shape:
-            raise ConfigError(f"{path}: the checkpoint's SAE {name} is "
-                              f"{None if saved is None else tuple(saved.shape)}, this run's is {tuple(value.shape)}; "
-                              "resume with the same SAEs")
-    t.sae.load_state_dict({name: tensors[f"sae.{name}"] for name in own})
-    params = [p for group in t.optimizer.param_groups for p in group["params"]]
-    state = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, slot = key.split(".", 2)
-            param = params[int(index)]
-            if value.shape == param.shape:  # keep the parameter's strides (W_enc is a transposed view)
-                value = torch.empty_like(param, dtype=value.dtype).copy_(value)
-            state.setdefault(int(index), {})[slot] = value
-    t.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    t.tokens_since_fired.copy_(tensors["tokens_since_fired"])
-    t.fire_count.copy_(tensors["fire_count"])
-    t.sums.copy_(tensors["sums"])
-    t.n_steps, t.n_tokens, t.window_start = meta["n_steps"], meta["n_tokens"], meta["window_start"]
-    t.aux_active, t.initialized = meta["aux_active"], meta["initialized"]
-    t.history = [TrainMetrics(**m) for m in meta["history"]]

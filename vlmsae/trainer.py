@@ -11,7 +11,7 @@ refreshes whether any latent is dead (which gates the AuxK pass).
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -314,6 +314,46 @@ class SAETrainer:
             dead_fraction=dead,
             dense_fraction=dense,
         )
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything a resumed trainer needs: tensors (SAE, optimiser, counters) and JSON-able values."""
+        tensors = {f"sae.{k}": v.detach().contiguous().clone() for k, v in self.sae.state_dict().items()}
+        optim = self.optimizer.state_dict()
+        for index, slots in optim["state"].items():
+            tensors |= {f"optim.{index}.{k}": torch.as_tensor(v).contiguous() for k, v in slots.items()}
+        tensors |= {"tokens_since_fired": self.tokens_since_fired, "fire_count": self.fire_count, "sums": self.sums}
+        meta = {"param_groups": optim["param_groups"], "n_steps": self.n_steps, "n_tokens": self.n_tokens,
+                "window_start": self.window_start, "window_tokens": self.window_tokens,
+                "aux_active": bool(self.aux_active), "initialized": self.initialized,
+                "history": [asdict(m) for m in self.history]}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, Tensor], meta: dict, source: str = "checkpoint") -> None:
+        """Restore what :meth:`state_dict` returned; ``source`` names where it came from in errors."""
+        own = self.sae.state_dict()
+        for name, value in own.items():
+            saved = tensors.get(f"sae.{name}")
+            if saved is None or saved.shape != value.shape:
+                raise ConfigError(f"{source}: the saved SAE's {name} is {None if saved is None else tuple(saved.shape)}"
+                                  f", this trainer's is {tuple(value.shape)}; resume with the same SAE shapes")
+        self.sae.load_state_dict({name: tensors[f"sae.{name}"] for name in own})
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, slot = key.split(".", 2)
+                param = params[int(index)]
+                if value.shape == param.shape:  # Adam's state keeps its parameter's strides
+                    value = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                state.setdefault(int(index), {})[slot] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        self.fire_count.copy_(tensors["fire_count"])
+        self.sums.copy_(tensors["sums"])
+        self.n_steps, self.n_tokens = meta["n_steps"], meta["n_tokens"]
+        self.window_start, self.window_tokens = meta["window_start"], meta["window_tokens"]
+        self.aux_active, self.initialized = meta["aux_active"], meta["initialized"]
+        self.history = [TrainMetrics(**m) for m in meta["history"]]
 
 
 def _ascending(values: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
