@@ -1,12 +1,14 @@
 """Feature analysis: the running top-k equals a brute-force top-k, heatmaps land on the patch grid, tables add up."""
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import vlmsae
-from vlmsae import Kind
+from vlmsae import Kind, shapes, testbed
 from vlmsae.analysis import (PatchLayout, auroc, concept_aurocs, feature_table, image_question_grid, patch_grid,
                              patch_layout, scan)
 from vlmsae.errors import ConfigError
@@ -201,3 +203,57 @@ def test_probes_read_a_linear_concept_and_not_noise():
     assert table.loc["class", "noise"] < 0.5
     result = probe_accuracy(signal, [str(int(v)) for v in y])  # string labels too
     assert result.test == table.loc["class", "signal"] and 0.2 < result.chance < 0.35
+
+
+qa_shipped = pytest.mark.skipif(not testbed.QA_DIR.is_dir(), reason=f"no testbed QA model in {testbed.QA_DIR}; "
+                                 "train it with `python -m vlmsae.testbed train qa`")
+
+
+@qa_shipped
+def test_heatmaps_put_the_hot_patch_on_the_object():
+    """On the LLaVA Shapes model, the best image feature for each colour is hottest on a patch of an
+    object of that colour in its top examples."""
+    torch.manual_seed(0)
+    model, tokenizer = testbed.load_qa()
+    info = vlmsae.layers(model)
+    layer = info.n_layers // 2
+
+    def batches(seed):
+        for i in itertools.count():
+            yield shapes.qa_inputs(shapes.make_samples(32, seed + i), tokenizer, "color", labels=False)
+
+    sae = vlmsae.train(model, layer, batches(100), vlmsae.SAE(d_in=info.d_model, d_sae=8 * info.d_model, k=8),
+                       steps=120, batch_size=256, buffer_size=4096, kinds=("image",), warmup_steps=10,
+                       progress=False)
+    samples = shapes.make_samples(160, seed=7)
+    data = [shapes.qa_inputs(samples[i:i + 32], tokenizer, "color", labels=False) for i in range(0, 160, 32)]
+    latents, colors = [], []
+    for batch, start in zip(data, range(0, 160, 32)):
+        with vlmsae.record(model, [layer], stop=True) as rec:
+            model(**batch)
+        latents.append(sae.encode(rec[layer][rec.mask(layer) == Kind.IMAGE]).detach())
+        for s in samples[start:start + 32]:
+            colors += [s.objects[o].color if o >= 0 else "none" for o in s.patch_labels().reshape(-1)]
+    aurocs = concept_aurocs(torch.cat(latents), pd.Series(colors), pd.Series(["color"] * len(colors)))
+    best = {c: int(aurocs.loc[("color", c)].idxmax()) for c in shapes.COLORS}
+    found = scan(model, layer, sae, data, k=8, features=sorted(set(best.values())), where="image")
+    assert found.top.layout == PatchLayout((shapes.GRID, shapes.GRID), 1)
+    on_object, on_colour = [], {}
+    for color, feature in best.items():
+        row = found.top.row(feature)
+        hits = []
+        for j in range(8):
+            example = int(found.top.example[row, j])
+            if example < 0 or found.top.values[row, j] <= 0:
+                continue
+            heat = found.top.heat[row, j]
+            r, c = divmod(int(heat.argmax()), heat.shape[1])
+            owner = samples[example].patch_labels()[r, c]
+            on_object.append(owner >= 0)
+            hits.append(owner >= 0 and samples[example].objects[owner].color == color)
+        on_colour[color] = sum(hits) / max(len(hits), 1)
+    print("best feature AUROC per colour:", {c: round(float(aurocs.loc[("color", c), f]), 3) for c, f in best.items()})
+    print(f"hot patch on an object: {sum(on_object)}/{len(on_object)}; on an object of the feature's colour:",
+          on_colour)
+    assert sum(on_object) >= 0.9 * len(on_object) and len(on_object) >= 20
+    assert sum(on_colour.values()) / len(on_colour) >= 0.8, on_colour
