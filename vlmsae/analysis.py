@@ -122,12 +122,14 @@ class Scan:
     max: Tensor
     """``(d_sae,)`` largest activation (0 if never fired)."""
     l0_counts: Tensor
-    """``(len(Kind), d_sae + 1)`` positions of each token kind with each L0 (active features at the position)."""
+    """``(len(Kind), d_sae + 1)`` positions of each token kind with each L0 (active features at the position),
+    counted over every non-pad position, whatever ``where`` read."""
     top: TopExamples
 
     @property
     def density(self) -> Tensor:
-        return self.fired / max(self.tokens, 1)
+        """``(d_sae,)`` float64 fraction of the positions read where each feature fired."""
+        return self.fired.double() / max(self.tokens, 1)
 
 
 def _window(ids: Tensor, kinds: Tensor, latents: Tensor, position: Tensor, context: int):
@@ -264,7 +266,7 @@ def feature_table(scan: Scan, *, tokenizer=None, aurocs: pd.DataFrame | None = N
     """
     fired = scan.fired.double().cpu()
     n = max(scan.tokens, 1)
-    density = fired / n
+    density = scan.density.cpu()
     safe = fired.clamp_min(1)
     table = pd.DataFrame({
         "density": density.numpy(),
