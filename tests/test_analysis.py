@@ -9,7 +9,7 @@ import torch
 
 import vlmsae
 from vlmsae import Kind, shapes, testbed
-from vlmsae.analysis import (PatchLayout, auroc, concept_aurocs, feature_table, image_question_grid, patch_grid,
+from vlmsae.analysis import (PatchLayout, concept_aurocs, feature_table, image_question_grid, patch_grid,
                              patch_layout, scan)
 from vlmsae.errors import ConfigError
 from vlmsae.probes import compare_probes, probe_accuracy
@@ -143,17 +143,6 @@ def test_feature_table_matches_the_recorded_latents():
     assert (table.loc[~table["dead"], "top_tokens"] != "").all()
     # L0 counts cover every non-pad position once
     assert int(found.l0_counts.sum()) == sum(int((b["attention_mask"] > 0).sum()) for b in data)
-
-
-def test_auroc_counts_pairs_with_ties_as_half():
-    torch.manual_seed(0)
-    scores = torch.randint(0, 4, (60, 5)).float()  # many ties
-    labels = torch.rand(60) < 0.4
-    pos, neg = scores[labels], scores[~labels]
-    pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
-    torch.testing.assert_close(auroc(scores, labels).double(), pairs.mean((0, 1)), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ConfigError, match="both classes"):
-        auroc(scores, torch.zeros(60, dtype=torch.bool))
 
 
 def test_concept_aurocs_scores_each_value_within_its_concept():

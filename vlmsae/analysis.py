@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Kind, layers
+from .concepts import auroc
 from .errors import ConfigError
 from .interventions import check_features, check_sae, where_kinds, where_mask
 from .record import record
@@ -297,25 +298,6 @@ def feature_table(scan: Scan, *, tokenizer=None, aurocs: pd.DataFrame | None = N
     return table
 
 
-def auroc(scores: Tensor, labels: Tensor) -> Tensor:
-    """``(F,)`` area under the ROC curve of each column of ``scores`` ``(n, F)`` at detecting ``labels`` ``(n,)``.
-
-    The Mann-Whitney rank statistic with tied scores sharing their mean rank (SAE latents are
-    mostly exactly zero, so ties are the rule).
-    """
-    labels = labels.bool().reshape(-1)
-    n_pos, n = int(labels.sum()), labels.numel()
-    if n_pos in (0, n):
-        raise ConfigError(f"labels hold {n_pos} positives of {n}; an AUROC needs both classes")
-    cols = scores.double().reshape(n, -1).T.contiguous()  # (F, n)
-    ordered = cols.sort(dim=1).values
-    low = torch.searchsorted(ordered, cols, right=False)
-    high = torch.searchsorted(ordered, cols, right=True)
-    rank = (low + high + 1).double() / 2  # 1-based mean rank of each score among its ties
-    rank_sum = rank[:, labels].sum(1)
-    return ((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))).float()
-
-
 def concept_aurocs(latents: Tensor, values: pd.Series, groups: pd.Series | None = None) -> pd.DataFrame:
     """AUROC of every feature (columns) at detecting every concept value (rows), from ``latents`` ``(n, d_sae)``.
 
@@ -335,7 +317,9 @@ def concept_aurocs(latents: Tensor, values: pd.Series, groups: pd.Series | None 
             positive = (values[inside] == value).to_numpy(copy=True)
             if positive.all():
                 continue  # nothing to tell it from
-            rows[(group, value)] = auroc(latents[torch.from_numpy(inside)], torch.from_numpy(positive)).cpu().numpy()
+            chosen = latents[torch.from_numpy(inside)]
+            positive = torch.from_numpy(positive)
+            rows[(group, value)] = auroc(chosen[positive], chosen[~positive]).cpu().numpy()
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index = pd.MultiIndex.from_tuples(table.index, names=["concept", "value"])
     table.columns.name = "feature"
