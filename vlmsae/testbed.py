@@ -8,9 +8,18 @@ minutes, deterministically from a seed:
 - ``llava_qa``: LLaVA (``LlavaForConditionalGeneration``; 36 image tokens in the Llama
   decoder stream), trained to answer the Shapes question set.
 
-Retrain with ``python -m vlmsae.testbed train captioner`` (or ``qa``); measure with
-``python -m vlmsae.testbed eval captioner --n 1000``. Training samples come from seeds
-``TRAIN_SEED + step``; evaluation uses :data:`EVAL_SEED` and up, which training never reaches.
+The shipped checkpoints were made by (2 cores shared with other jobs; wall time about 4x the
+uncontended one)::
+
+    python -m vlmsae.testbed train captioner --threads 1 --out /tmp/cap     # 1400 steps
+    python -m vlmsae.testbed train captioner --threads 1 --init /tmp/cap --seed 100000 \
+        --steps 500 --warmup 20 --lr 5e-4                                   # continue, fresh samples
+    python -m vlmsae.testbed train qa                                       # 1400 steps
+
+and are measured with ``python -m vlmsae.testbed eval captioner --n 2000`` (or ``qa``).
+Training samples come from seeds ``seed + step``; evaluation uses :data:`EVAL_SEED` and up,
+which training never reaches. Training adds a throw-away linear head that makes every
+image patch predict the object it shows (see ``_loss``); it is not part of the saved model.
 """
 
 from __future__ import annotations
