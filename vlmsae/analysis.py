@@ -181,7 +181,7 @@ def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, k: int = 8, featu
     subset = None if features is None else torch.tensor(check_features(features, d_sae), dtype=torch.long,
                                                         device=device)
     feats = subset if subset is not None else torch.arange(d_sae, device=device)
-    n_feat, width = len(feats), 2 * context + 1
+    n_feat = len(feats)
     zeros = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
     fired, fired_image, total = zeros(d_sae, dtype=torch.long), zeros(d_sae, dtype=torch.long), zeros(d_sae)
     peak_max, tokens = zeros(d_sae), zeros((), dtype=torch.long)
