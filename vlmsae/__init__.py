@@ -1,23 +1,35 @@
 """vlmsae: sparse autoencoders on live vision-language models."""
 
-from .adapters import FAMILIES, Kind, ModelInfo, layers
+from . import metrics, plots
+from .adapters import FAMILIES, Kind, ModelInfo, layers, load_model
+from .analysis import (ImageQuestionGrid, PatchLayout, Scan, TopExamples, concept_aurocs, feature_table,
+                       image_question_grid, patch_grid, patch_layout, scan)
+from .buffer import RingBuffer
+from .dashboard import write_dashboard
 from .errors import (ConfigError, LayerIndexError, NonFiniteError, SAEFileError, SiteError, UnsupportedModelError,
                      VlmsaeError)
-from .hooks import SITES, Forward, attach
-from .buffer import RingBuffer
 from .evaluate import evaluate
+from .hooks import SITES, Forward, attach
 from .interventions import LatentStats, Splice, ablate, latent_stats, reconstruct, splice, steer
+from .probes import compare_probes, probe_accuracy
 from .record import Recording, record
 from .sae import SAE, SAEConfig, SAEOutput
 from .shards import Shards, harvest
 from .train import TrainConfig, train
 from .trainer import SAETrainer, TrainerConfig, TrainMetrics
-from . import metrics
 
 __all__ = [
-    "FAMILIES", "Kind", "ModelInfo", "layers", "SITES", "Forward", "attach", "Recording", "record",
-    "SAE", "SAEConfig", "SAEOutput", "splice", "ablate", "steer", "evaluate", "reconstruct", "latent_stats",
-    "Splice", "LatentStats", "RingBuffer", "train", "TrainConfig", "harvest", "Shards", "SAETrainer", "TrainerConfig", "TrainMetrics", "metrics",
+    # models and hooks
+    "FAMILIES", "Kind", "ModelInfo", "layers", "load_model", "SITES", "Forward", "attach", "Recording", "record",
+    # SAEs and training
+    "SAE", "SAEConfig", "SAEOutput", "SAETrainer", "TrainerConfig", "TrainMetrics", "metrics",
+    "RingBuffer", "train", "TrainConfig", "harvest", "Shards",
+    # interventions and evaluation
+    "splice", "ablate", "steer", "reconstruct", "evaluate", "latent_stats", "Splice", "LatentStats",
+    # analysis
+    "scan", "feature_table", "concept_aurocs", "image_question_grid", "patch_grid", "patch_layout", "Scan",
+    "TopExamples", "PatchLayout", "ImageQuestionGrid", "compare_probes", "probe_accuracy", "write_dashboard", "plots",
+    # errors
     "VlmsaeError", "ConfigError", "LayerIndexError", "NonFiniteError", "SAEFileError", "SiteError",
     "UnsupportedModelError",
 ]

@@ -166,7 +166,9 @@ def kind_stats(s: SpliceStats) -> pd.DataFrame:
             continue
         sum_x = s.sum_x[idx].sum(0)
         variance = s.sum_sq_x[idx].sum() - sum_x.pow(2).sum() / n  # sum ||x - mean||^2
-        rows[name] = {"fvu": (s.squared_error[idx].sum() / variance).item(),
+        # A kind whose residuals are all alike (BOS at position 0) has no variance to explain: FVU is undefined.
+        flat = variance <= 1e-9 * s.sum_sq_x[idx].sum()
+        rows[name] = {"fvu": float("nan") if flat else (s.squared_error[idx].sum() / variance).item(),
                       "l0": (s.l0[idx].sum() / n).item(), "tokens": int(n.item())}
     return pd.DataFrame.from_dict(rows, orient="index")
 
