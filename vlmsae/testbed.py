@@ -14,7 +14,9 @@ uncontended one)::
     python -m vlmsae.testbed train captioner --threads 1 --out /tmp/cap     # 1400 steps
     python -m vlmsae.testbed train captioner --threads 1 --init /tmp/cap --seed 100000 \
         --steps 500 --warmup 20 --lr 5e-4                                   # continue, fresh samples
-    python -m vlmsae.testbed train qa                                       # 1400 steps
+    python -m vlmsae.testbed train qa --out /tmp/qa                         # 1400 steps
+    python -m vlmsae.testbed train qa --init /tmp/qa --seed 100000 \
+        --steps 500 --warmup 20 --lr 5e-4                                   # continue, fresh samples
 
 and are measured with ``python -m vlmsae.testbed eval captioner --n 2000`` (or ``qa``).
 Training samples come from seeds ``seed + step``; evaluation uses :data:`EVAL_SEED` and up,
