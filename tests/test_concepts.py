@@ -67,7 +67,9 @@ def test_llava_image_token_features_localise_colours():
         pytest.skip(f"the LLaVA Shapes model is not shipped at {testbed.QA_DIR}")
     model, tokenizer = testbed.load_qa()
     info = vlmsae.layers(model)
-    layer = info.n_layers // 2
+    # Colour lives in the image tokens early: measured min-over-colours patch AUROC with these settings was
+    # 0.93 at layer 0, 0.94 at layer 1, 0.87 at layer 2, 0.91 at layer 3 of 4.
+    layer = 1
     torch.manual_seed(0)
     sae = SAE(d_in=info.d_model, d_sae=8 * info.d_model, k=8)
     train(model, layer, ShapesData(tokenizer, batches=10_000, batch_size=32, question="color"), sae, steps=300,
