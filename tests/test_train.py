@@ -169,7 +169,7 @@ def test_train_from_shards(tmp_path):
         next(shards.stream(3))
 
 
-def test_bad_train_settings():
+def test_bad_train_settings(tmp_path):
     from vlmsae.zoo import tiny_model
 
     model = tiny_model("llava", n_layers=2)
@@ -181,5 +181,10 @@ def test_bad_train_settings():
         train(model, 5, [], make_sae(), **FAST)
     with pytest.raises(vlmsae.ConfigError, match="data ran out after 0 batches"):
         train(model, 0, [], make_sae(), **FAST)
+    no_images = tiny_inputs(model, 2)
+    no_images["input_ids"] = no_images["input_ids"].masked_fill(no_images["input_ids"] == 3, 9)
+    with pytest.raises(vlmsae.ConfigError, match="pixel_values but no image token"):
+        train(model, 0, [no_images], make_sae(), out=tmp_path / "x", **FAST)
+    assert not (tmp_path / "x").exists()
     with pytest.raises(vlmsae.ConfigError, match="resume=True needs out="):
         train(model, 0, [], make_sae(), resume=True, **FAST)

@@ -164,9 +164,19 @@ class _Live:
         sinks = {L: b.sink() for L, b in buffers.items()}
         while any(b.free_rows() for b in buffers.values()):  # one sync per forward
             batch = self._next()
+            self._check(batch)
             with torch.no_grad(), record(self.info.model, self.layers, site=self.site, stop=True,
                                          sink=lambda L, resid, fwd: sinks[L](L, resid, fwd)):
                 self.info.model(**batch)
+
+    def _check(self, batch: dict) -> None:
+        """A batch with images but no image placeholders would fail deep in the model: say why here."""
+        info, ids = self.info, batch.get(self.info.ids_key)
+        if info.has_image_tokens and "pixel_values" in batch and ids is not None \
+                and not bool((ids == info.image_token_id).any()):
+            raise ConfigError(f"data batch {self.used} has pixel_values but no image token (id {info.image_token_id}) "
+                              f"in {info.ids_key}; a {info.family} model needs one placeholder per image patch: "
+                              "build inputs with the model's processor")
 
     def state(self) -> dict:
         return {"data_batches_used": self.used}
