@@ -11,7 +11,6 @@ Both are reported as buffered tokens per second and as their ratio.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 

@@ -93,7 +93,7 @@ def test_half_precision(dtype):
     torch.testing.assert_close(rec[1], out.hidden_states[2], rtol=0, atol=0)
     # a replacement in another dtype comes back in the model's own
     with torch.no_grad(), vlmsae.attach(model, {(1, "resid_post"): lambda r, f: r.float() * 0}):
-        with vlmsae.record(model, [1], site="resid_post") as after, vlmsae.record(model, [2], site="resid_pre") as nxt:
+        with vlmsae.record(model, [2], site="resid_pre") as nxt:
             model(**inputs)
     assert nxt[2].dtype == dtype and nxt[2].abs().sum() == 0
 
