@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from PIL import Image
 
 from .analysis import Scan, feature_table
 from .errors import ConfigError
+from .files import write_text_atomic
 from .plots import density_histogram, l0_by_kind, to_rgb
 
 STATS = ("density", "mean_firing", "max", "image_fraction", "text_fraction", "concept", "concept_auroc")
@@ -106,14 +106,7 @@ def write_dashboard(path: str | os.PathLike, scan: Scan, images: Sequence, *, ta
     page = _PAGE.replace("__TITLE__", html.escape(title)).replace("__PLOTS__", plots).replace("__DATA__", payload)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, page)
     return path
 
 

@@ -11,8 +11,6 @@ so no concept naming or steering score).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from .adapters import layers
 from .concepts import concept_auroc, site_latents, steering_success
 from .data import ImageTextFolder, ShapesData, hf_processor
 from .evaluate import evaluate
+from .files import write_text_atomic
 from .interventions import latent_stats
 from .sae import SAE
 from .train import train
@@ -65,13 +64,6 @@ class DemoConfig:
     @classmethod
     def quick(cls, out: str = "vlmsae-demo") -> "DemoConfig":
         return cls(out=out, steps=150, buffer_size=8192, concept_samples=120, steer_samples=24, strengths=(8.0,))
-
-
-def _save_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = None) -> dict:
@@ -124,7 +116,7 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
         summary["steering_success_color"] = float(steering["success"].mean())
     summary["seconds"] = time.perf_counter() - t0
     _write_report(out / "report.html", summary, history, table, concepts, steering, example, cfg)
-    _save_text_atomic(out / "summary.json", pd.Series(summary).to_json(indent=1))
+    write_text_atomic(out / "summary.json", pd.Series(summary).to_json(indent=1))
     print(pd.Series(summary).to_string())
     if concepts is not None:
         print(concepts.to_string())
@@ -191,4 +183,4 @@ def _write_report(path: Path, summary, history, table, concepts, steering, examp
     parts.append(f"<h2>settings</h2><pre>{asdict(cfg)}</pre>")
     html = "<!doctype html><html><head><meta charset='utf-8'><title>vlmsae demo</title></head><body>" \
            + "\n".join(parts) + "</body></html>"
-    _save_text_atomic(path, html)
+    write_text_atomic(path, html)

@@ -19,9 +19,7 @@ through a temporary file and `os.replace`.
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from vlmsae.files import write_atomic
 from vlmsae.errors import ConfigError, NonFiniteError, SAEFileError
 from vlmsae.sae import DTYPES, SAE, SAEConfig, check_metadata
 
@@ -64,8 +63,8 @@ def save_sae(sae: SAE, path: str | Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     # Weights first: a crash between the two replaces leaves the old config,
     # whose shapes then disagree with the new weights and fail loudly on load.
-    _write_atomic(path / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomic(path / CFG_FILE, lambda tmp: Path(tmp).write_text(cfg_text))
+    write_atomic(path / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(path / CFG_FILE, lambda tmp: Path(tmp).write_text(cfg_text))
 
 
 def load_sae(path: str | Path, device: torch.device | str | None = None) -> SAE:
@@ -139,20 +138,6 @@ def _saelens_cfg(sae: SAE) -> dict[str, Any]:
     own = {name: value for name, value in asdict(cfg).items() if name not in SAELENS_KEYS}
     out["vlmsae"] = {"format_version": FORMAT_VERSION, "act_scale": float(sae.act_scale), "config": own}
     return out
-
-
-def _write_atomic(target: Path, write) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `target`, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _need(raw: dict, key: str, cfg_path: Path, types: type | tuple) -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,19 +25,9 @@ from tqdm.auto import tqdm
 from .adapters import Kind, layers as adapter_info
 from .buffer import Rows, _kinds, outliers, tag_rows
 from .errors import ConfigError, SAEFileError
+from .files import write_atomic, write_text_atomic
 from .hooks import check_sites
 from .record import record
-
-
-def _save_atomic(tensors: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @torch.no_grad()
@@ -60,7 +49,8 @@ def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str |
         rows = Rows(*(torch.cat(parts) for parts in zip(*pending[L]))) if pending[L] else None
         while rows is not None and (rows.acts.shape[0] >= shard_rows or (final and rows.acts.shape[0])):
             head = Rows(*(t[:shard_rows].contiguous() for t in rows))
-            _save_atomic(dict(zip(Rows._fields, head)), out / f"L{L}-{len(counts[L]):05d}.safetensors")
+            write_atomic(out / f"L{L}-{len(counts[L]):05d}.safetensors",
+                         lambda tmp: save_file(dict(zip(Rows._fields, head)), tmp))
             counts[L].append(head.acts.shape[0])
             rows = Rows(*(t[shard_rows:] for t in rows))
         pending[L] = [rows] if rows is not None and rows.acts.shape[0] else []
@@ -84,10 +74,7 @@ def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str |
                 "shards": {str(L): counts[L] for L in layers}, "family": info.family,
                 "model_class_name": type(info.model).__name__,
                 "hook_names": {str(L): info.hook_name(L, site) for L in layers}}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, out / "manifest.json")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     return out
 
 
