@@ -153,6 +153,19 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
 
 
+def test_one_readout_cadence_even_with_a_trainer_config():
+    """A TrainerConfig with its own sync_every cannot move the trainers' readout off TrainConfig's steps
+    (the input NaN check is placed just before them)."""
+    from vlmsae.trainer import TrainerConfig
+    from vlmsae.zoo import tiny_model
+
+    model = tiny_model("llava")
+    history = []
+    train(model, LAYER, batches(model, 6), make_sae(), trainer_cfg=TrainerConfig(sync_every=7), history=history,
+          **dict(FAST, steps=60, sync_every=20))
+    assert [h["step"] for h in history] == [20, 40, 60]
+
+
 def test_train_from_shards(tmp_path):
     from vlmsae.zoo import tiny_model
 

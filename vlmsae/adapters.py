@@ -127,7 +127,7 @@ class ModelInfo:
         kinds = torch.full(ids.shape, Kind.TEXT, dtype=torch.int8, device=ids.device)
         special = self.special_ids | (special_ids or frozenset())
         if special:
-            kinds[torch.isin(ids, torch.tensor(sorted(special), device=ids.device))] = Kind.SPECIAL
+            kinds[any_equal(ids, special)] = Kind.SPECIAL
         if self.image_token_id is not None:
             kinds[ids == self.image_token_id] = Kind.IMAGE
         if attention_mask is not None:
@@ -135,6 +135,18 @@ class ModelInfo:
         elif self.pad_token_id is not None:
             kinds[ids == self.pad_token_id] = Kind.PAD
         return kinds
+
+
+def any_equal(x: torch.Tensor, values) -> torch.Tensor:
+    """``x == v`` for any ``v`` in ``values`` (a few Python ints), as a bool tensor.
+
+    One comparison per value with the value as a kernel argument: unlike ``torch.isin`` with a
+    fresh ``torch.tensor(values)``, nothing is copied host-to-device on every forward.
+    """
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    for v in values:
+        mask |= x == int(v)
+    return mask
 
 
 def unwrap(model) -> nn.Module:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters import Kind, ModelInfo, layers
+from .adapters import Kind, ModelInfo, any_equal, layers
 from .errors import ConfigError, SiteError
 from .hooks import Forward, attach, check_sites
 from .sae import SAE
@@ -65,7 +65,7 @@ def where_mask(where, kinds: tuple[Kind, ...] | None, fwd: Forward) -> Tensor:
     """``(batch, seq)`` bool: the positions of this forward that ``where`` selects."""
     if kinds is None:
         return where(fwd)
-    return torch.isin(fwd.kinds, torch.tensor(kinds, dtype=fwd.kinds.dtype, device=fwd.kinds.device))
+    return any_equal(fwd.kinds, kinds)
 
 
 def check_sae(sae: SAE, info: ModelInfo) -> None:

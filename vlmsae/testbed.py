@@ -56,6 +56,9 @@ CAPTIONER_DIR = MODELS_DIR / "captioner"
 QA_DIR = MODELS_DIR / "llava_qa"
 TRAIN_SEED = 0
 EVAL_SEED = 10_000_000  # training draws seeds TRAIN_SEED + step, far below this
+QA_CYCLE = ("color", "shape", "size", "position", "color", "shape", "size", "count")
+"""The questions the QA model trains on, in turn. Position and count answers are learned first; colour, shape
+and size answers (one word per object) take longer, so they are asked twice as often."""
 
 
 @dataclass
@@ -193,15 +196,12 @@ def _train(kind: str, cfg: TrainConfig, out: Path | None) -> tuple[PreTrainedMod
     else:
         model = cls(qa_config(cfg, vocab))
     _set_generation(model)
-    # Position and count answers are learned first; colour, shape and size answers (one word per object) take
-    # longer, so they are asked twice as often.
-    cycle = ["color", "shape", "size", "position", "color", "shape", "size", "count"]
 
     def batch(step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         samples = shapes.make_samples(cfg.batch, cfg.seed + step)
         if kind == "captioner":
             return shapes.captioner_inputs(samples, tokenizer), _patch_targets(samples, color=False)
-        qs = [cycle[(step * cfg.batch + i) % len(cycle)] for i in range(cfg.batch)]
+        qs = [QA_CYCLE[(step * cfg.batch + i) % len(QA_CYCLE)] for i in range(cfg.batch)]
         return shapes.qa_inputs(samples, tokenizer, qs), _patch_targets(samples, color=True)
 
     n_classes = len(shapes.SHAPES) * (1 if kind == "captioner" else len(shapes.COLORS))

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -206,7 +206,8 @@ def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, 
     """Train SAEs on the residual of ``layer`` (one or many) from ``data`` (batches of model inputs).
 
     ``sae``: an SAE, a list of SAEs (one layer), a dict ``{layer: SAE or [SAE]}``, or None (TopK, 8x,
-    k=32 per layer). ``fields`` set TrainConfig fields (``steps=``, ``batch_size=``, ...). With ``out``
+    k=32 per layer). ``fields`` set TrainConfig fields (``steps=``, ``batch_size=``, ...). ``trainer_cfg``
+    sets the optimiser (its ``sync_every`` is taken from TrainConfig's). With ``out``
     the final SAEs are written to ``out/L{layer}[-{i}]`` and checkpoints to ``out/checkpoints``.
     ``history``, a list, receives one dict per SAE at every metric readout (``layer``, ``sae``, and
     the fields of TrainMetrics: step, tokens, loss, mse, fvu, l0, aux_loss, dead and dense fractions).
@@ -252,7 +253,8 @@ def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, 
                 s.cfg.metadata.setdefault("hf_layer_path", layer_paths[L])
             s.cfg.metadata.setdefault("token_kinds", list(cfg.kinds) if cfg.quota is None else sorted(cfg.quota))
     targets = {(L, i): s.cfg.k for L, group in saes.items() for i, s in enumerate(group)}
-    trainer_cfg = trainer_cfg or TrainerConfig(lr=cfg.lr, sync_every=cfg.sync_every)
+    # One readout cadence: the input NaN check runs just before the trainers' readout steps.
+    trainer_cfg = replace(trainer_cfg or TrainerConfig(lr=cfg.lr), sync_every=cfg.sync_every)
     trainers = {(L, i): SAETrainer(s, trainer_cfg) for L, group in saes.items() for i, s in enumerate(group)}
     schedulers = {key: torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda step: lr_factor(step, cfg))
                   for key, t in trainers.items()}
