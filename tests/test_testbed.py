@@ -42,8 +42,6 @@ def test_captioner_accuracy_on_fresh_samples(captioner):
     assert result["exact_match"] >= GOAL, result
 
 
-@pytest.mark.xfail(strict=False, reason="issue 6 goal not reached yet: the shipped LLaVA QA model measures 0.973 "
-                   "exact match (shape question 0.88) on 500 fresh samples per question; it needs more training")
 def test_qa_accuracy_on_fresh_samples(qa):
     torch.set_num_threads(2)
     result = testbed.evaluate_qa(*qa, n=N_FRESH, seed=testbed.EVAL_SEED + 777)

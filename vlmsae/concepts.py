@@ -76,10 +76,10 @@ def best_features(latents: Tensor, labels: pd.Series, groups: pd.Series | None =
     groups = groups if groups is not None else pd.Series(["all"] * len(labels), index=labels.index)
     out = []
     for group in groups.unique():
-        in_group = (groups == group).to_numpy()
-        for value in sorted(labels[in_group].unique()):
-            is_pos = torch.from_numpy(((labels == value).to_numpy()) & in_group)
-            is_neg = torch.from_numpy(in_group) & ~is_pos
+        in_group = torch.tensor((groups == group).to_numpy())
+        for value in sorted(labels[in_group.numpy()].unique()):
+            is_pos = torch.tensor((labels == value).to_numpy()) & in_group
+            is_neg = in_group & ~is_pos
             if not is_pos.any() or not is_neg.any():
                 continue
             scores = auroc(latents[is_pos], latents[is_neg])
@@ -137,7 +137,7 @@ def patch_auroc(model, layer: int, sae: SAE, tokenizer, samples: Sequence[shapes
     out = []
     for concept, values in shapes.CONCEPTS.items():
         for value in values:
-            is_pos = torch.from_numpy((patches[concept] == value).to_numpy())
+            is_pos = torch.tensor((patches[concept] == value).to_numpy())
             if not is_pos.any():
                 continue
             scores = auroc(latents[is_pos], latents[~is_pos])

@@ -14,9 +14,9 @@ uncontended one)::
     python -m vlmsae.testbed train captioner --threads 1 --out /tmp/cap     # 1400 steps
     python -m vlmsae.testbed train captioner --threads 1 --init /tmp/cap --seed 100000 \
         --steps 500 --warmup 20 --lr 5e-4                                   # continue, fresh samples
-    python -m vlmsae.testbed train qa --out /tmp/qa                         # 1400 steps
-    python -m vlmsae.testbed train qa --init /tmp/qa --seed 100000 \
-        --steps 500 --warmup 20 --lr 5e-4                                   # continue, fresh samples
+    python -m vlmsae.testbed train qa --threads 1 --steps 2000 --out /tmp/qa
+    python -m vlmsae.testbed train qa --threads 1 --init /tmp/qa --seed 500000 \
+        --steps 600 --warmup 20 --lr 5e-4                                   # continue, fresh samples
 
 and are measured with ``python -m vlmsae.testbed eval captioner --n 2000`` (or ``qa``).
 Training samples come from seeds ``seed + step``; evaluation uses :data:`EVAL_SEED` and up,
@@ -56,9 +56,10 @@ CAPTIONER_DIR = MODELS_DIR / "captioner"
 QA_DIR = MODELS_DIR / "llava_qa"
 TRAIN_SEED = 0
 EVAL_SEED = 10_000_000  # training draws seeds TRAIN_SEED + step, far below this
-QA_CYCLE = ("color", "shape", "size", "position", "color", "shape", "size", "count")
-"""The questions the QA model trains on, in turn. Position and count answers are learned first; colour, shape
-and size answers (one word per object) take longer, so they are asked twice as often."""
+QA_CYCLE = ("shape", "color", "shape", "size", "shape", "position", "shape", "color", "size", "count")
+"""The questions the QA model trains on, in turn. Shape is asked most: telling a small circle from a small
+square, one object among three, is the last thing the model learns (asked 2 in 8 times, the shape answer
+stalled at 0.88-0.91 exact match while every other answer passed 0.98)."""
 
 
 @dataclass
