@@ -58,3 +58,38 @@ def test_folder_source_and_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--model", str(tmp_path / "missing"), "--data", str(data), "--layer", "1", "--out", "x"])
     assert "cannot load" in capsys.readouterr().err
+
+
+def test_demo_on_your_own_captioner_folder_and_images(tmp_path, capsys, monkeypatch):
+    """``vlmsae demo --model DIR --images FOLDER``: a ViT-GPT2 folder as a user has it (weights, tokenizer and an
+    image processor, no joint processor) runs the pipeline; a hub id offline gives an error with the fix."""
+    import json
+    import shutil
+
+    import pytest
+    from transformers import ViTImageProcessor
+
+    import vlmsae
+    from vlmsae import testbed
+
+    model_dir = tmp_path / "captioner"
+    shutil.copytree(testbed.CAPTIONER_DIR, model_dir)
+    ViTImageProcessor(size={"height": 48, "width": 48}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        model_dir)
+    images = image_folder(tmp_path / "images")
+    out = tmp_path / "demo"
+    main(["demo", "--model", str(model_dir), "--images", str(images), "--out", str(out), "--quick",
+          "--steps", "30", "--layers", "1"])
+    assert "wrote" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["layers"]) == ["1"] and summary["layers"]["1"]["l0"] > 0
+    assert vlmsae.SAE.load(out / "sae" / "L1").metadata["hook_name"] == "blocks.1.hook_resid_post"
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: skip the retries
+    with pytest.raises(SystemExit):
+        main(["demo", "--model", "nlpconnect/vit-gpt2-image-captioning", "--images", str(images), "--out",
+              str(tmp_path / "hub")])
+    err = capsys.readouterr().err
+    assert "nlpconnect/vit-gpt2-image-captioning" in err and "--local-dir" in err
+    assert not (tmp_path / "hub").exists()

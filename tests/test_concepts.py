@@ -35,26 +35,29 @@ def demo_summary(tmp_path_factory):
     return summary
 
 
-def test_demo_sae_recovers_loss_and_steers_colours(demo_summary):
-    s = demo_summary
-    print(f"\nloss recovered {s['loss_recovered']:.4f}, colour steering success {s['steering_success_color']:.3f}, "
-          f"{s['seconds']:.0f} s")
-    assert s["loss_recovered"] >= 0.9
-    assert s["steering_success_color"] >= 0.8
-    assert (s["out"] / "report.html").stat().st_size > 100_000  # plotly inlined: opens with no network
+def test_demo_saes_recover_loss_and_steer_colours(demo_summary):
+    table = demo_summary["table"]
+    print(f"\n{table[['loss_recovered', 'steering_success_color']].to_string()}\n{demo_summary['seconds']:.0f} s")
+    assert list(table.index) == [2, 3]  # the middle decoder layer of four, and the last
+    assert (table["loss_recovered"] >= 0.9).all()
+    assert (table["steering_success_color"] >= 0.8).all()
+    out = demo_summary["out"]
+    assert (out / "report.html").stat().st_size > 100_000  # plotly inlined: opens with no network
     from vlmsae import SAE
 
-    assert SAE.load(s["out"] / "sae").metadata["hook_name"] == f"blocks.{s['layer']}.hook_resid_post"
+    for layer in table.index:
+        assert SAE.load(out / "sae" / f"L{layer}").metadata["hook_name"] == f"blocks.{layer}.hook_resid_post"
 
 
-@pytest.mark.xfail(strict=False, reason="issue 6 bar not reached reliably: with the demo's settings the weakest "
-                   "colour's best single feature measured AUROC 0.936-0.983 and the weakest shape's 0.876-0.993 "
-                   "across SAE seeds and k (the concept is often split between a few features)")
 def test_demo_sae_has_a_feature_per_colour_and_shape(demo_summary):
-    s = demo_summary
-    print(f"\nmin colour AUROC {s['min_auroc_color']:.3f}, min shape AUROC {s['min_auroc_shape']:.3f}")
-    assert s["min_auroc_color"] >= 0.95
-    assert s["min_auroc_shape"] >= 0.95
+    """The bar holds at the last layer. At the middle layer one colour is often carried by the absence of
+    the other colours' features (best single feature 0.83-0.94 in 7 of 10 SAE seeds and settings), so that
+    layer's figures are printed, not asserted."""
+    table = demo_summary["table"]
+    print(f"\n{table[['min_auroc_color', 'min_auroc_shape', 'concepts_above_0.9']].to_string()}")
+    last = table.loc[table.index.max()]
+    assert last["min_auroc_color"] >= 0.95
+    assert last["min_auroc_shape"] >= 0.95
 
 
 def test_llava_image_token_features_localise_colours():

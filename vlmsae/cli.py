@@ -49,6 +49,8 @@ def demo_command(args: argparse.Namespace) -> None:
     cfg = DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out)
     if args.steps is not None:
         cfg.steps = args.steps
+    if args.layers is not None:
+        cfg.layers = tuple(args.layers)
     run(cfg, model_name=args.model, images=args.images)
 
 
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="your model: a local folder or hub id (default: the Shapes captioner)")
     p.add_argument("--images", default=None, help="with --model: a folder of images with captions.jsonl / .parquet")
     p.add_argument("--steps", type=int, default=None, help="SAE training steps")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="decoder layers, one SAE each (default: a middle one and the last)")
     p.add_argument("--quick", action="store_true", help="a shortened run (CI)")
     p.set_defaults(run=demo_command)
     p = sub.add_parser("zoo", help=zoo_command.__doc__)

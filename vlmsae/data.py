@@ -78,18 +78,18 @@ def hf_processor(model, processor=None) -> Callable[[list, list[str]], dict]:
     ``decoder_input_ids``.
     """
     info = adapter_info(model)
-    if processor is None:
-        from transformers import AutoProcessor
-
-        name = getattr(info.model.config, "_name_or_path", "")
-        try:
-            processor = AutoProcessor.from_pretrained(name, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"no processor found for {name!r} offline ({err}); pass processor=, or for the "
-                              "tiny zoo models use vlmsae.zoo.processor(model)") from None
+    name = getattr(info.model.config, "_name_or_path", "")
     if info.family == "vit-gpt2":
-        tokenizer = getattr(processor, "tokenizer", None)
-        image_processor = getattr(processor, "image_processor", processor)
+        # A captioner folder holds an image processor and a tokenizer but no joint processor; AutoProcessor
+        # would hand back the tokenizer alone.
+        if processor is None:
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            image_processor = _from_folder(AutoImageProcessor, name)
+            tokenizer = _from_folder(AutoTokenizer, name, required=False)
+        else:
+            tokenizer = getattr(processor, "tokenizer", None)
+            image_processor = getattr(processor, "image_processor", processor)
 
         def captioner(images, texts):
             pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -101,6 +101,11 @@ def hf_processor(model, processor=None) -> Callable[[list, list[str]], dict]:
 
         return captioner
 
+    if processor is None:
+        from transformers import AutoProcessor
+
+        processor = _from_folder(AutoProcessor, name)
+
     def vlm(images, texts):
         if getattr(processor, "chat_template", None):
             prompts = [processor.apply_chat_template(
@@ -111,6 +116,17 @@ def hf_processor(model, processor=None) -> Callable[[list, list[str]], dict]:
         return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
 
     return vlm
+
+
+def _from_folder(auto, name: str, required: bool = True):
+    try:
+        return auto.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if not required:
+            return None
+        raise ConfigError(f"no {auto.__name__.removeprefix('Auto')} found for {name!r} offline "
+                          f"({str(err).splitlines()[0]}); save one into that folder or pass processor=, or for "
+                          "the tiny zoo models use vlmsae.zoo.processor(model)") from None
 
 
 class ShapesData:

@@ -1,9 +1,15 @@
 """``vlmsae demo``: the whole pipeline on a model that really sees, end to end.
 
-With no arguments: the shipped Shapes captioner (a ViT-GPT2 trained by ``vlmsae.testbed``). An
-SAE trains online on a middle decoder layer while the model reads Shapes images; it is evaluated
-(FVU, L0, dead fraction, loss recovered), its features are named by concept AUROC, a colour
-feature steers captions, and an SAE folder plus a self-contained HTML report are written.
+With no arguments: the shipped Shapes captioner (a ViT-GPT2 trained by ``vlmsae.testbed``). SAEs
+train online on a middle decoder layer and on the last one, both from the same forwards, while the
+model reads Shapes images; each is evaluated (FVU, L0, dead fraction, loss recovered), its features
+are named by concept AUROC, colour features steer captions, and SAE folders plus a self-contained
+HTML report are written.
+
+Why two layers: in the captioner a concept becomes one feature late. At the middle layer the
+colour about to be written is often carried by the absence of the other colours' features, so the
+best single feature for one colour measured AUROC 0.83-0.94 in most SAE seeds; at the last layer
+every colour and shape had a feature at >= 0.988 in every seed tried.
 
 With ``--model`` and ``--images`` the same pipeline runs on your model and data (no ground truth,
 so no concept naming or steering score).
@@ -11,6 +17,7 @@ so no concept naming or steering score).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,8 +54,8 @@ class DemoConfig:
     """d_sae / d_model (4 gave single features for every colour and shape at AUROC >= 0.98; 8 split them more)."""
     k: int = 8
     """Latents per token (TopK)."""
-    layer: int | None = None
-    """Decoder layer; None: the middle one."""
+    layers: tuple[int, ...] | None = None
+    """Decoder layers, one SAE each, trained from the same forwards; None: the middle one and the last."""
     data_batch: int = 64
     """Images per model forward."""
     eval_batches: int = 4
@@ -67,13 +74,12 @@ class DemoConfig:
 
 
 def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = None) -> dict:
-    """Run the demo; returns its summary (also printed, and written into the report)."""
+    """Run the demo; returns ``{"model", "seconds", "table"}``, ``table`` one row of figures per layer
+    (also printed, written to ``summary.json`` and into the report)."""
     from . import testbed
 
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if model_name is None:
         model, tokenizer = testbed.load_captioner()
         data = ShapesData(tokenizer, batches=100_000, batch_size=cfg.data_batch)
@@ -87,45 +93,51 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
         data = ImageTextFolder(images, hf_processor(model), batch_size=cfg.data_batch)
         eval_data = data
     info = layers(model)
-    layer = cfg.layer if cfg.layer is not None else info.n_layers // 2
-    sae = SAE(d_in=info.d_model, d_sae=cfg.expansion * info.d_model, k=cfg.k)
+    out = Path(cfg.out)  # made once the model and data are known good: a bad --model leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = cfg.layers if cfg.layers is not None else sorted({info.n_layers // 2, info.n_layers - 1})
+    saes = {L: SAE(d_in=info.d_model, d_sae=cfg.expansion * info.d_model, k=cfg.k) for L in chosen}
     history: list[dict] = []
-    print(f"training a TopK SAE ({info.d_model} -> {sae.cfg.d_sae}, k={cfg.k}) on layer {layer} of the "
-          f"{info.family} model, {cfg.steps} steps of {cfg.batch_size} tokens")
-    train(model, layer, data, sae, steps=cfg.steps, batch_size=cfg.batch_size, buffer_size=cfg.buffer_size,
+    print(f"training TopK SAEs ({info.d_model} -> {cfg.expansion * info.d_model}, k={cfg.k}) on layers "
+          f"{', '.join(map(str, chosen))} of the {info.family} model, {cfg.steps} steps of {cfg.batch_size} tokens")
+    train(model, list(chosen), data, saes, steps=cfg.steps, batch_size=cfg.batch_size, buffer_size=cfg.buffer_size,
           k_start=4 * cfg.k, warmup_steps=min(50, cfg.steps // 10), sync_every=25, history=history, seed=cfg.seed)
-    sae.save(out / "sae")
-    print("evaluating: loss recovered, KL, FVU, L0")
-    table = evaluate(model, layer, sae, eval_data, where=["all"])
-    stats = latent_stats(model, layer, sae, eval_data)
-    summary = {"model": type(model).__name__, "layer": layer, "d_sae": sae.cfg.d_sae, "k": cfg.k,
-               "steps": cfg.steps, "fvu": table.loc["all", "fvu"], "l0": table.loc["all", "l0"],
+    rows, concepts, steering, example = {}, {}, {}, None
+    samples = shapes.make_samples(cfg.concept_samples, CONCEPT_SEED) if model_name is None else None
+    for L, sae in saes.items():
+        sae.save(out / "sae" / f"L{L}")
+        print(f"layer {L}: evaluating (loss recovered, KL, FVU, L0)")
+        table = evaluate(model, L, sae, eval_data, where=["all"])
+        stats = latent_stats(model, L, sae, eval_data)
+        row = {"fvu": table.loc["all", "fvu"], "l0": table.loc["all", "l0"],
                "dead_fraction": float((stats.density == 0).float().mean()),
                "loss_recovered": table.loc["all", "loss_recovered"], "kl": table.loc["all", "kl"]}
-    concepts = steering = None
-    example = None
-    if model_name is None:
-        print("naming features by concept AUROC")
-        samples = shapes.make_samples(cfg.concept_samples, CONCEPT_SEED)
-        concepts = concept_auroc(model, layer, sae, tokenizer, samples)
-        summary["concepts_above_0.9"] = float((concepts["auroc"] > 0.9).mean())
-        for concept in ("color", "shape"):
-            summary[f"min_auroc_{concept}"] = float(concepts.loc[concept, "auroc"].min())
-        print("steering captions with colour features")
-        steering, example = _steer_colours(model, tokenizer, layer, sae, concepts, cfg)
-        summary["steering_success_color"] = float(steering["success"].mean())
-    summary["seconds"] = time.perf_counter() - t0
-    _write_report(out / "report.html", summary, history, table, concepts, steering, example, cfg)
-    write_text_atomic(out / "summary.json", pd.Series(summary).to_json(indent=1))
+        if samples is not None:
+            print(f"layer {L}: naming features by concept AUROC, steering captions with colour features")
+            concepts[L] = concept_auroc(model, L, sae, tokenizer, samples)
+            row["concepts_above_0.9"] = float((concepts[L]["auroc"] > 0.9).mean())
+            for concept in ("color", "shape"):
+                row[f"min_auroc_{concept}"] = float(concepts[L].loc[concept, "auroc"].min())
+            steering[L], first = _steer_colours(model, tokenizer, L, sae, concepts[L], cfg)
+            row["steering_success_color"] = float(steering[L]["success"].mean())
+            example = example or (first and {"layer": L, **first})
+        rows[L] = row
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("layer")
+    summary = {"model": type(model).__name__, "d_sae": cfg.expansion * info.d_model, "k": cfg.k,
+               "steps": cfg.steps, "seconds": time.perf_counter() - t0}
+    _write_report(out / "report.html", summary, table, history, concepts, steering, example, cfg)
+    write_text_atomic(out / "summary.json", json.dumps({**summary, "layers": table.to_dict(orient="index")},
+                                                       indent=1, default=float))
     print(pd.Series(summary).to_string())
-    if concepts is not None:
-        print(concepts.to_string())
-    if steering is not None:
-        print(steering.to_string())
+    print(table.to_string(float_format="{:.4f}".format))
+    for L in concepts:
+        print(f"\nlayer {L}: best feature per concept value\n{concepts[L].to_string()}")
+        print(f"\nlayer {L}: steering toward each colour\n{steering[L].to_string()}")
     if example is not None:
-        print(f"\nsteered toward {example['value']!r}:\n  before: {example['before']}\n  after:  {example['after']}")
+        print(f"\nlayer {example['layer']}, steered toward {example['value']!r}:\n  before: {example['before']}\n"
+              f"  after:  {example['after']}")
     print(f"\nwrote {out / 'sae'} and {out / 'report.html'}")
-    return summary
+    return {**summary, "table": table}
 
 
 def _steer_colours(model, tokenizer, layer, sae, concepts, cfg):
@@ -136,7 +148,7 @@ def _steer_colours(model, tokenizer, layer, sae, concepts, cfg):
     rows, example = [], None
     for value in shapes.COLORS:
         feature = int(concepts.loc[("color", value), "feature"])
-        on = latents[(sites["value"] == value).to_numpy(), feature]
+        on = latents[torch.tensor((sites["value"] == value).to_numpy()), feature]
         typical = float(on[on > 0].mean()) if (on > 0).any() else 1.0
         best = max(cfg.strengths, key=lambda m: steering_success(
             model, tokenizer, layer, sae, calib, concept="color", value=value, features=[feature],
@@ -150,36 +162,40 @@ def _steer_colours(model, tokenizer, layer, sae, concepts, cfg):
     return pd.DataFrame(rows).set_index("value"), example
 
 
-def _write_report(path: Path, summary, history, table, concepts, steering, example, cfg) -> None:
+def _write_report(path: Path, summary, table, history, concepts, steering, example, cfg) -> None:
     import plotly.graph_objects as go
 
     figures = []
     if history:
         h = pd.DataFrame(history)
-        fig = go.Figure([go.Scatter(x=h["step"], y=h[m], name=m) for m in ("fvu", "dead_fraction")])
+        fig = go.Figure([go.Scatter(x=g["step"], y=g[m], name=f"layer {L}: {m}")
+                         for L, g in h.groupby("layer") for m in ("fvu", "dead_fraction")])
         fig.update_layout(title="training", xaxis_title="step", yaxis_title="value")
         figures.append(fig)
-    if concepts is not None:
-        c = concepts.reset_index()
-        fig = go.Figure(go.Bar(x=c["concept"] + ": " + c["value"], y=c["auroc"],
+    if concepts:
+        bars = []
+        for L, c in concepts.items():
+            c = c.reset_index()
+            bars.append(go.Bar(x=c["concept"] + ": " + c["value"], y=c["auroc"], name=f"layer {L}",
                                text=[f"#{f}" for f in c["feature"]]))
+        fig = go.Figure(bars)
         fig.update_layout(title="best feature per concept value", xaxis_title="concept value",
                           yaxis_title="AUROC", yaxis_range=[0.5, 1])
         figures.append(fig)
-    if steering is not None:
-        fig = go.Figure(go.Bar(x=steering.index, y=steering["success"]))
+    if steering:
+        fig = go.Figure([go.Bar(x=t.index, y=t["success"], name=f"layer {L}") for L, t in steering.items()])
         fig.update_layout(title="steering success per colour", xaxis_title="colour", yaxis_title="success rate",
                           yaxis_range=[0, 1])
         figures.append(fig)
     parts = [f"<h1>vlmsae demo</h1><h2>summary</h2>{pd.Series(summary).to_frame('value').to_html()}",
-             f"<h2>evaluate()</h2>{table.to_html()}"]
+             f"<h2>per layer</h2>{table.to_html(float_format='{:.4f}'.format)}"]
     if example is not None:
-        parts.append(f"<h2>steering toward {example['value']}</h2><p>before: {example['before']}<br>"
-                     f"after: {example['after']}</p>")
+        parts.append(f"<h2>steering toward {example['value']} (layer {example['layer']})</h2>"
+                     f"<p>before: {example['before']}<br>after: {example['after']}</p>")
     for i, fig in enumerate(figures):
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
-    if concepts is not None:
-        parts.append(f"<h2>concept AUROC</h2>{concepts.to_html()}")
+    for L, c in concepts.items():
+        parts.append(f"<h2>layer {L}: concept AUROC</h2>{c.to_html()}")
     parts.append(f"<h2>settings</h2><pre>{asdict(cfg)}</pre>")
     html = "<!doctype html><html><head><meta charset='utf-8'><title>vlmsae demo</title></head><body>" \
            + "\n".join(parts) + "</body></html>"
