@@ -51,7 +51,7 @@ class DemoConfig:
     buffer_size: int = 16384
     """Rows of the ring buffer."""
     expansion: int = 4
-    """d_sae / d_model (4 gave single features for every colour and shape at AUROC >= 0.98; 8 split them more)."""
+    """d_sae / d_model (8 split colours and shapes between more features than 4 in a trial)."""
     k: int = 8
     """Latents per token (TopK)."""
     layers: tuple[int, ...] | None = None
