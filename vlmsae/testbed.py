@@ -9,8 +9,8 @@ deterministically from a seed (and the thread count):
   decoder stream), trained to answer the Shapes question set.
 
 The shipped checkpoints were made by the commands below. Measured on 2 idle cores: a captioner step
-takes 0.25 s with 2 threads, a QA step 0.31 s with 2 threads and 0.44 s with 1, so the captioner's
-1900 steps take about 8 minutes and the QA model's 2600 steps about 19 minutes with ``--threads 1``::
+takes 0.25 s with 2 threads, a QA step 0.31 s with 2 threads and 0.44 s with 1: about 8 minutes for
+the captioner's 1900 steps with 2 threads, 13 for the QA model's 2600 (19 with ``--threads 1``)::
 
     python -m vlmsae.testbed train captioner --threads 1 --out /tmp/cap     # 1400 steps
     python -m vlmsae.testbed train captioner --threads 1 --init /tmp/cap --seed 100000 \
