@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 import vlmsae
-from common import add_model_args, llava_7b, median_times, timer, zoo_cases
+from common import add_model_args, cases, median_times, timer
 from vlmsae import zoo
 
 
@@ -88,11 +88,7 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     now = timer(device)
     torch.set_grad_enabled(False)
-    rows = [bench_model(name, model, inputs, args, now) for name, model, inputs in zoo_cases(args, device, dtype)]
-    if args.llava_7b:
-        model, inputs = llava_7b(dtype, device)
-        rows.append(bench_model("llava-1.5-7b shapes", model, inputs, args, now))
-        del model
+    rows = [bench_model(name, model, inputs, args, now) for name, model, inputs in cases(args, device, dtype)]
     speedup, deep = bench_stop(args, device, dtype, now)
     table = pd.DataFrame(rows).set_index("model")
     print(f"\ndevice {device}, dtype {args.dtype}, batch {args.batch}, text {args.text_len} tokens, "

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 import vlmsae
-from common import add_model_args, llava_7b, median_times, timer, zoo_cases
+from common import add_model_args, cases, median_times, timer
 
 
 def bench_model(name, model, inputs, args, now, device, dtype) -> dict:
@@ -56,10 +56,7 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     now = timer(device)
     rows = [bench_model(name, model, inputs, args, now, device, dtype)
-            for name, model, inputs in zoo_cases(args, device, dtype)]
-    if args.llava_7b:
-        model, inputs = llava_7b(dtype, device)
-        rows.append(bench_model("llava-1.5-7b shapes", model, inputs, args, now, device, dtype))
+            for name, model, inputs in cases(args, device, dtype)]
     print(f"\ndevice {device}, dtype {args.dtype}, batch {args.batch}, text {args.text_len} tokens, "
           f"{args.new_tokens} new tokens, SAE {args.expansion}x k=32 at the middle layer, "
           f"median of {args.repeats} interleaved repeats; ratios to the plain model")

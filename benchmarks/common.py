@@ -45,13 +45,18 @@ def add_model_args(parser) -> None:
     parser.add_argument("--llava-7b", action="store_true", help="also LLaVA-1.5-7B shapes, random weights (GPU)")
 
 
-def zoo_cases(args, device, dtype):
-    """Yield ``(name, model, inputs)`` for each zoo family at the benchmark's size, one model alive at a time."""
+def cases(args, device, dtype):
+    """Yield ``(name, model, inputs)`` for each zoo family at the benchmark's size, then LLaVA-1.5-7B's shapes
+    with ``--llava-7b``; one model alive at a time."""
     for family in args.families:
         model = zoo.tiny_model(family, n_layers=args.n_layers, d_model=args.d_model, vocab_size=4096)
         model = model.to(device, dtype)
         inputs = zoo.tiny_inputs(model, args.batch, text_len=args.text_len, padding="left")
         yield f"{family} d={args.d_model} L={args.n_layers}", model, {k: v.to(device) for k, v in inputs.items()}
+        del model
+    if args.llava_7b:
+        model, inputs = llava_7b(dtype, device)
+        yield "llava-1.5-7b shapes", model, inputs
         del model
 
 
