@@ -40,8 +40,9 @@ def hook_snapshot(model: torch.nn.Module) -> dict:
             d = getattr(module, attr, None)
             if d:
                 snap[(name, attr)] = tuple(d.keys())
-        if "forward" in module.__dict__:
-            snap[(name, "forward")] = module.__dict__["forward"]
+        for attr in ("forward", "generate"):  # vlmsae wraps these on the instance inside a context
+            if attr in module.__dict__:
+                snap[(name, attr)] = module.__dict__[attr]
     return snap
 
 

@@ -15,6 +15,8 @@ Sites, named as TransformerLens names them:
 from __future__ import annotations
 
 import inspect
+import itertools
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,17 +45,35 @@ class Forward:
     past: int
     """Positions already in the KV cache: 0 for a fresh sequence, > 0 for a decode step."""
     special_ids: frozenset[int] = field(default_factory=frozenset)
+    generated_from: int | None = None
+    """Positions at or after this index of the whole sequence were generated (``None``: none were).
+
+    Inside ``generate()``: the prompt's length, cached or not. Outside it: ``past`` for a decode step
+    of your own loop (every position fed in under a KV cache is generated), ``None`` otherwise."""
+    direct: bool = False
+    """True when a hooked layer ran outside a call of the model's own forward (a submodule called directly)."""
 
     @cached_property
     def kinds(self) -> torch.Tensor:
-        """``(batch, seq)`` int8 :class:`~vlmsae.adapters.Kind` of each position; GENERATED on decode steps."""
+        """``(batch, seq)`` int8 :class:`~vlmsae.adapters.Kind` of each position; GENERATED past the prompt.
+
+        Raises ``ValueError`` when the forward carried no token ids (only ``inputs_embeds``, or a
+        submodule called directly), since the kinds are then unknown.
+        """
         if self.ids is None:
+            if self.direct:
+                raise ValueError(
+                    f"a hooked layer of this {self.info.family} model ran outside a call of the model itself (a "
+                    "submodule called directly), so its token kinds are unknown; call the whole model, or pass "
+                    "where= a callable that does not read fwd.kinds")
             raise ValueError(
                 f"forward {self.index} got no {self.info.ids_key!r}, so token kinds are unknown; call the model "
                 f"with {self.info.ids_key}=... (not only inputs_embeds) to get a kind mask")
         kinds = self.info.kinds(self.ids, self.attention_mask, self.special_ids)
-        if self.past > 0:
-            kinds[kinds != Kind.PAD] = Kind.GENERATED
+        if self.generated_from is not None:
+            start = max(0, self.generated_from - self.past)
+            new = kinds[:, start:]
+            new[new != Kind.PAD] = Kind.GENERATED
         return kinds
 
     @property
@@ -103,15 +123,65 @@ def execution_device(layer: nn.Module) -> torch.device | None:
     return None if param is None or param.device.type == "meta" else param.device
 
 
+def find_cache(values) -> object | None:
+    """The transformers ``Cache`` among a forward's argument values, whatever keyword carries it.
+
+    transformers renames the keyword (``past_key_values`` until 5.23, ``cache`` from 5.24); the
+    class stays, so vlmsae recognises the object, not the name.
+    """
+    from transformers.cache_utils import Cache
+
+    return next((v for v in values if isinstance(v, Cache)), None)
+
+
+class _Generation:
+    """One running ``generate()`` call: its prompt is the first forward's whole sequence."""
+
+    def __init__(self):
+        self.prompt_len: int | None = None
+        self.steps = 0
+
+
+class _ThreadState(threading.local):
+    """Per thread, so that two threads calling one hooked model never see each other's forward."""
+
+    forward: Forward | None = None
+    generation: _Generation | None = None
+
+
+def _patch(module: nn.Module, name: str, replacement) -> Callable[[], None]:
+    """Set ``module.name`` on the instance; return the function that puts back what was there."""
+    had = name in module.__dict__
+    saved = module.__dict__.get(name)
+    setattr(module, name, replacement)
+
+    def restore():
+        if had:
+            module.__dict__[name] = saved
+        else:
+            module.__dict__.pop(name, None)
+    return restore
+
+
 @contextmanager
 def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
            special_ids=None) -> Iterator[ModelInfo]:
     """Run ``fns[(layer, site)](resid, fwd)`` at each site on every forward inside the block.
 
+    ``fwd`` (a :class:`Forward`) says which positions this forward computes and their token kinds.
+    A decode step is known by the transformers ``Cache`` among the forward's arguments (whatever
+    its keyword); inside ``generate()`` the prompt is the first forward's sequence, so positions
+    past it are GENERATED with the KV cache or without it (``use_cache=False``). The state is per
+    thread and per call of the model: a submodule called directly gets no earlier call's kinds.
+
     ``stop=True`` ends each forward right after the deepest site (the model call then returns
     ``None``); use it when only activations are wanted. ``special_ids`` adds token ids counted
     as SPECIAL (e.g. a tokenizer's ``all_special_ids``).
     Validates everything before registering anything; removes every hook in ``finally``.
+
+    Raises :class:`~vlmsae.errors.SiteError` / :class:`~vlmsae.errors.LayerIndexError` for bad
+    sites, and :class:`~vlmsae.errors.UnsupportedModelError` when a decode step of ``generate()``
+    cannot be placed in the sequence (no ``Cache`` found among the forward's arguments).
     """
     info = layers(model)
     sites = check_sites(info, fns)
@@ -123,21 +193,37 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
     order = {"resid_pre": 0, "resid_post": 1}
     deepest = max(sites, key=lambda s: (s[0], order[s[1]])) if stop else None
     extra = frozenset(int(i) for i in (special_ids or ()))
-    state = {"forward": None, "count": 0}
+    state = _ThreadState()
+    count = itertools.count()
 
     def on_forward(module, args, kwargs):
         if args:  # positional inputs: name them as the forward's signature does
             kwargs = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
         ids = kwargs.get(info.ids_key)
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        state["forward"] = Forward(info, state["count"], ids, kwargs.get(info.mask_key), past, extra)
-        state["count"] += 1
+        cache = find_cache(kwargs.values())
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        generated_from = past if past > 0 else None
+        generation = state.generation
+        if generation is not None and ids is not None:
+            total = past + ids.shape[1]
+            if generation.prompt_len is None:
+                generation.prompt_len = total
+            elif total <= generation.prompt_len:
+                names = ", ".join(f"{k}: {type(v).__name__}" for k, v in kwargs.items() if v is not None)
+                raise UnsupportedModelError(
+                    f"decode step {generation.steps} of generate() on this {info.family} model feeds "
+                    f"{ids.shape[1]} position(s) but vlmsae found no transformers Cache among the forward's "
+                    f"arguments ({names}), so it cannot place them after the {generation.prompt_len}-position "
+                    "prompt; report your transformers version to vlmsae, or generate with use_cache=False")
+            generation.steps += 1
+            generated_from = generation.prompt_len
+        state.forward = Forward(info, next(count), ids, kwargs.get(info.mask_key), past, extra, generated_from)
+
+    def on_forward_end(module, args, kwargs, output):
+        state.forward = None  # a submodule called directly later must not inherit this call's kinds
 
     def current() -> Forward:
-        if state["forward"] is None:  # a submodule was called directly: no ids to classify tokens by
-            state["forward"] = Forward(info, state["count"], None, None, 0, extra)
-        return state["forward"]
+        return state.forward or Forward(info, next(count), None, None, 0, extra, direct=True)
 
     def post(key, fn):
         def hook(module, args, output):
@@ -165,11 +251,28 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
             return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
         return hook
 
-    handles = []
-    had_forward = "forward" in root.__dict__
-    saved_forward = root.__dict__.get("forward")
+    def generating(inner):
+        def generate(*args, **kwargs):
+            outer, state.generation = state.generation, _Generation()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                state.generation = outer
+        return generate
+
+    def stopping(inner):
+        def forward(*args, **kwargs):
+            try:
+                return inner(*args, **kwargs)
+            except StopForward:
+                return None
+        forward.__wrapped_by_vlmsae__ = True
+        return forward
+
+    handles, restores = [], []
     try:
         handles.append(root.register_forward_pre_hook(on_forward, with_kwargs=True))
+        handles.append(root.register_forward_hook(on_forward_end, with_kwargs=True, always_call=True))
         for key in sites:
             layer_index, site = key
             layer = info.layers[layer_index]
@@ -178,23 +281,13 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
             else:
                 handles.append(layer.register_forward_pre_hook(pre(key, fns[key], execution_device(layer)),
                                                                with_kwargs=True))
+        if callable(getattr(root, "generate", None)):
+            restores.append(_patch(root, "generate", generating(root.generate)))
         if stop:
-            inner = root.forward
-
-            def forward(*args, **kwargs):
-                try:
-                    return inner(*args, **kwargs)
-                except StopForward:
-                    return None
-
-            forward.__wrapped_by_vlmsae__ = True
-            root.forward = forward
+            restores.append(_patch(root, "forward", stopping(root.forward)))
         yield info
     finally:
         for handle in handles:
             handle.remove()
-        if stop:
-            if had_forward:
-                root.forward = saved_forward
-            else:
-                root.__dict__.pop("forward", None)
+        for restore in reversed(restores):
+            restore()
