@@ -6,13 +6,14 @@ which; the prompt length and the attention mask say it.
 """
 
 import threading
+import warnings
 
 import pytest
 import torch
 
 import vlmsae
 from vlmsae import Kind
-from vlmsae.errors import UnsupportedModelError
+from vlmsae.errors import HookNameWarning, UnsupportedModelError
 from vlmsae.zoo import FIRST_TEXT_ID, build_inputs, tiny_inputs, tiny_model, with_sequences
 
 from conftest import logits
@@ -164,3 +165,55 @@ def test_generate_is_restored_after_the_context(model):
         assert "generate" in vlmsae.layers(model).model.__dict__
     assert "generate" not in vlmsae.layers(model).model.__dict__
     torch.testing.assert_close(logits(model, inputs), before, rtol=0, atol=0)
+
+
+def test_an_sae_used_at_another_site_than_its_hook_name_warns(model):
+    info = vlmsae.layers(model)
+    inputs = tiny_inputs(model, 1)
+    sae = vlmsae.SAE(d_in=info.d_model, d_sae=128, k=4).eval()
+    sae.metadata["hook_name"] = "blocks.2.hook_resid_post"
+
+    def run(use: str, layer: int) -> None:
+        if use in ("splice", "ablate", "steer"):
+            context = {"splice": lambda: vlmsae.splice(model, layer, sae),
+                       "ablate": lambda: vlmsae.ablate(model, layer, sae, [0]),
+                       "steer": lambda: vlmsae.steer(model, layer, sae, {0: 1.0})}[use]
+            with torch.no_grad(), context():
+                model(**inputs)
+        elif use == "evaluate":
+            vlmsae.evaluate(model, layer, sae, [inputs], ablations=False)
+        elif use == "scan":
+            vlmsae.scan(model, layer, sae, [inputs], features=[0])
+        else:
+            vlmsae.latent_stats(model, layer, sae, [inputs])
+
+    for use in ("splice", "ablate", "steer", "evaluate", "scan", "latent_stats"):
+        for layer in (1, 2):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run(use, layer)
+            got = [str(w.message) for w in caught if issubclass(w.category, HookNameWarning)]
+            if layer == 2:
+                assert got == [], use
+            else:
+                assert len(got) == 1, use
+                assert "'blocks.2.hook_resid_post'" in got[0] and "'blocks.1.hook_resid_post'" in got[0]
+
+
+def test_a_callable_where_never_selects_padding(model):
+    info = vlmsae.layers(model)
+    inputs = tiny_inputs(model, 3, padding="left")
+    pad = inputs[info.mask_key] == 0
+    assert pad.any()
+    vector = torch.ones(info.d_model)
+    with torch.no_grad(), vlmsae.record(model, [LAYER]) as clean:
+        model(**inputs)
+    everywhere = lambda fwd: torch.ones(fwd.ids.shape, dtype=torch.bool)  # noqa: E731
+    with torch.no_grad(), vlmsae.steer(model, LAYER, vector, where=everywhere), vlmsae.record(model, [LAYER]) as rec:
+        model(**inputs)
+    added = rec[LAYER] - clean[LAYER]
+    assert torch.equal(added[pad], torch.zeros_like(added[pad]))
+    torch.testing.assert_close(added[~pad], vector.expand(int((~pad).sum()), -1))
+    with pytest.raises(vlmsae.errors.ConfigError, match="must return a"):
+        with torch.no_grad(), vlmsae.steer(model, LAYER, vector, where=lambda fwd: fwd.ids.shape):
+            model(**inputs)

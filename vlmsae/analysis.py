@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .adapters import Kind, layers
 from .concepts import auroc
 from .errors import ConfigError
+from .hooks import check_sites
 from .interventions import check_features, check_sae, where_kinds, where_mask
 from .record import record
 from .sae import SAE
@@ -174,7 +175,8 @@ def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, k: int = 8, featu
     if context < 0:
         raise ConfigError(f"context={context} must be >= 0 (tokens shown either side of the peak)")
     info = layers(model)
-    check_sae(sae, info)
+    check_sites(info, [(layer, site)])
+    check_sae(sae, info, layer, site)
     kinds_read = where_kinds(where, info)
     device = sae.W_dec.device
     d_sae = sae.cfg.d_sae
@@ -368,7 +370,8 @@ def image_question_grid(model, layer: int, sae: SAE, images: Sequence, questions
     if reduce not in ("max", "mean", "last"):
         raise ConfigError(f"reduce={reduce!r} is unknown; use 'max', 'mean' or 'last'")
     info = layers(model)
-    check_sae(sae, info)
+    check_sites(info, [(layer, site)])
+    check_sae(sae, info, layer, site)
     kinds_read = where_kinds(where, info)
     device = sae.W_dec.device
     index = torch.tensor(check_features(features, sae.cfg.d_sae), dtype=torch.long, device=device)

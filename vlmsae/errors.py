@@ -27,3 +27,7 @@ class SAEFileError(VlmsaeError, ValueError):
 
 class NonFiniteError(VlmsaeError, FloatingPointError):
     """NaN or Inf in activations, loss or gradients."""
+
+
+class HookNameWarning(UserWarning):
+    """An SAE used at a site other than the ``hook_name`` its metadata says it was trained at."""

@@ -10,6 +10,7 @@ spliced: the question is what the image part of the residual carries for the tex
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import pandas as pd
@@ -19,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Kind, layers
-from .errors import ConfigError
+from .errors import ConfigError, HookNameWarning
 from .hooks import attach, check_sites
 from .interventions import SpliceStats, check_sae, kind_stats, splice, where_kinds, where_mask
 from .record import record
@@ -55,38 +56,40 @@ def evaluate(model, layer: int, sae: SAE, data: Iterable[dict], *, where=None, s
     """
     info = layers(model)
     check_sites(info, [(layer, site)])
-    check_sae(sae, info)
+    check_sae(sae, info, layer, site)
     if where is None:
         where = ["all", "image", "text"] if info.has_image_tokens else ["all"]
     where = [where] if isinstance(where, str) else list(where)
     kinds_of = {w: where_kinds(w, info) for w in where}
     sums = {w: {k: 0.0 for k in ("clean", "spliced", "zero", "mean", "kl", "tokens")} for w in where}
     splices = {}
-    for batch in tqdm(data, desc="evaluate", leave=False):
-        ids = batch[info.ids_key]
-        with record(model, [layer], site=site) as rec:
-            clean = model(**batch).logits
-        resid, fwd = rec[layer], rec.forwards[0]
-        positions = loss_positions(rec.mask(layer))
-        ce_clean = token_losses(clean, ids)
-        for w in where:
-            mask = where_mask(w, kinds_of[w], fwd)
-            s = sums[w]
-            s["tokens"] += positions.sum()
-            s["clean"] += ce_clean[positions].sum()
-            with splice(model, layer, sae, where=w, site=site) as spliced:
-                logits = model(**batch).logits
-            prev = splices.get(w)
-            splices[w] = spliced._sums if prev is None else SpliceStats(*(a + b for a, b in zip(prev, spliced._sums)))
-            s["spliced"] += token_losses(logits, ids)[positions].sum()
-            s["kl"] += token_kl(clean, logits)[positions].sum()
-            if ablations:
-                mean = resid[mask].mean(0) if mask.any() else torch.zeros_like(resid[0, 0])
-                for name, value in (("zero", torch.zeros_like(mean)), ("mean", mean)):
-                    def replace(r, f, value=value, mask=mask):
-                        return torch.where(mask[..., None].to(r.device), value.to(r), r)
-                    with attach(model, {(layer, site): replace}):
-                        s[name] += token_losses(model(**batch).logits, ids)[positions].sum()
+    with warnings.catch_warnings():  # check_sae has warned once if this is not the SAE's own site
+        warnings.simplefilter("ignore", HookNameWarning)
+        for batch in tqdm(data, desc="evaluate", leave=False):
+            ids = batch[info.ids_key]
+            with record(model, [layer], site=site) as rec:
+                clean = model(**batch).logits
+            resid, fwd = rec[layer], rec.forwards[0]
+            positions = loss_positions(rec.mask(layer))
+            ce_clean = token_losses(clean, ids)
+            for w in where:
+                mask = where_mask(w, kinds_of[w], fwd)
+                s = sums[w]
+                s["tokens"] += positions.sum()
+                s["clean"] += ce_clean[positions].sum()
+                with splice(model, layer, sae, where=w, site=site) as spliced:
+                    logits = model(**batch).logits
+                prev = splices.get(w)
+                splices[w] = spliced._sums if prev is None else SpliceStats(*(a + b for a, b in zip(prev, spliced._sums)))
+                s["spliced"] += token_losses(logits, ids)[positions].sum()
+                s["kl"] += token_kl(clean, logits)[positions].sum()
+                if ablations:
+                    mean = resid[mask].mean(0) if mask.any() else torch.zeros_like(resid[0, 0])
+                    for name, value in (("zero", torch.zeros_like(mean)), ("mean", mean)):
+                        def replace(r, f, value=value, mask=mask):
+                            return torch.where(mask[..., None].to(r.device), value.to(r), r)
+                        with attach(model, {(layer, site): replace}):
+                            s[name] += token_losses(model(**batch).logits, ids)[positions].sum()
     if not splices:
         raise ConfigError("evaluate() got no batches: data yielded nothing")
     rows = {}

@@ -7,10 +7,15 @@ of ``generate()`` included. Where several are open at one site, the outer one ac
 
 ``where`` chooses the positions an intervention touches: ``None`` (every non-pad position), a
 kind name or a list of them (``"image"``, ``"text"``, ``"special"``, ``"generated"``, ``"prompt"``:
-every non-pad position that was not generated), or a callable ``fwd -> (batch, seq) bool``.
+every non-pad position that was not generated), or a callable ``fwd -> (batch, seq) bool``
+(padding is never selected, whatever the callable returns). Under ``generate()`` the prompt is
+what ``generate()`` was given; the first new token is predicted at the last prompt position, so
+``"generated"`` first changes the second new token.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -22,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Kind, ModelInfo, any_equal, layers
-from .errors import ConfigError, SiteError
+from .errors import ConfigError, HookNameWarning, SiteError
 from .hooks import Forward, attach, check_sites
 from .sae import SAE
 
@@ -62,17 +67,39 @@ def where_kinds(where, info: ModelInfo) -> tuple[Kind, ...] | None:
 
 
 def where_mask(where, kinds: tuple[Kind, ...] | None, fwd: Forward) -> Tensor:
-    """``(batch, seq)`` bool: the positions of this forward that ``where`` selects."""
-    if kinds is None:
-        return where(fwd)
-    return any_equal(fwd.kinds, kinds)
+    """``(batch, seq)`` bool: the positions of this forward that ``where`` selects; never padding.
+
+    Raises ``ConfigError`` when a callable ``where`` returns anything but a ``(batch, seq)`` bool tensor.
+    """
+    if kinds is not None:
+        return any_equal(fwd.kinds, kinds)
+    mask = where(fwd)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.ndim != 2:
+        got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ConfigError(f"where={where!r} returned {got}; a callable where must return a (batch, seq) bool tensor")
+    if fwd.ids is not None:
+        return mask & (fwd.kinds != Kind.PAD).to(mask.device)
+    if fwd.attention_mask is not None:  # inputs_embeds only: the attention mask still says where padding is
+        return mask & (fwd.attention_mask[:, -mask.shape[1]:] != 0).to(mask.device)
+    return mask
 
 
-def check_sae(sae: SAE, info: ModelInfo) -> None:
+def check_sae(sae: SAE, info: ModelInfo, layer: int, site: str) -> None:
+    """Raise ``ConfigError`` if the SAE's width is not the model's; warn if it belongs to another site.
+
+    The warning (:class:`~vlmsae.errors.HookNameWarning`) names the SAE's own ``hook_name`` and the
+    site it is used at: an SAE trained on layer 2 spliced at layer 1 runs, but means little.
+    """
     if sae.cfg.d_in != info.d_model:
         raise ConfigError(
             f"the SAE reads d_in={sae.cfg.d_in} but this {info.family} model's residual has d_model={info.d_model}; "
             "use an SAE trained on this model (or one of the same width)")
+    trained_at, used_at = sae.metadata.get("hook_name"), info.hook_name(layer, site)
+    if trained_at is not None and trained_at != used_at:
+        warnings.warn(
+            f"this SAE was trained at {trained_at!r} (hook_name in its metadata) but is used at {used_at!r}; "
+            f"pass the layer and site it was trained at, or set sae.metadata['hook_name'] = {used_at!r} if its "
+            "metadata is wrong", HookNameWarning, stacklevel=3)
 
 
 def check_features(features: Iterable[int], d_sae: int) -> list[int]:
@@ -187,7 +214,7 @@ def splice(model, layer: int, sae: SAE, *, error: bool = False, where=None, site
     """
     info = layers(model)
     check_sites(info, [(layer, site)])
-    check_sae(sae, info)
+    check_sae(sae, info, layer, site)
     kinds = where_kinds(where, info)
     key = (id(info.model), layer, site, id(sae))
     if key in _ACTIVE:
@@ -283,7 +310,7 @@ def steer(model, layer: int, target, features: Mapping[int, float] | None = None
     info = layers(model)
     check_sites(info, [(layer, site)])
     if isinstance(target, SAE):
-        check_sae(target, info)
+        check_sae(target, info, layer, site)
     vector = steering_vector(target, features, strength=strength, relative_to=relative_to)
     if vector.shape[0] != info.d_model:
         raise ConfigError(f"a steering vector of width {vector.shape[0]} does not fit d_model={info.d_model}")
@@ -315,7 +342,8 @@ def latent_stats(model, layer: int, sae: SAE, data: Iterable[dict], *, where=Non
     from .record import record
 
     info = layers(model)
-    check_sae(sae, info)
+    check_sites(info, [(layer, site)])
+    check_sae(sae, info, layer, site)
     kinds = where_kinds(where, info)
     d_sae = sae.cfg.d_sae
     total = torch.zeros(d_sae, dtype=torch.float64, device=sae.W_dec.device)

@@ -45,7 +45,8 @@ class Recording:
             raise ValueError(
                 f"record() saw {len(fresh) + 1} independent forwards (forwards {[steps[0][0].index, *fresh]} each "
                 "start a new sequence), which cannot be joined into one; use rec.steps(layer), or one record() "
-                "block per forward")
+                "block per forward (under generate(use_cache=False) each step recomputes the whole sequence: "
+                "rec.steps(layer)[-1] holds the last)")
         return steps
 
     def steps(self, layer: int) -> list[torch.Tensor]:
