@@ -57,8 +57,9 @@ def main():
                  buffer_size=buffer_size, progress=False)
     train_s = now() - t0
     trained_tokens = args.steps * args.batch_size  # every buffered row is read exactly once
-    # the same forwards feeding buffers of the same size, nothing trained, until as many rows were kept
-    harvest, _ = harvest_rate(model, layer, batches, trained_tokens, buffer_size, now)
+    # the same forwards, nothing trained, until as many rows were kept, into buffers of half the size:
+    # training refills half its buffer at a time (and drops the same overflow)
+    harvest, _ = harvest_rate(model, layer, batches, trained_tokens, buffer_size // 2, now)
     train_rate = trained_tokens / train_s
     print(f"\ndevice {device}, dtype {args.dtype}, {type(model).__name__} d={info.d_model} "
           f"L={info.n_layers}, layer {layer}, SAE 16x k={args.k}, SAE batch {args.batch_size}")
