@@ -18,8 +18,9 @@ b) Hooks and interventions on LLaVA-1.5-7B's shapes (Llama-2-7B decoder, CLIP Vi
    every layer), record with early stop, splice and steer as ratios to the plain forward; generate()
    with record, splice and steer as ratios to plain generate().
 c) Online training on that model: ``vlmsae.train`` at the middle layer (d_sae 65536, k 64) against
-   harvest alone (record with early stop into ring buffers of the same size, over the same batches),
-   in tokens/s, and their ratio (design goal >= 0.85).
+   harvest alone (record with early stop into ring buffers, over the same batches, as many rows as
+   training read), in tokens/s, and their ratio (design goal >= 0.85); also that ratio per row
+   harvested, since training harvests its first full buffer before it trains.
 
 Every section checks its results cheaply first (prints a ``check`` line), reports
 ``torch.cuda.max_memory_allocated``, and runs inside try/except: one failing section leaves the
@@ -27,7 +28,8 @@ others' figures. A missing peer is reported and skipped. The JSON (``--out``) is
 every section; the markdown table is printed last.
 
 On the lent H200, from the repo root, with the wheels the image lacks in .whl (plotly for vlmsae;
-eai-sparsify, sae-lens, transformer-lens 3.x and their import-time needs for the peers):
+eai-sparsify, sae-lens, transformer-lens 3.x and their import-time needs for the peers; .whl is
+git-ignored, so the device call names it in ``carry``). About 3-4 minutes there; give it 600 s:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_figures.py --out $OUT/gpu.json
 
@@ -75,6 +77,11 @@ class Report:
 
     def row(self, section: str, figure: str, value: str) -> None:
         self.rows.append((section, figure, value))
+
+    def save_partial(self, name: str, result: dict) -> None:
+        """Keep a section's figures so far, in case it dies later (a timeout kills without a traceback)."""
+        self.data[name] = result
+        self.save()
 
     def save(self) -> None:
         if self.path is not None:
@@ -138,19 +145,35 @@ def import_peer(name: str):
     return peer_sae_step.sparsify_step, f"eai-sparsify {sparsify.__version__}"
 
 
+def failure(where: str, failed: dict) -> None:
+    """Print the exception being handled and keep its traceback under ``failed[where]``."""
+    say(f"{where}: FAILED (traceback below); the section goes on without it")
+    traceback.print_exc()
+    sys.stderr.flush()
+    failed[where] = traceback.format_exc(limit=8)
+
+
 def section_sae_step(args, device, now, report: Report) -> dict:
     out = {"config": {"d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "batch": args.batch,
                       "dead_fraction_auxk": args.dead_fraction, "repeats": args.sae_repeats}, "checks": {}}
+    failed = out["failed"] = {}
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in, device=device)
     dead = torch.zeros(args.d_sae, dtype=torch.bool, device=device)
     dead[torch.randperm(args.d_sae, device=device)[:int(args.d_sae * args.dead_fraction)]] = True
+    variants, trainers = {}, {}
 
-    def vlmsae_step(auxk: bool):
+    def add(name: str, build) -> None:
+        try:
+            variants[name] = build()
+        except Exception:
+            failure(f"building {name}", failed)
+
+    def vlmsae_step(name: str, auxk: bool):
         sae = SAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k, device=device)
-        trainer = SAETrainer(sae, sync_every=10**9)  # no readout inside the timed steps
+        trainer = trainers[name] = SAETrainer(sae, sync_every=10**9)  # no readout inside the timed steps
         if not auxk:
-            return trainer, lambda: trainer.step(x)
+            return lambda: trainer.step(x)
         if not (hasattr(trainer, "aux_active") and hasattr(trainer, "tokens_since_fired")):
             raise RuntimeError("SAETrainer has no aux_active / tokens_since_fired: cannot force AuxK")
 
@@ -159,84 +182,70 @@ def section_sae_step(args, device, now, report: Report) -> dict:
             trainer.tokens_since_fired.masked_fill_(dead, sae.cfg.dead_tokens)
             trainer.aux_active = True
             trainer.step(x)
-        return trainer, step
+        return step
 
-    trainer, step_plain = vlmsae_step(False)
-    trainer_aux, step_aux = vlmsae_step(True)
-    variants = {"vlmsae": step_plain, "vlmsae +AuxK": step_aux}
-    floor_dtype = getattr(trainer, "compute_dtype", torch.bfloat16)
-    x_floor, W_floor = x.to(floor_dtype), trainer.sae.W_enc.detach().to(floor_dtype)
-    variants["dense floor (x @ W_enc)"] = lambda: x_floor @ W_floor
-    peers = {}
+    def floor_matmul():
+        # the step's one dense matmul, in the trainer's compute dtype (bf16 on CUDA)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        x_floor = x.to(dtype)
+        W_floor = torch.randn(args.d_in, args.d_sae, device=device, dtype=dtype)
+        return lambda: x_floor @ W_floor
+
+    add("vlmsae", lambda: vlmsae_step("vlmsae", False))
+    add("vlmsae +AuxK", lambda: vlmsae_step("vlmsae +AuxK", True))
+    add("dense floor (x @ W_enc)", floor_matmul)
+    peers = out["peers"] = {}
     for name in ("sparsify", "sae-lens"):
         try:
-            factory, version = import_peer(name)
-            variants[name] = factory(x, args.d_sae, args.k, bookkeeping=True)
-            variants[f"{name} +AuxK"] = factory(x, args.d_sae, args.k, dead=dead, bookkeeping=True)
-            peers[name] = version
-            say(f"peer {version}: built")
+            factory, peers[name] = import_peer(name)
         except Exception:
-            say(f"peer {name}: not available, skipped")
-            traceback.print_exc()
-            sys.stderr.flush()
-            out.setdefault("missing_peers", {})[name] = traceback.format_exc(limit=3)
-            variants.pop(name, None)
-    out["peers"] = peers
-
-    # warm-up and checks: two steps each (a peer that fails here is dropped), then what each step reports
-    results = {}
-    for name, fn in list(variants.items()):
-        if name not in variants:  # its peer failed a moment ago
+            failure(f"importing {name}", failed)
             continue
+        add(name, lambda: factory(x, args.d_sae, args.k, bookkeeping=True))
+        add(f"{name} +AuxK", lambda: factory(x, args.d_sae, args.k, dead=dead, bookkeeping=True))
+        say(f"peer {peers[name]}: built")
+
+    # warm-up and checks: two steps each, then what each step reports; a variant that fails is dropped
+    for name, fn in list(variants.items()):
         try:
-            results[name] = [fn(), fn()][-1]
+            result = [fn(), fn()][-1]
+            if name in trainers:
+                m = trainers[name].read_metrics()
+                ok = math.isfinite(m.fvu) and 0 < m.l0 <= args.k + 0.5 and (m.aux_loss > 0 if "AuxK" in name else True)
+                check(out["checks"], f"{name} step", ok, f"fvu {m.fvu:.3f}, l0 {m.l0:.2f} (k {args.k}), aux loss "
+                      f"{m.aux_loss:.3g}" + (" (> 0: AuxK ran)" if "AuxK" in name else ""))
+            elif name.removesuffix(" +AuxK") in peers:
+                loss, aux = (float(t) for t in result)
+                ok = math.isfinite(loss) and (aux > 0 if "AuxK" in name else True)
+                check(out["checks"], f"{name} step", ok, f"loss {loss:.4g}, aux loss {aux:.3g}")
         except Exception:
-            peer = name.removesuffix(" +AuxK")
-            if peer not in peers:
-                raise
-            say(f"peer {peer}: its step failed, skipped")
-            traceback.print_exc()
-            sys.stderr.flush()
-            out.setdefault("missing_peers", {})[peer] = traceback.format_exc(limit=5)
-            del peers[peer]
-            variants.pop(peer, None), variants.pop(f"{peer} +AuxK", None)
-    m = trainer.read_metrics()
-    check(out["checks"], "vlmsae step", math.isfinite(m.fvu) and 0 < m.l0 <= args.k + 0.5,
-          f"fvu {m.fvu:.3f}, l0 {m.l0:.2f} (k {args.k})")
-    m = trainer_aux.read_metrics()
-    check(out["checks"], "vlmsae step +AuxK", math.isfinite(m.fvu) and m.aux_loss > 0,
-          f"fvu {m.fvu:.3f}, aux loss {m.aux_loss:.3g} (> 0: AuxK ran)")
-    for name in peers:
-        for suffix in ("", " +AuxK"):
-            loss, aux = (float(t) for t in results[name + suffix])
-            ok = math.isfinite(loss) and (aux > 0 if suffix else True)
-            check(out["checks"], f"{name} step{suffix}", ok, f"loss {loss:.4g}, aux loss {aux:.3g}")
+            failure(f"first steps of {name}", failed)
+            del variants[name]
 
     say(f"timing {len(variants)} variants x {args.sae_repeats} interleaved steps")
     median = median_times(variants, args.sae_repeats, now)
-    ours, ours_aux = median["vlmsae"], median["vlmsae +AuxK"]
-    rows = {}
+    rows = out["variants"] = {}
     for name, seconds in median.items():
-        base = ours_aux if name.endswith("+AuxK") else ours
-        rows[name] = {"s_per_step": seconds, "tokens_per_s": args.batch / seconds, "time_over_vlmsae": seconds / base}
-        say(f"  {name:26} {1e3 * seconds:9.2f} ms/step {args.batch / seconds:12,.0f} tokens/s "
-            f"{seconds / base:7.2f}x vlmsae's time")
-    out["variants"] = rows
-    floor = median["dense floor (x @ W_enc)"]
-    out["vlmsae_over_floor"] = floor / ours
-    report.row("a", "vlmsae step, tokens/s (no dead latents)", f"{args.batch / ours:,.0f}")
-    report.row("a", "vlmsae step +AuxK, tokens/s", f"{args.batch / ours_aux:,.0f}")
-    report.row("a", "vlmsae tokens/s / dense floor's", f"{floor / ours:.2f}")
-    if device.type == "cuda":
+        base = median.get("vlmsae +AuxK" if name.endswith("+AuxK") else "vlmsae")
+        rows[name] = {"s_per_step": seconds, "tokens_per_s": args.batch / seconds,
+                      "time_over_vlmsae": seconds / base if base else None}
+        say(f"  {name:26} {1e3 * seconds:9.2f} ms/step {args.batch / seconds:12,.0f} tokens/s"
+            + (f" {seconds / base:7.2f}x vlmsae's time" if base else ""))
+    ours, floor = median.get("vlmsae"), median.get("dense floor (x @ W_enc)")
+    for name, seconds in median.items():
+        report.row("a", f"{name}: tokens/s (ms/step)", f"{args.batch / seconds:,.0f} ({1e3 * seconds:.1f})")
+    if ours and floor:
+        out["vlmsae_over_floor"] = floor / ours
+        report.row("a", "vlmsae tokens/s / dense floor's", f"{floor / ours:.2f}")
+    if ours and device.type == "cuda":
         out["vlmsae_over_h200_ceiling"] = args.batch / ours / H200_CEILING_TOKENS_PER_S
         report.row("a", f"vlmsae / H200 sparse ceiling ({H200_CEILING_TOKENS_PER_S:.1e} tokens/s)",
                    f"{out['vlmsae_over_h200_ceiling']:.2f}")
-    for name in peers:
-        for suffix in ("", " +AuxK"):
-            report.row("a", f"vlmsae speed-up over {name}{suffix}", f"{rows[name + suffix]['time_over_vlmsae']:.2f}x")
-    for name in ("sparsify", "sae-lens"):
-        if name not in peers:
-            report.row("a", f"{name}", "not importable: skipped")
+    for name, row in rows.items():
+        if name.removesuffix(" +AuxK") in peers and row["time_over_vlmsae"]:
+            report.row("a", f"vlmsae speed-up over {name}", f"{row['time_over_vlmsae']:.2f}x")
+    for name in failed:
+        report.row("a", name, "FAILED: see the log")
     return out
 
 
@@ -268,39 +277,6 @@ def section_hooks(args, device, now, report: Report) -> dict:
     features = {0: 4.0, 1: -2.0}
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
-    with torch.no_grad():
-        with vlmsae.record(model, [mid]) as rec:
-            plain = model(**inputs, output_hidden_states=True)
-        truth = plain.hidden_states[mid + 1]
-        diff = (rec[mid].float() - truth.float()).abs().max().item()
-        check(out["checks"], f"record L{mid} == output_hidden_states[{mid + 1}]",
-              torch.equal(rec[mid], truth) or diff <= 1e-2 * truth.float().abs().max().item(),
-              "bitwise equal" if torch.equal(rec[mid], truth) else f"max |diff| {diff:.3g}")
-        with vlmsae.record(model, [mid], stop=True) as early:
-            returned = model(**inputs)
-        check(out["checks"], "early stop: same capture, forward returns None",
-              returned is None and torch.equal(early[mid], rec[mid]))
-        with vlmsae.splice(model, mid, sae):
-            spliced = model(**inputs).logits
-        check(out["checks"], "splice: logits finite", bool(torch.isfinite(spliced).all()),
-              f"max |logit - plain| {(spliced.float() - plain.logits.float()).abs().max().item():.3g}")
-        with vlmsae.steer(model, mid, sae, features):
-            steered = model(**inputs).logits
-        check(out["checks"], "steer: logits finite and moved", bool(torch.isfinite(steered).all())
-              and not torch.equal(steered, plain.logits))
-        with vlmsae.steer(model, mid, sae, features):
-            seq = model.generate(**inputs, **gen)
-        want = inputs["input_ids"].shape[1] + args.new_tokens
-        check(out["checks"], "steer under generate: every new token", seq.shape[1] == want,
-              f"{tuple(seq.shape)}, want length {want}")
-        del plain, truth, rec, early, spliced, steered, seq
-
-    def run(ctx, fn):
-        def go():
-            with torch.no_grad(), ctx():
-                fn()
-        return go
-
     contexts = {
         "plain": lambda: torch.no_grad(),
         f"record L{mid}": lambda: vlmsae.record(model, [mid]),
@@ -309,32 +285,102 @@ def section_hooks(args, device, now, report: Report) -> dict:
         "splice": lambda: vlmsae.splice(model, mid, sae),
         "steer": lambda: vlmsae.steer(model, mid, sae, features),
     }
+    failed = out["failed"] = {}
+    generate_ok = {"plain", f"record L{mid}", "splice", "steer"}
+    with torch.no_grad():
+        plain = model(**inputs, output_hidden_states=True)
+        truth, captured = plain.hidden_states[mid + 1], None
+        try:
+            with vlmsae.record(model, [mid]) as rec:
+                model(**inputs)
+            captured = rec[mid]
+            diff = (captured.float() - truth.float()).abs().max().item()
+            check(out["checks"], f"record L{mid} == output_hidden_states[{mid + 1}]",
+                  torch.equal(captured, truth) or diff <= 1e-2 * truth.float().abs().max().item(),
+                  "bitwise equal" if torch.equal(captured, truth) else f"max |diff| {diff:.3g}")
+            with vlmsae.record(model, range(n)) as rec_all:
+                model(**inputs)
+            check(out["checks"], f"record all {n} == output_hidden_states[1:{n}]",
+                  all(torch.equal(rec_all[L], plain.hidden_states[L + 1]) for L in range(n - 1)))
+            del rec_all
+        except Exception:
+            failure("record", failed)
+            contexts.pop(f"record L{mid}"), contexts.pop(f"record all {n}")
+        try:
+            with vlmsae.record(model, [mid], stop=True) as early:
+                returned = model(**inputs)
+            check(out["checks"], "early stop: forward returns None, capture equals output_hidden_states",
+                  returned is None and torch.equal(early[mid], truth))
+        except Exception:
+            failure("early stop", failed)
+            contexts.pop(f"record L{mid}, early stop")
+        try:
+            with vlmsae.splice(model, mid, sae):
+                spliced = model(**inputs).logits
+            check(out["checks"], "splice: logits finite", bool(torch.isfinite(spliced).all()),
+                  f"max |logit - plain| {(spliced.float() - plain.logits.float()).abs().max().item():.3g}")
+            del spliced
+        except Exception:
+            failure("splice", failed)
+            contexts.pop("splice")
+        try:
+            with vlmsae.steer(model, mid, sae, features):
+                steered = model(**inputs).logits
+            check(out["checks"], "steer: logits finite and moved", bool(torch.isfinite(steered).all())
+                  and not torch.equal(steered, plain.logits))
+            del steered
+        except Exception:
+            failure("steer", failed)
+            contexts.pop("steer")
+        try:
+            with vlmsae.steer(model, mid, sae, features):
+                seq = model.generate(**inputs, **gen)
+            want = inputs["input_ids"].shape[1] + args.new_tokens
+            check(out["checks"], "steer under generate: every new token", seq.shape[1] == want,
+                  f"{tuple(seq.shape)}, want length {want}")
+        except Exception:
+            failure("steer under generate", failed)
+            generate_ok.discard("steer")
+        del plain, truth, captured
+
+    def run(ctx, fn):
+        def go():
+            with torch.no_grad(), ctx():
+                fn()
+        return go
+
     say(f"timing {len(contexts)} forward variants x {args.repeats} interleaved repeats")
     fwd = median_times({k: run(c, lambda: model(**inputs)) for k, c in contexts.items()}, args.repeats, now)
-    gen_contexts = {k: contexts[k] for k in ("plain", f"record L{mid}", "splice", "steer")}
-    gen_repeats = max(3, args.repeats // 2)
-    say(f"timing {len(gen_contexts)} generate variants ({args.new_tokens} new tokens) x {gen_repeats} repeats")
-    gen_t = median_times({k: run(c, lambda: model.generate(**inputs, **gen)) for k, c in gen_contexts.items()},
-                         gen_repeats, now)
     out["forward_ms"] = 1e3 * fwd["plain"]
     out["forward_ratios"] = {k: v / fwd["plain"] for k, v in fwd.items()}
-    out["generate_ms"] = 1e3 * gen_t["plain"]
-    out["generate_ratios"] = {k: v / gen_t["plain"] for k, v in gen_t.items()}
-    tokens = inputs["input_ids"].numel()
-    out["forward_tokens_per_s"] = tokens / fwd["plain"]
+    out["forward_tokens_per_s"] = inputs["input_ids"].numel() / fwd["plain"]
     for k, v in out["forward_ratios"].items():
         say(f"  forward  {k:28} {1e3 * fwd[k]:9.1f} ms  {v:6.3f}x plain")
-    for k, v in out["generate_ratios"].items():
-        say(f"  generate {k:28} {1e3 * gen_t[k]:9.1f} ms  {v:6.3f}x plain")
     report.row("b", f"plain forward, {tuple(inputs['input_ids'].shape)} tokens",
                f"{out['forward_ms']:.1f} ms ({out['forward_tokens_per_s']:,.0f} tokens/s)")
     for k, v in out["forward_ratios"].items():
         if k != "plain":
             report.row("b", f"{k} / plain forward", f"{v:.3f}")
-    report.row("b", f"plain generate, {args.new_tokens} new tokens", f"{out['generate_ms']:.1f} ms")
-    for k, v in out["generate_ratios"].items():
-        if k != "plain":
-            report.row("b", f"{k} under generate / plain generate", f"{v:.3f}")
+    report.save_partial("hooks", out)
+
+    gen_contexts = {k: c for k, c in contexts.items() if k in generate_ok}
+    gen_repeats = max(3, args.repeats // 2)
+    say(f"timing {len(gen_contexts)} generate variants ({args.new_tokens} new tokens) x {gen_repeats} repeats")
+    try:
+        gen_t = median_times({k: run(c, lambda: model.generate(**inputs, **gen)) for k, c in gen_contexts.items()},
+                             gen_repeats, now)
+        out["generate_ms"] = 1e3 * gen_t["plain"]
+        out["generate_ratios"] = {k: v / gen_t["plain"] for k, v in gen_t.items()}
+        for k, v in out["generate_ratios"].items():
+            say(f"  generate {k:28} {1e3 * gen_t[k]:9.1f} ms  {v:6.3f}x plain")
+        report.row("b", f"plain generate, {args.new_tokens} new tokens", f"{out['generate_ms']:.1f} ms")
+        for k, v in out["generate_ratios"].items():
+            if k != "plain":
+                report.row("b", f"{k} under generate / plain generate", f"{v:.3f}")
+    except Exception:
+        failure("generate timing", failed)
+    for name in failed:
+        report.row("b", name, "FAILED: see the log")
     return out
 
 
@@ -358,38 +404,53 @@ def section_train(args, device, now, report: Report) -> dict:
         return vlmsae.train(model, layer, batches, sae(), steps=steps, batch_size=args.train_batch,
                             buffer_size=buffer_size, sync_every=args.sync_every, progress=False, **extra)
 
-    say("online training: warm-up (4 steps)")
-    train(4)
-    say(f"online training: {args.train_steps} steps of {args.train_batch} tokens")
-    history = []
-    t0 = now()
-    trained = train(args.train_steps, history)
-    train_s = now() - t0
-    last = history[-1] if history else {}
-    finite = all(bool(torch.isfinite(p).all()) for p in trained.parameters())
-    check(out["checks"], "trained SAE finite, 0 < l0 <= k", finite and math.isfinite(last.get("fvu", math.nan))
-          and 0 < last.get("l0", 0) <= args.k + 0.5,
-          f"last readout: step {last.get('step')}, fvu {last.get('fvu', math.nan):.3f}, l0 {last.get('l0', math.nan):.2f}")
-    del trained
+    failed = out["failed"] = {}
     trained_tokens = args.train_steps * args.train_batch
-    train_rate = trained_tokens / train_s
-    say(f"harvest alone: until {trained_tokens:,} rows kept")
-    # buffers of half the size: training refills half its buffer at a time, and drops the same overflow
-    harvest, forwards = harvest_rate(model, layer, batches, trained_tokens, buffer_size // 2, now)
-    check(out["checks"], "harvest kept rows", harvest > 0, f"{forwards} forwards")
-    # training harvests the whole buffer first, then half a buffer per read phase: rows it harvested
-    per_phase = buffer_size // 2 // args.train_batch
-    harvested = buffer_size + (math.ceil(args.train_steps / per_phase) - 1) * (buffer_size // 2)
-    out.update(train_s=train_s, train_tokens_per_s=train_rate, harvest_tokens_per_s=harvest,
-               harvest_forwards=forwards, ratio=train_rate / harvest, rows_harvested_by_train=harvested,
-               ratio_per_harvested_row=train_rate / harvest * harvested / trained_tokens)
-    say(f"  harvest alone {harvest:,.0f} tokens/s; harvest + train {train_rate:,.0f} tokens/s; "
-        f"ratio {out['ratio']:.3f} (goal >= 0.85)")
-    report.row("c", f"harvest alone (record L{layer}, early stop), tokens/s", f"{harvest:,.0f}")
-    report.row("c", f"harvest + train ({args.train_steps} steps x {args.train_batch}), tokens/s", f"{train_rate:,.0f}")
-    report.row("c", "ratio harvest+train / harvest (goal >= 0.85)", f"{out['ratio']:.3f}")
-    report.row("c", f"same, per row harvested ({harvested:,} for {trained_tokens:,} trained)",
-               f"{out['ratio_per_harvested_row']:.3f}")
+    train_rate = harvest = None
+    try:
+        say("online training: warm-up (4 steps)")
+        train(4)
+        say(f"online training: {args.train_steps} steps of {args.train_batch} tokens")
+        history = []
+        t0 = now()
+        trained = train(args.train_steps, history)
+        train_s = now() - t0
+        train_rate = trained_tokens / train_s
+        out.update(train_s=train_s, train_tokens_per_s=train_rate, history=history)
+        say(f"  harvest + train {train_rate:,.0f} tokens/s")
+        report.row("c", f"harvest + train ({args.train_steps} steps x {args.train_batch}), tokens/s", f"{train_rate:,.0f}")
+        report.save_partial("online_train", out)
+        last = history[-1] if history else {}
+        finite = all(bool(torch.isfinite(p).all()) for p in trained.parameters())
+        check(out["checks"], "trained SAE finite, 0 < l0 <= k", finite and math.isfinite(last.get("fvu", math.nan))
+              and 0 < last.get("l0", 0) <= args.k + 0.5, f"last readout: step {last.get('step')}, "
+              f"fvu {last.get('fvu', math.nan):.3f}, l0 {last.get('l0', math.nan):.2f}")
+        del trained
+    except Exception:
+        failure("online training", failed)
+    gc.collect()
+    try:
+        say(f"harvest alone: until {trained_tokens:,} rows kept")
+        # buffers of half the size: training refills half its buffer at a time, and drops the same overflow
+        harvest, forwards = harvest_rate(model, layer, batches, trained_tokens, buffer_size // 2, now)
+        check(out["checks"], "harvest kept rows", harvest > 0, f"{forwards} forwards")
+        out.update(harvest_tokens_per_s=harvest, harvest_forwards=forwards)
+        say(f"  harvest alone {harvest:,.0f} tokens/s")
+        report.row("c", f"harvest alone (record L{layer}, early stop), tokens/s", f"{harvest:,.0f}")
+    except Exception:
+        failure("harvest alone", failed)
+    if train_rate and harvest:
+        # training harvests the whole buffer first, then half a buffer per read phase: rows it harvested
+        per_phase = buffer_size // 2 // args.train_batch
+        harvested = buffer_size + (math.ceil(args.train_steps / per_phase) - 1) * (buffer_size // 2)
+        out.update(ratio=train_rate / harvest, rows_harvested_by_train=harvested,
+                   ratio_per_harvested_row=train_rate / harvest * harvested / trained_tokens)
+        say(f"  ratio harvest+train / harvest {out['ratio']:.3f} (goal >= 0.85)")
+        report.row("c", "ratio harvest+train / harvest (goal >= 0.85)", f"{out['ratio']:.3f}")
+        report.row("c", f"same, per row harvested ({harvested:,} for {trained_tokens:,} trained)",
+                   f"{out['ratio_per_harvested_row']:.3f}")
+    for name in failed:
+        report.row("c", name, "FAILED: see the log")
     return out
 
 
