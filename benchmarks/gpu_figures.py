@@ -476,6 +476,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=96)
     parser.add_argument("--train-batch", type=int, default=16384)
     parser.add_argument("--sync-every", type=int, default=25, help="training's metric readouts (its default: 25)")
+    parser.add_argument("--budget-s", type=float, default=360, help="start no section after this many seconds")
     args = parser.parse_args()
     if args.tiny:
         args.d_in, args.d_sae, args.k, args.batch, args.sae_repeats = 64, 1024, 8, 256, 3
@@ -494,6 +495,10 @@ def main() -> None:
     sections = {"a": ("sae_step", section_sae_step), "b": ("hooks", section_hooks), "c": ("online_train", section_train)}
     for key in args.sections:
         name, fn = sections[key]
+        if time.perf_counter() - START > args.budget_s:
+            say(f"=== {key}) {name}: SKIPPED, past the {args.budget_s:.0f} s budget")
+            report.row(key, "SKIPPED", f"past the {args.budget_s:.0f} s budget")
+            continue
         say(f"=== {key}) {name}")
         reset_memory(device)
         t0 = time.perf_counter()
