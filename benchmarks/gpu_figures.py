@@ -418,7 +418,8 @@ def section_train(args, device, now, report: Report) -> dict:
         train_rate = trained_tokens / train_s
         out.update(train_s=train_s, train_tokens_per_s=train_rate, history=history)
         say(f"  harvest + train {train_rate:,.0f} tokens/s")
-        report.row("c", f"harvest + train ({args.train_steps} steps x {args.train_batch}), tokens/s", f"{train_rate:,.0f}")
+        report.row("c", f"harvest + train ({args.train_steps} steps x {args.train_batch}), tokens/s",
+                   f"{train_rate:,.0f}")
         report.save_partial("online_train", out)
         last = history[-1] if history else {}
         finite = all(bool(torch.isfinite(p).all()) for p in trained.parameters())
@@ -487,12 +488,14 @@ def main() -> None:
     import transformers
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "tiny": args.tiny, "args": vars(args)}
     report = Report(args.out, meta)
     say(f"gpu_figures: {meta['device_name']}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"sections {' '.join(args.sections)}{' (tiny)' if args.tiny else ''}")
-    sections = {"a": ("sae_step", section_sae_step), "b": ("hooks", section_hooks), "c": ("online_train", section_train)}
+    sections = {"a": ("sae_step", section_sae_step), "b": ("hooks", section_hooks),
+                "c": ("online_train", section_train)}
     for key in args.sections:
         name, fn = sections[key]
         if time.perf_counter() - START > args.budget_s:
