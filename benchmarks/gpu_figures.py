@@ -487,7 +487,8 @@ def main() -> None:
     now = timer(device)
     import transformers
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else f"CPU ({platform.machine()})"),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "tiny": args.tiny, "args": vars(args)}
