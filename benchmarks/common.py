@@ -60,23 +60,71 @@ def cases(args, device, dtype):
         del model
 
 
-def llava_7b(dtype, device, batch: int = 4, text: int = 64):
-    """LLaVA-1.5-7B's shapes with random weights (a 7B decoder over 576 image tokens from a CLIP-L/336 tower)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def llava_7b_config(tiny: bool = False):
+    """LLaVA-1.5-7B's config (Llama-2-7B text model, CLIP ViT-L/14-336 tower, 576 image tokens), or with
+    ``tiny`` the same architecture at toy sizes (4 text layers of width 64, 4 image tokens) for CPU smoke tests."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-        text_config=LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                                max_position_embeddings=4096),
-        image_token_index=32000, image_seq_length=576, vision_feature_layer=-2, pad_token_id=0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.pad_token_id = 0
-    ids = torch.randint(10, 32000, (batch, 1 + 576 + text))
+    if tiny:
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=28, patch_size=14, projection_dim=32)
+        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096)
+        image_tokens = 4
+    else:
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                           rms_norm_eps=1e-5)
+        image_tokens = 576
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                       image_seq_length=image_tokens, vision_feature_layer=-2, pad_token_id=0)
+
+
+def llava_inputs(config, batch: int, text: int, dtype, device, seed: int = 0) -> dict:
+    """One LLaVA batch: BOS, one placeholder per image patch, ``text`` random text tokens; random pixels."""
+    g = torch.Generator().manual_seed(seed)
+    n_image, size = config.image_seq_length, config.vision_config.image_size
+    ids = torch.randint(10, 32000, (batch, 1 + n_image + text), generator=g)
     ids[:, 0] = 1
-    ids[:, 1:577] = 32000
+    ids[:, 1:1 + n_image] = config.image_token_index
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "pixel_values": torch.randn(batch, 3, 336, 336, dtype=dtype)}
-    return model, {k: v.to(device) for k, v in inputs.items()}
+              "pixel_values": torch.randn(batch, 3, size, size, generator=g).to(dtype)}
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def llava_7b(dtype, device, batch: int = 4, text: int = 64, *, tiny: bool = False):
+    """LLaVA-1.5-7B's shapes with random weights (a 7B decoder over 576 image tokens from a CLIP-L/336 tower),
+    built directly in ``dtype`` on ``device`` (no float32 copy on the way); ``tiny``: the same at toy sizes."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = llava_7b_config(tiny)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model, llava_inputs(config, batch, text, dtype, device)
+
+
+def harvest_rate(model, layer: int, batches, rows: int, capacity: int, now) -> tuple[float, int]:
+    """Harvest alone: forwards over ``batches`` (cycled) that record ``layer`` with early stop into a fresh
+    ``RingBuffer(capacity)`` each time one fills, until at least ``rows`` rows were kept. One host sync per
+    forward (``free_rows``), as in training's fill. Returns (kept rows per second, forwards)."""
+    import vlmsae
+
+    info = vlmsae.layers(model)
+    device = next(model.parameters()).device
+    buffer, kept, forwards = None, 0, 0
+    t0 = now()
+    with torch.no_grad():
+        while True:
+            if buffer is None or not buffer.free_rows():
+                if buffer is not None:
+                    kept += int(buffer.kept)
+                if kept >= rows:
+                    break
+                buffer = vlmsae.RingBuffer(capacity, info.d_model, device=device)
+            with vlmsae.record(model, [layer], stop=True, sink=buffer.sink()):
+                model(**batches[forwards % len(batches)])
+            forwards += 1
+    return kept / (now() - t0), forwards
