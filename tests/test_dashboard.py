@@ -1,5 +1,6 @@
 """The feature dashboard: a self-contained file that a real headless browser opens offline and renders."""
 
+import html
 import re
 import shutil
 import subprocess
@@ -97,3 +98,29 @@ def test_fragment_selects_and_filters(built, tmp_path):
     dom, _ = browse(path, f"q={target}", tmp_path)
     shown = re.findall(r'<li class="feature[^"]*" data-id="(\d+)"', dom)
     assert str(target) in shown and 0 < len(shown) < len(features)
+
+
+HOSTILE = ("</script><script>window.__pwned=1</script>", "<!--<script>", "\"'&<>")
+PROBE = "<script>document.body.dataset.pwned = typeof window.__pwned;</script>"
+
+
+@needs_browser
+def test_browser_renders_hostile_labels_as_text(built, tmp_path):
+    """Labels and a title that look like markup neither blank the page nor run: the page renders them as text."""
+    path, found, table, features = built
+    table = table.copy()
+    table["top_tokens"] = [HOSTILE[i % len(HOSTILE)] for i in range(len(table))]
+    table["concept"] = [HOSTILE[(i + 1) % len(HOSTILE)] for i in range(len(table))]
+    images = torch.rand(12, 3, 32, 32)  # the scan's 3 batches of 4 examples; which pixels does not matter here
+    hostile = write_dashboard(tmp_path / "hostile.html", found, images, table=table, title="".join(HOSTILE))
+    page = hostile.read_text().rstrip()
+    assert page.endswith("</body></html>")
+    # a probe after the page's own script: it runs only if the page was not swallowed, and reports the injection
+    hostile.write_text(page.removesuffix("</body></html>") + PROBE + "</body></html>")
+    dom, log = browse(hostile, "", tmp_path)
+    assert not [line for line in log.splitlines() if ":CONSOLE" in line]
+    assert 'data-ready="1"' in dom and 'data-pwned="undefined"' in dom
+    assert re.search(r'<pre id="errors"></pre>', dom)
+    assert len(re.findall(r'<li class="feature', dom)) == len(features)
+    for label in HOSTILE + ("".join(HOSTILE),):
+        assert html.escape(label, quote=False) in dom, label

@@ -9,7 +9,9 @@ many samples (the tokens of one image are highly correlated).
 Writing happens in a hook (``record(..., sink=buffer.sink(layer))``) with one indexed copy per
 forward and no host synchronisation: the destination of each kept row is computed on the device.
 Pad tokens never enter; special tokens and extreme-norm outliers are left out by default and
-counted. With ``quota`` each kind gets its own share of the slots and of every batch.
+counted. Rows holding NaN or Inf are counted in ``nonfinite`` before any filter (an Inf row would
+otherwise pass as an outlier and vanish), so that training can stop on them. With ``quota`` each
+kind gets its own share of the slots and of every batch.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class RingBuffer:
         self.kept = torch.zeros((), dtype=torch.long, device=self.device)
         self.left_out = {name: torch.zeros((), dtype=torch.long, device=self.device)
                          for name in ("pad", "kind", "outlier", "full")}
+        # Non-pad rows written with NaN or Inf, counted before any filter; `vlmsae.train` reads it at its
+        # readouts and stops. Those rows are not filtered out as outliers (their norm is no measure).
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
         self.samples = 0  # samples seen so far: sample ids of the next fresh forward start here
 
     # --- writing -------------------------------------------------------------------------------
@@ -109,16 +114,24 @@ class RingBuffer:
         rows = tag_rows(resid, fwd, self.samples - resid.shape[0], self.device)
         keep = rows.kind != Kind.PAD
         self.left_out["pad"] += (~keep).sum()
+        finite = torch.isfinite(rows.acts).all(-1)
+        self.nonfinite += (keep & ~finite).sum()
         if self.outlier_factor is not None:
-            outlier = keep & outliers(rows.acts, keep, self.outlier_factor)
+            outlier = keep & finite & outliers(rows.acts, keep & finite, self.outlier_factor)
             self.left_out["outlier"] += outlier.sum()
             keep &= ~outlier
-        self.write_rows(rows, keep)
+        self._place(rows, keep)
 
     def write_rows(self, rows: Rows, keep: Tensor | None = None) -> None:
         """Copy tagged rows (those in ``keep``, of the admitted kinds) into free slots; the rest is counted."""
+        keep = torch.ones_like(rows.kind, dtype=torch.bool) if keep is None else keep
+        self.nonfinite += (keep.to(self.device) & ~torch.isfinite(rows.acts.to(self.device)).all(-1)).sum()
+        self._place(rows, keep)
+
+    def _place(self, rows: Rows, keep: Tensor) -> None:
+        """Write the rows in ``keep`` of the admitted kinds to free slots, counting the rest (no host sync)."""
         kinds = rows.kind.to(self.device)
-        keep = torch.ones_like(kinds, dtype=torch.bool) if keep is None else keep.to(self.device)
+        keep = keep.to(self.device)
         dest = torch.full_like(kinds, self.capacity, dtype=torch.long)
         wanted = torch.zeros_like(keep)
         for seg in self.segments:
@@ -178,8 +191,9 @@ class RingBuffer:
                        self.sample[index])
 
     def counts(self) -> dict[str, int]:
-        """Rows kept and rows left out by reason (pad, kind filter, outlier norm, buffer full)."""
-        return {"kept": int(self.kept), **{f"left_out_{k}": int(v) for k, v in self.left_out.items()}}
+        """Rows kept, rows left out by reason (pad, kind filter, outlier norm, buffer full), rows with NaN/Inf."""
+        return {"kept": int(self.kept), **{f"left_out_{k}": int(v) for k, v in self.left_out.items()},
+                "nonfinite": int(self.nonfinite)}
 
     # --- checkpoints ---------------------------------------------------------------------------
 

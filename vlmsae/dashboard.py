@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -38,6 +39,13 @@ def png_data_uri(image) -> str:
     buffer = io.BytesIO()
     Image.fromarray(to_rgb(image)).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def script_json(data) -> str:
+    """JSON to embed in a ``<script>`` element: ``<``, ``>`` and ``&`` as ``\\u003c`` etc., so that no string
+    can close the element (``</script>``) or open an HTML comment (``<!--``) that swallows the page."""
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _number(value):
@@ -102,8 +110,9 @@ def write_dashboard(path: str | os.PathLike, scan: Scan, images: Sequence, *, ta
     plots = "\n".join(f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False,
                                 default_height="360px", config={"displaylogo": False})
                       for i, f in enumerate(figures))
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-    page = _PAGE.replace("__TITLE__", html.escape(title)).replace("__PLOTS__", plots).replace("__DATA__", payload)
+    parts = {"TITLE": html.escape(title), "PLOTS": plots, "DATA": script_json(data)}
+    # one pass, so that a title or figure holding "__DATA__" is text, not a placeholder
+    page = re.sub(r"__(TITLE|PLOTS|DATA)__", lambda m: parts[m.group(1)], _PAGE)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, page)

@@ -17,6 +17,7 @@ so no concept naming or steering score).
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -187,16 +188,20 @@ def _write_report(path: Path, summary, table, history, concepts, steering, examp
         fig.update_layout(title="steering success per colour", xaxis_title="colour", yaxis_title="success rate",
                           yaxis_range=[0, 1])
         figures.append(fig)
-    parts = [f"<h1>vlmsae demo</h1><h2>summary</h2>{pd.Series(summary).to_frame('value').to_html()}",
-             f"<h2>per layer</h2>{table.to_html(float_format='{:.4f}'.format)}"]
+    # Captions, concept names and settings are text: every one is escaped (pandas' to_html escapes
+    # its cells; plotly escapes the JSON it embeds).
+    parts = [f"<h1>vlmsae demo</h1><h2>summary</h2>{pd.Series(summary).to_frame('value').to_html(escape=True)}",
+             f"<h2>per layer</h2>{table.to_html(float_format='{:.4f}'.format, escape=True)}"]
     if example is not None:
-        parts.append(f"<h2>steering toward {example['value']} (layer {example['layer']})</h2>"
-                     f"<p>before: {example['before']}<br>after: {example['after']}</p>")
+        parts.append(f"<h2>steering toward {html.escape(str(example['value']))} "
+                     f"(layer {html.escape(str(example['layer']))})</h2>"
+                     f"<p>before: {html.escape(str(example['before']))}<br>"
+                     f"after: {html.escape(str(example['after']))}</p>")
     for i, fig in enumerate(figures):
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
     for L, c in concepts.items():
-        parts.append(f"<h2>layer {L}: concept AUROC</h2>{c.to_html()}")
-    parts.append(f"<h2>settings</h2><pre>{asdict(cfg)}</pre>")
-    html = "<!doctype html><html><head><meta charset='utf-8'><title>vlmsae demo</title></head><body>" \
+        parts.append(f"<h2>layer {html.escape(str(L))}: concept AUROC</h2>{c.to_html(escape=True)}")
+    parts.append(f"<h2>settings</h2><pre>{html.escape(str(asdict(cfg)))}</pre>")
+    page = "<!doctype html><html><head><meta charset='utf-8'><title>vlmsae demo</title></head><body>" \
            + "\n".join(parts) + "</body></html>"
-    write_text_atomic(path, html)
+    write_text_atomic(path, page)

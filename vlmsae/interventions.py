@@ -129,6 +129,10 @@ def reconstruct(resid: Tensor, sae: SAE, *, error: bool = False, edit: Callable[
     ``mask`` ``(batch, seq)`` bool limits the change to some positions (a splice leaves padding alone:
     pass ``vlmsae.layers(model).kinds(ids, attention_mask) != Kind.PAD`` to do the same).
     """
+    if resid.shape[-1] != sae.cfg.d_in:
+        raise ConfigError(
+            f"the SAE reads d_in={sae.cfg.d_in} but this residual has width {resid.shape[-1]} (shape "
+            f"{tuple(resid.shape)}); pass the residual of the layer the SAE was trained on, or an SAE of that width")
     with torch.no_grad():
         x = resid.to(sae.W_dec.device)
         latents = sae.encode(x)

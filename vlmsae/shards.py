@@ -3,6 +3,8 @@
 Training from shards is the same trainer with another source: instead of running the model, each
 fill of a ring buffer reads the next rows of that layer's shards. The rows are filtered exactly as
 the live buffer filters them (no padding, admitted kinds, outliers left out) before they are written.
+NaN or Inf in a harvested residual stops the harvest (checked before any filter, which would hide
+an Inf row as an outlier); training stops on any that a shard holds.
 
 Layout of a shard folder::
 
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Kind, layers as adapter_info
 from .buffer import Rows, _kinds, outliers, tag_rows
-from .errors import ConfigError, SAEFileError
+from .errors import ConfigError, NonFiniteError, SAEFileError
 from .files import write_atomic, write_text_atomic
 from .hooks import check_sites
 from .record import record
@@ -43,7 +45,7 @@ def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str |
     out.mkdir(parents=True, exist_ok=True)
     pending = {L: [] for L in layers}
     counts = {L: [] for L in layers}
-    samples = 0
+    samples, batch_index = 0, 0
 
     def flush(L, final=False):
         rows = Rows(*(torch.cat(parts) for parts in zip(*pending[L]))) if pending[L] else None
@@ -57,6 +59,10 @@ def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str |
 
     def sink(L, resid, fwd):
         rows = tag_rows(resid, fwd, samples, "cpu")
+        if not torch.isfinite(rows.acts[rows.kind != Kind.PAD]).all():  # before any filter: rows are on the host
+            raise NonFiniteError(f"NaN or Inf in the activations of layer {L} in data batch {batch_index} (samples "
+                                 f"{samples}..{samples + resid.shape[0] - 1}); the harvest into {out} stopped there, "
+                                 "unfinished. Check the model's dtype (fp16 overflows) or the inputs, then harvest again")
         keep = torch.isin(rows.kind, admitted)
         if outlier_factor is not None:
             keep &= ~outliers(rows.acts, rows.kind != Kind.PAD, outlier_factor)
@@ -68,6 +74,7 @@ def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str |
         with record(info.model, layers, site=site, stop=True, sink=sink):
             info.model(**batch)
         samples += next(iter(batch.values())).shape[0]
+        batch_index += 1
     for L in layers:
         flush(L, final=True)
     manifest = {"layers": layers, "d_model": info.d_model, "site": site, "dtype": str(dtype).removeprefix("torch."),

@@ -274,6 +274,8 @@ def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, 
     try:
         while step < cfg.steps:
             source.fill(buffers)
+            for L, b in buffers.items():  # NaN/Inf the buffer saw while filling, before any filter could drop it
+                first_bad[L] = torch.where((first_bad[L] < 0) & (b.nonfinite > 0), step, first_bad[L])
             phase = zip(*(buffers[L].read(cfg.batch_size) for L in saes))
             for rows in phase:
                 if step >= cfg.steps:

@@ -7,9 +7,15 @@ not sparse enough early in training for that to pay, so they take the dense
 path under autocast. Metrics accumulate on the device; every `sync_every`
 steps one readout moves them to the host, appends them to `history`, and
 refreshes whether any latent is dead (which gates the AuxK pass).
+
+An SAE stored in float16 or bfloat16 trains a float32 copy (master weights:
+Adam updates smaller than a half-precision step would round away, and CPU
+kernels lack half types) that is written back, rounded, after every step.
+A step enables autograd itself, so it trains under `torch.no_grad()` too.
 """
 
 import contextlib
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -79,6 +85,10 @@ class SAETrainer:
             cfg = TrainerConfig(**fields)
         elif fields:
             raise ConfigError(f"pass either a TrainerConfig or its fields, not both (got cfg and {sorted(fields)})")
+        self.stored = sae  # the caller's SAE, in its own dtype: `step` writes the trained weights back to it
+        if sae.W_dec.dtype in (torch.float16, torch.bfloat16):
+            sae = copy.deepcopy(sae).float()
+            sae.cfg = self.stored.cfg  # one config: k annealing in `vlmsae.train` sets the stored SAE's k
         self.sae, self.cfg = sae, cfg
         device = sae.W_dec.device
         self.compute_dtype = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else (
@@ -117,10 +127,14 @@ class SAETrainer:
             sae.init_from_batch(x)
             self.initialized = True
         sae.train()
+        self.stored.train()
         kind = sae.cfg.kind
-        loss, recon, nonzero, fired, aux = (self._sparse_loss if kind in ("topk", "batchtopk") else self._dense_loss)(x)
-        sae.zero_grad(set_to_none=True)
-        loss.backward()
+        # Under a caller's no_grad (a notebook, a benchmark) the SAE still needs its graph.
+        with torch.enable_grad():
+            loss, recon, nonzero, fired, aux = (self._sparse_loss if kind in ("topk", "batchtopk")
+                                                else self._dense_loss)(x)
+            sae.zero_grad(set_to_none=True)
+            loss.backward()
         if sae.unit_norm_decoder:
             sae.remove_parallel_decoder_grad_()
         self.W_encT.grad = sae.W_enc.grad.T
@@ -132,11 +146,20 @@ class SAETrainer:
             if kind == "jumprelu":
                 sae.threshold.clamp_(min=0)
             self._count(x, recon, loss, nonzero, fired, aux)
+        self._store()
         self.n_steps += 1
         self.n_tokens += x.shape[0]
         self.window_tokens += x.shape[0]
         if self.n_steps % self.cfg.sync_every == 0:
             self.history.append(self.read_metrics())
+
+    @torch.no_grad()
+    def _store(self) -> None:
+        """Write the float32 working copy back into a half-precision SAE (rounded; no host sync)."""
+        if self.stored is not self.sae:
+            stored = self.stored.state_dict()
+            for name, value in self.sae.state_dict().items():
+                stored[name].copy_(value)
 
     def _encoder_chunks(self, u: Tensor):
         """No-grad dense pass over the encoder: yields (start, stop, pre-activations of those tokens)."""
@@ -354,6 +377,7 @@ class SAETrainer:
         self.window_start, self.window_tokens = meta["window_start"], meta["window_tokens"]
         self.aux_active, self.initialized = meta["aux_active"], meta["initialized"]
         self.history = [TrainMetrics(**m) for m in meta["history"]]
+        self._store()
 
 
 def _ascending(values: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
