@@ -248,14 +248,23 @@ class SAE(nn.Module):
             grad.addcmul_(along, self.W_dec, value=-1)
 
     def save(self, path: str | Path) -> None:
-        """Write `path/cfg.json` + `path/sae_weights.safetensors` in the SAELens layout (atomically, file by file)."""
+        """Write `path/cfg.json` + `path/sae_weights.safetensors` in the SAELens layout, replacing the folder
+        as a whole (a failed save leaves an existing one as it was).
+
+        Raises SAEFileError if `path` is a file or holds other files, or the metadata cannot be written;
+        NonFiniteError on NaN/Inf weights; OSError from the disk.
+        """
         from vlmsae.saefile import save_sae  # saefile imports this module
 
         save_sae(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> "SAE":
-        """Open a vlmsae / SAELens folder or an EleutherAI sparsify folder, in eval mode."""
+        """Open a vlmsae / SAELens folder or an EleutherAI sparsify folder, in eval mode.
+
+        Raises SAEFileError, naming the file and the fix, if the folder, its cfg.json or its weights
+        are missing, malformed or disagree with each other.
+        """
         from vlmsae.saefile import load_sae  # saefile imports this module
 
         return load_sae(path, device=device)

@@ -13,29 +13,32 @@ being a power of two, folding and unfolding are exact. BatchTopK is saved as
 SAELens saves it: a JumpReLU with one shared threshold.
 
 Reading checks cfg.json and the safetensors header (keys, shapes, dtypes)
-before any tensor is read, and never unpickles. Writing goes file by file
-through a temporary file and `os.replace`.
+before any tensor is read, and never unpickles. Writing fills a new folder beside
+the target and swaps it in with renames (`vlmsae.files.write_folder_atomic`).
 """
 
 import json
 import math
 import re
+import reprlib
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from vlmsae.files import write_atomic
+from vlmsae.files import write_folder_atomic
 from vlmsae.errors import ConfigError, NonFiniteError, SAEFileError
 from vlmsae.sae import DTYPES, SAE, SAEConfig, check_metadata
 
 CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
+# What a folder that save_sae may replace can hold (SAELens also writes sparsity.safetensors).
+SAE_FILES = (CFG_FILE, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, "sparsity.safetensors")
 FORMAT_VERSION = 1
 # The layout version we follow; SAELens reads configs without it as pre-6.0.
 SAELENS_LAYOUT_VERSION = "6.0.0"
@@ -47,10 +50,21 @@ SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF1
 
 
 def save_sae(sae: SAE, path: str | Path) -> None:
-    """Write `sae` to the folder `path` in the SAELens layout; nothing is written if a check fails."""
+    """Write `sae` to the folder `path` in the SAELens layout, replacing the folder as a whole.
+
+    Raises SAEFileError if `path` is a file or a folder holding anything but an SAE's files, or if
+    the metadata cannot be written; NonFiniteError if a tensor holds NaN or Inf (nothing is written
+    then); OSError from the disk, leaving an existing folder exactly as it was.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SAEFileError(f"{path}: exists and is not a folder; choose a folder path")
+    if path.is_dir():
+        # The folder is replaced as a whole: never take a user's other files with it.
+        others = sorted(p.name for p in path.iterdir() if p.name not in SAE_FILES)
+        if others:
+            raise SAEFileError(f"{path}: holds {others}, which are not part of an SAE folder; "
+                               "save to a new folder, or move them out first")
     try:
         check_metadata(sae.metadata)
     except ConfigError as err:
@@ -60,15 +74,23 @@ def save_sae(sae: SAE, path: str | Path) -> None:
         if not torch.isfinite(tensor).all():
             raise NonFiniteError(f"{path / SAELENS_WEIGHTS}: tensor {name!r} holds NaN or Inf; not saving it")
     cfg_text = json.dumps(_saelens_cfg(sae), indent=2, allow_nan=False)
-    path.mkdir(parents=True, exist_ok=True)
-    # Weights first: a crash between the two replaces leaves the old config,
-    # whose shapes then disagree with the new weights and fail loudly on load.
-    write_atomic(path / SAELENS_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_atomic(path / CFG_FILE, lambda tmp: Path(tmp).write_text(cfg_text))
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / SAELENS_WEIGHTS), metadata={"format": "pt"})
+        (folder / CFG_FILE).write_text(cfg_text, encoding="utf-8")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One folder swap: weights and config are never from two different saves.
+    write_folder_atomic(path, write)
 
 
 def load_sae(path: str | Path, device: torch.device | str | None = None) -> SAE:
-    """Open a vlmsae / SAELens folder or an EleutherAI sparsify folder; the SAE comes back in eval mode."""
+    """Open a vlmsae / SAELens folder or an EleutherAI sparsify folder; the SAE comes back in eval mode.
+
+    Raises SAEFileError naming the file and the fix for a missing folder or file, a cfg.json that is
+    not UTF-8 JSON (too deeply nested, an integer too long), not an object, or has a missing key or
+    a value of the wrong type, and for weights that are unreadable or disagree with the config.
+    """
     path = Path(path)
     if not path.is_dir():
         raise SAEFileError(f"{path}: no such folder; pass the folder holding {CFG_FILE}")
@@ -76,11 +98,14 @@ def load_sae(path: str | Path, device: torch.device | str | None = None) -> SAE:
     if not cfg_path.is_file():
         raise SAEFileError(f"{cfg_path}: missing; an SAE folder holds {CFG_FILE} and its weights")
     try:
-        raw = json.loads(cfg_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SAEFileError(f"{cfg_path}: not valid JSON ({err})") from err
+        raw = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    # ValueError: not UTF-8, not JSON, or an integer too long to read; RecursionError: nested too deep
+    except (ValueError, RecursionError) as err:
+        raise SAEFileError(f"{cfg_path}: not valid JSON ({str(err)[:200]}); "
+                           "restore the file or save the SAE again") from err
     if not isinstance(raw, dict):
-        raise SAEFileError(f"{cfg_path}: must hold a JSON object, not {type(raw).__name__}")
+        raise SAEFileError(f"{cfg_path}: must hold a JSON object, not {type(raw).__name__}; "
+                           "restore the file or save the SAE again")
 
     if (path / SAELENS_WEIGHTS).is_file():
         weights_path = path / SAELENS_WEIGHTS
@@ -140,14 +165,25 @@ def _saelens_cfg(sae: SAE) -> dict[str, Any]:
     return out
 
 
-def _need(raw: dict, key: str, cfg_path: Path, types: type | tuple) -> Any:
+def _need(raw: dict, key: str, cfg_path: Path, types: type) -> Any:
     if key not in raw:
-        raise SAEFileError(f"{cfg_path}: missing key {key!r}")
-    value = raw[key]
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise SAEFileError(f"{cfg_path}: key {key!r} = {value!r} has the wrong type")
-    if not isinstance(value, types):
-        raise SAEFileError(f"{cfg_path}: key {key!r} = {value!r} has the wrong type")
+        raise SAEFileError(f"{cfg_path}: missing key {key!r}; restore the file or save the SAE again")
+    return _typed(key, raw[key], types, cfg_path)
+
+
+def _typed(key: str, value: Any, hint: Any, cfg_path: Path) -> Any:
+    """`value` if JSON gave it the type `hint` names (`int | None`, `float`, ...); an int where a float
+    belongs becomes a float."""
+    allowed = get_args(hint) or (hint,)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            raise SAEFileError(f"{cfg_path}: key {key!r} = {value} is too large for a float; "
+                               "use a finite number") from None
+    if isinstance(value, bool) is not (bool in allowed) or not isinstance(value, allowed):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise SAEFileError(f"{cfg_path}: key {key!r} = {reprlib.repr(value)} has the wrong type; it must be {names}")
     return value
 
 
@@ -204,12 +240,13 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
         if not isinstance(own, dict) or not isinstance(own.get("config"), dict):
             raise SAEFileError(f"{cfg_path}: key 'vlmsae' must be an object with a 'config' object")
         known = {f.name for f in fields(SAEConfig)} - set(SAELENS_KEYS)
+        types = get_type_hints(SAEConfig)
         for key, value in own["config"].items():
             if key not in known:
                 raise SAEFileError(f"{cfg_path}: key 'vlmsae.config.{key}' is unknown to this vlmsae version")
-            fields_[key] = value
-        act_scale = own.get("act_scale", 1.0)
-        if isinstance(act_scale, bool) or not isinstance(act_scale, (int, float)) or act_scale <= 0 or math.frexp(act_scale)[0] != 0.5:
+            fields_[key] = _typed(f"vlmsae.config.{key}", value, types[key], cfg_path)
+        act_scale = _typed("vlmsae.act_scale", own.get("act_scale", 1.0), float, cfg_path)
+        if act_scale <= 0 or math.frexp(act_scale)[0] != 0.5:
             raise SAEFileError(f"{cfg_path}: key 'vlmsae.act_scale' = {act_scale!r} must be a positive power of two")
         if ARCHITECTURES.get(fields_.get("kind")) != architecture:
             raise SAEFileError(
