@@ -49,3 +49,13 @@ def hook_snapshot(model: torch.nn.Module) -> dict:
 def logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def topk_by_hand(sae, x):
+    """The TopK SAE written out (Gao et al. 2024): (reconstruction, latents) of x (..., d_in)."""
+    W_enc, b_enc, W_dec, b_dec = (t.detach() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    scale = sae.act_scale.detach()
+    pre = (x * scale - b_dec) @ W_enc + b_enc
+    top = pre.topk(sae.cfg.k, dim=-1)
+    latents = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    return (latents @ W_dec + b_dec) / scale, latents

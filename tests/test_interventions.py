@@ -1,16 +1,17 @@
 """splice / ablate / steer / evaluate on the running model, all five families."""
 
+from contextlib import contextmanager
+
 import pandas as pd
 import pytest
 import torch
 from nnsight import NNsight
 
 import vlmsae
-from vlmsae import SAE, Kind
-from vlmsae.evaluate import loss_positions, token_kl, token_losses
-from vlmsae.zoo import tiny_inputs, tiny_model, with_sequences
+from vlmsae import SAE, Kind, zoo
+from vlmsae.zoo import family_of_config, tiny_inputs, tiny_model, with_sequences
 
-from conftest import hook_snapshot, logits
+from conftest import hook_snapshot, logits, topk_by_hand
 
 LAYER = 1
 
@@ -32,6 +33,36 @@ def identity_sae(d_in=64):
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae
+
+
+# Where transformers keeps each zoo family's decoder layers: the reference below hooks them itself.
+DECODER_LAYERS = {"vit-gpt2": "decoder.transformer.h", "llava": "model.language_model.layers",
+                  "qwen2-vl": "model.language_model.layers", "qwen2.5-vl": "model.language_model.layers",
+                  "qwen3-vl": "model.language_model.layers"}
+
+
+def id_keys(inputs):
+    """The keywords of the decoder's token ids and attention mask in a zoo model's inputs."""
+    if "decoder_input_ids" in inputs:
+        return "decoder_input_ids", "decoder_attention_mask"
+    return "input_ids", "attention_mask"
+
+
+@contextmanager
+def replace_layer_output(model, layer, fn):
+    """A plain PyTorch forward hook on decoder layer ``layer``: its output residual r -> fn(r)."""
+    module = model.get_submodule(DECODER_LAYERS[family_of_config(model.config)])[layer]
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]),) + tuple(output[1:])
+        return fn(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def test_splice_with_error_term_reproduces_clean_logits_and_generations(model):
@@ -105,6 +136,70 @@ def test_ablate(model):
         logits(model, inputs)
     expected = (means[feature] - latents[..., feature, None]) * sae.W_dec[feature].detach() * nonpad
     torch.testing.assert_close(rec[LAYER] - ref[LAYER], expected, rtol=1e-4, atol=1e-5)
+
+
+def clean_residual(model, inputs):
+    """The output of decoder layer LAYER in a clean forward, read by a plain PyTorch hook."""
+    captured = []
+    with torch.no_grad(), replace_layer_output(model, LAYER, lambda r: captured.append(r) or r):
+        model(**inputs)
+    return captured[0]
+
+
+def spliced_residual(model, inputs, **splice):
+    """The output of decoder layer LAYER as the rest of the model sees it, inside ``vlmsae.splice``."""
+    captured = []
+    with vlmsae.splice(model, LAYER, **splice), torch.no_grad(), \
+            replace_layer_output(model, LAYER, lambda r: captured.append(r) or r):
+        model(**inputs)
+    return captured[0]
+
+
+def test_splice_with_an_edit_moves_the_residual_by_the_decoded_change(model):
+    """error=True puts back x + decode(edited) - decode(latents); error=False puts back decode(edited)."""
+    inputs = tiny_inputs(model, 2)
+    sae = make_sae()
+    with torch.no_grad():  # a trained-looking SAE: b_dec and the input scale are not their defaults
+        sae.b_dec.normal_(0, 0.5)
+        sae.act_scale.fill_(0.5)
+
+    def edit(latents, fwd):
+        edited = latents.clone()
+        edited[..., :128] *= 3.0  # strengthen half the features wherever they fire
+        edited[..., 5] = 2.0  # and turn one on everywhere
+        return edited
+
+    x = clean_residual(model, inputs)
+    with torch.no_grad():
+        recon, latents = topk_by_hand(sae, x)
+        decoded_edit = (edit(latents, None) @ sae.W_dec + sae.b_dec) / sae.act_scale
+    real = inputs[id_keys(inputs)[1]].bool()[..., None]  # every position but padding
+    with_error = spliced_residual(model, inputs, sae=sae, error=True, edit=edit)
+    torch.testing.assert_close(with_error, torch.where(real, x + decoded_edit - recon, x), rtol=1e-5, atol=1e-5)
+    without = spliced_residual(model, inputs, sae=sae, edit=edit)
+    torch.testing.assert_close(without, torch.where(real, decoded_edit, x), rtol=1e-5, atol=1e-5)
+    assert (with_error - x)[real.expand_as(x)].abs().amax() > 0.1  # the edit really moved the residual
+
+
+def test_identity_edit_with_error_term_reproduces_clean_logits(model):
+    """An edit that changes nothing (a copy of the latents) still goes through x + decode(edited) - decode(latents)."""
+    inputs = tiny_inputs(model, 2, padding="left")
+    sae = make_sae()
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.5)
+    clean = logits(model, inputs)
+    copies = []
+
+    def copy(latents, fwd):
+        copies.append(latents)
+        return latents.clone()
+
+    with vlmsae.splice(model, LAYER, sae, error=True, edit=copy):
+        spliced = logits(model, inputs)
+    assert len(copies) == 1  # the edit ran, on this forward
+    torch.testing.assert_close(spliced, clean, rtol=0, atol=1e-5)
+    with vlmsae.splice(model, LAYER, sae, edit=copy):  # without the error term the same edit changes the model
+        assert (logits(model, inputs) - clean).abs().amax() > 1e-3
 
 
 def test_steer_acts_at_every_decode_step(model):
@@ -220,32 +315,54 @@ def test_bad_input_errors_before_anything_is_attached(model):
     assert hook_snapshot(model) == before
 
 
-def reference_evaluate(model, sae, batches, where_kind):
-    """A straightforward per-batch computation, for comparison."""
-    info = vlmsae.layers(model)
-    tot = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0, "n": 0}
+def reference_evaluate(model, sae, batches, where):
+    """evaluate()'s row for ``where``, from first principles: the zoo's token ids decide the positions,
+    a plain forward hook splices or ablates, a loop over positions reads the next-token losses."""
+    ids_key, mask_key = id_keys(batches[0])
+    sums = dict.fromkeys(("clean", "spliced", "zero", "mean", "kl", "loss_tokens", "spliced_tokens", "l0"), 0.0)
+    xs, errs = [], []
     for batch in batches:
-        ids = batch[info.ids_key]
-        with torch.no_grad(), vlmsae.record(model, [LAYER]) as rec:
-            clean = model(**batch).logits
-        kinds = rec.mask(LAYER)
-        sel = (kinds != Kind.PAD) if where_kind is None else (kinds == where_kind)
-        resid = rec[LAYER]
+        ids, attended = batch[ids_key], batch[mask_key].bool()
+        chosen = {"all": attended, "image": attended & (ids == zoo.IMAGE),
+                  "text": attended & (ids >= zoo.FIRST_TEXT_ID)}[where]
+        captured = []
+        with torch.no_grad(), replace_layer_output(model, LAYER, lambda r: captured.append(r) or r):
+            clean = model(**batch).logits.double()
+        x = captured[0]
         with torch.no_grad():
-            recon = torch.where(sel[..., None], sae(resid).recon, resid)
-            zero = torch.where(sel[..., None], torch.zeros_like(resid), resid)
-        outs = {}
-        for name, value in (("spliced", recon), ("zero", zero)):
-            with torch.no_grad(), vlmsae.attach(model, {(LAYER, "resid_post"): lambda r, f, value=value: value}):
-                outs[name] = model(**batch).logits
-        pos = loss_positions(kinds)
-        tot["clean"] += token_losses(clean, ids)[pos].sum().item()
-        tot["spliced"] += token_losses(outs["spliced"], ids)[pos].sum().item()
-        tot["zero"] += token_losses(outs["zero"], ids)[pos].sum().item()
-        tot["kl"] += token_kl(clean, outs["spliced"])[pos].sum().item()
-        tot["n"] += pos.sum().item()
-    ce = {k: tot[k] / tot["n"] for k in ("clean", "spliced", "zero")}
-    return ce, (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]), tot["kl"] / tot["n"]
+            recon, latents = topk_by_hand(sae, x)
+        mean = x[chosen].mean(0)
+        variants = {"spliced": torch.where(chosen[..., None], recon, x),
+                    "zero": torch.where(chosen[..., None], torch.zeros_like(x), x),
+                    "mean": torch.where(chosen[..., None], mean, x)}
+        logits = {}
+        for name, new in variants.items():
+            with torch.no_grad(), replace_layer_output(model, LAYER, lambda r, new=new: new):
+                logits[name] = model(**batch).logits.double()
+        for b in range(ids.shape[0]):
+            for t in range(ids.shape[1] - 1):
+                # position t is read when it and the next position are real tokens and the next one is text
+                if not (attended[b, t] and attended[b, t + 1] and ids[b, t + 1] >= zoo.FIRST_TEXT_ID):
+                    continue
+                target = ids[b, t + 1]
+                p = clean[b, t].log_softmax(-1)
+                sums["clean"] -= p[target].item()
+                for name in variants:
+                    sums[name] -= logits[name][b, t].log_softmax(-1)[target].item()
+                q = logits["spliced"][b, t].log_softmax(-1)
+                sums["kl"] += (p.exp() * (p - q)).sum().item()
+                sums["loss_tokens"] += 1
+        sums["spliced_tokens"] += chosen.sum().item()
+        sums["l0"] += (latents[chosen] != 0).sum().item()
+        xs.append(x[chosen].double())
+        errs.append((x[chosen] - recon[chosen]).double().pow(2).sum())
+    n = sums["loss_tokens"]
+    ce = {k: sums[k] / n for k in ("clean", "spliced", "zero", "mean")}
+    x = torch.cat(xs)
+    return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
+            "loss_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]), "kl": sums["kl"] / n,
+            "loss_tokens": n, "fvu": (sum(errs) / (x - x.mean(0)).pow(2).sum()).item(),
+            "l0": sums["l0"] / sums["spliced_tokens"], "spliced_tokens": sums["spliced_tokens"]}
 
 
 def own_text(model, seed):
@@ -270,13 +387,10 @@ def test_evaluate(model):
     assert (untrained["kl"] > 0).all()
     assert (untrained["fvu"] > 0.1).all() and (untrained["l0"] <= 8).all()
     for where in untrained.index:
-        kind = {"all": None, "text": Kind.TEXT, "image": Kind.IMAGE}[where]
-        ce, recovered, kl = reference_evaluate(model, make_sae(), batches, kind)
-        row = untrained.loc[where]
-        assert row.ce_clean == pytest.approx(ce["clean"], rel=1e-5)
-        assert row.ce_spliced == pytest.approx(ce["spliced"], rel=1e-5)
-        assert row.ce_zero == pytest.approx(ce["zero"], rel=1e-5)
-        assert row.loss_recovered == pytest.approx(recovered, rel=1e-4, abs=1e-5)
-        assert row.kl == pytest.approx(kl, rel=1e-4, abs=1e-7)
+        expected = reference_evaluate(model, make_sae(), batches, where)
+        got = untrained.loc[where]
+        for column, value in expected.items():
+            tolerance = dict(rel=1e-4, abs=1e-6) if column in ("kl", "loss_recovered", "fvu") else dict(rel=1e-5)
+            assert got[column] == pytest.approx(value, **tolerance), (where, column)
     if info.has_image_tokens:
         assert untrained.loc["all", "spliced_tokens_image"] == untrained.loc["image", "spliced_tokens"]

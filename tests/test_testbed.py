@@ -62,7 +62,30 @@ def test_concept_sites_are_where_the_captioner_predicts_the_word(captioner):
     hits = [pred[i, site.predict].item() == tok.convert_tokens_to_ids(site.value)
             for i, s in enumerate(samples) for site in shapes.concept_sites(s)]
     assert sum(hits) / len(hits) >= GOAL
-    assert (labels != -100).any()
+    # position t is labelled with the word it predicts: the caption, then <eos>; padding is not labelled
+    for i, sample in enumerate(samples):
+        words = tok.convert_tokens_to_ids(sample.caption.split())
+        assert tok.unk_token_id not in words
+        pad = [-100] * (labels.shape[1] - len(words) - 1)
+        assert labels[i].tolist() == words + [tok.eos_token_id] + pad
+        assert inputs["decoder_input_ids"][i, :len(words) + 1].tolist() == [tok.bos_token_id] + words
+        for site in shapes.concept_sites(sample):
+            assert labels[i, site.predict] == tok.convert_tokens_to_ids(site.value)
+
+
+@pytest.mark.parametrize("question", list(shapes.QUESTIONS))
+def test_qa_labels_are_exactly_the_answer_and_eos(qa, question):
+    """The QA model learns the answer and nothing else: every other position is -100 (the model shifts them)."""
+    _, tok = qa
+    samples = shapes.make_samples(16, seed=testbed.EVAL_SEED + 999)
+    inputs = shapes.qa_inputs(samples, tok, question)
+    prompt = 1 + shapes.N_PATCHES + len(shapes.QUESTIONS[question].replace("?", " ?").split())
+    for i, sample in enumerate(samples):
+        answer = tok.convert_tokens_to_ids(sample.answer(question).split())
+        assert tok.unk_token_id not in answer
+        after = [-100] * (inputs["labels"].shape[1] - prompt - len(answer) - 1)
+        assert inputs["labels"][i].tolist() == [-100] * prompt + answer + [tok.eos_token_id] + after
+        assert inputs["input_ids"][i, prompt:prompt + len(answer)].tolist() == answer
 
 
 def test_training_is_deterministic(tmp_path):

@@ -1,15 +1,20 @@
 """Online training: FVU falls on every family, resume is exact, one forward feeds many layers."""
 
 import json
+import re
+from collections import Counter
 
 import pytest
 import torch
 
 import vlmsae
-from vlmsae import SAE, metrics
+from vlmsae import SAE, Kind, metrics, zoo
 from vlmsae.shards import Shards, harvest
 from vlmsae.train import TrainConfig, latest_checkpoint, train
+from vlmsae.trainer import SAETrainer
 from vlmsae.zoo import tiny_inputs
+
+from conftest import topk_by_hand
 
 LAYER = 1
 FAST = dict(batch_size=64, buffer_size=512, sync_every=25, warmup_steps=10, k_start=32, progress=False)
@@ -33,6 +38,36 @@ def make_sae(seed=0, d_in=64):
     return SAE(d_in=d_in, d_sae=256, k=8)
 
 
+def kinds_by_row(model, data, layer):
+    """Every residual row that ``data`` gives at ``layer`` of a LLaVA zoo model (its bytes) -> its token kind,
+    read from ``output_hidden_states`` and the zoo's token ids, with no vlmsae code involved."""
+    kind_of = {}
+    for batch in data:
+        with torch.no_grad():
+            hidden = model(**batch, output_hidden_states=True).hidden_states[layer + 1]  # output of `layer`
+        ids, attended = batch["input_ids"], batch["attention_mask"].bool()
+        kind = torch.where(ids == zoo.IMAGE, int(Kind.IMAGE),
+                           torch.where(ids >= zoo.FIRST_TEXT_ID, int(Kind.TEXT), int(Kind.SPECIAL)))
+        for row, k in zip(hidden[attended], kind[attended]):
+            kind_of[row.numpy().tobytes()] = Kind(int(k))
+    return kind_of
+
+
+def spy_on_steps(monkeypatch, before_step=None):
+    """Record ``(sae, x)`` of every ``SAETrainer.step`` (and call ``before_step(trainer, x)`` first)."""
+    fed = []
+    original = SAETrainer.step
+
+    def step(self, x):
+        fed.append((self.sae, x.detach().clone()))
+        if before_step is not None:
+            before_step(self, x)
+        return original(self, x)
+
+    monkeypatch.setattr(SAETrainer, "step", step)
+    return fed
+
+
 def test_online_training_lowers_fvu_and_printed_metrics_hold_out(model):
     sae = train(model, LAYER, batches(model, 12), make_sae(), steps=150, **FAST)
     assert isinstance(sae, SAE) and not sae.training
@@ -47,32 +82,63 @@ def test_online_training_lowers_fvu_and_printed_metrics_hold_out(model):
     assert sae.metadata["hf_layer_path"].endswith(f".{LAYER}")
 
 
-def test_printed_metrics_match_recomputed(capsys):
+def test_printed_metrics_match_recomputed(capsys, monkeypatch):
+    """The progress bar's numbers, read from stderr, against the same quantities recomputed by hand from the
+    batches the trainer was fed and the weights each step started from."""
     from vlmsae.zoo import tiny_model
-    from vlmsae.trainer import SAETrainer
 
     model = tiny_model("llava")
+    data = batches(model, 12)
+    kind_of = kinds_by_row(model, data, LAYER)
+    steps, window, batch_size = 200, FAST["sync_every"], FAST["batch_size"]
+    horizon = 32  # dead_tokens=2000: a latent is alive iff it fired in the last ceil(2000 / 64) = 32 steps
+    torch.manual_seed(0)
+    sae = SAE(d_in=64, d_sae=256, k=8, dead_tokens=2000)
+    by_hand = []  # (x, recon, latents) of the last `horizon` steps, from the weights before each step
+
+    def record_by_hand(trainer, x):
+        if trainer.n_steps >= steps - horizon:
+            with torch.no_grad():
+                by_hand.append((x, *topk_by_hand(trainer.sae, x)))
+
+    spy_on_steps(monkeypatch, record_by_hand)
     history = []
-    original = SAETrainer.read_metrics
+    trained = train(model, LAYER, data, sae, steps=steps, history=history, **dict(FAST, progress=True))
+    err = capsys.readouterr().err
+    final = [line for line in re.split(r"[\r\n]", err) if f"{steps}/{steps}" in line][-1]
+    printed = re.search(r"L1 fvu (\S+) l0 (\S+) dead (\S+) \| image (\S+)/(\d+) \| text (\S+)/(\d+)", final)
+    assert printed, final
+    fvu, l0, dead, image_fvu, image_l0, text_fvu, text_l0 = map(float, printed.groups())
 
-    def spy(self):
-        m = original(self)
-        history.append(m)
-        return m
-
-    SAETrainer.read_metrics = spy
-    try:
-        sae = train(model, LAYER, batches(model, 12), make_sae(), steps=200, **FAST)
-    finally:
-        SAETrainer.read_metrics = original
-    last = history[-1]
-    x = held_out(model, LAYER)
+    # the last readout: steps 176..200, each scored before its own update
+    assert len(by_hand) == horizon
+    last = by_hand[-window:]
+    squared_error = sum((x - recon).pow(2).sum() for x, recon, _ in last)
+    variance = sum((x - x.mean(0)).pow(2).sum() for x, _, _ in last)
+    expected = {"fvu": (squared_error / variance).item(),
+                "l0": sum((z != 0).sum().item() for _, _, z in last) / (window * batch_size),
+                "dead_fraction": 1 - torch.stack([(z != 0).any(0) for _, _, z in by_hand]).any(0).float().mean().item()}
+    # printed with 3, 1 and 2 decimals: half a unit of the last digit, and a little for float32 sums
+    assert fvu == pytest.approx(expected["fvu"], abs=6e-4)
+    assert l0 == pytest.approx(expected["l0"], abs=0.06)
+    assert dead == pytest.approx(expected["dead_fraction"], abs=0.006)
+    # the readout the bar formats, at full precision (a latent more or less dead is 1/256)
+    readouts = [h for h in history if h["sae"] == 0]
+    assert [h["step"] for h in readouts] == list(range(window, steps + 1, window))
+    assert readouts[-1]["fvu"] == pytest.approx(expected["fvu"], rel=1e-4)
+    assert readouts[-1]["l0"] == pytest.approx(expected["l0"], rel=1e-6)
+    assert readouts[-1]["dead_fraction"] == pytest.approx(expected["dead_fraction"], abs=1e-9)
+    assert readouts[-1]["fvu"] < readouts[0]["fvu"]
+    # per token kind: the final SAE on the last batch
+    x = by_hand[-1][0]
+    kinds = torch.tensor([int(kind_of[row.numpy().tobytes()]) for row in x])
     with torch.no_grad():
-        out = sae(x)
-    # the last readout (training batches, the final 25 steps) agrees with a held-out recomputation
-    assert last.fvu == pytest.approx(metrics.fvu(x, out.recon).item(), abs=0.1)
-    assert last.l0 == pytest.approx(metrics.l0(out.latents).item(), abs=0.5)
-    assert last.fvu < history[0].fvu
+        recon, latents = topk_by_hand(trained, x)
+    for kind, kind_fvu, kind_l0 in ((Kind.IMAGE, image_fvu, image_l0), (Kind.TEXT, text_fvu, text_l0)):
+        sel = kinds == kind
+        by_kind = (x[sel] - recon[sel]).pow(2).sum() / (x[sel] - x[sel].mean(0)).pow(2).sum()
+        assert kind_fvu == pytest.approx(by_kind.item(), abs=6e-4), kind
+        assert kind_l0 == pytest.approx((latents[sel] != 0).sum(-1).float().mean().item(), abs=0.51), kind
 
 
 def test_interrupt_resume_equals_uninterrupted(tmp_path):
@@ -121,14 +187,34 @@ def test_two_layers_from_one_forward_equal_each_alone():
             assert torch.equal(both[layer].state_dict()[name], tensor), (layer, name)
 
 
-def test_several_saes_on_one_layer_and_quota():
+def test_several_saes_on_one_layer_and_quota(monkeypatch):
+    """Both SAEs of one layer take every step on the same batches, and each batch holds the quota's
+    shares of image and text rows, not the data's own mix."""
     from vlmsae.zoo import tiny_model
 
     model = tiny_model("llava")
-    saes = train(model, LAYER, batches(model, 10), [make_sae(0), SAE(d_in=64, d_sae=128, k=4)], steps=30,
-                 quota={"image": 0.5, "text": 0.5}, **FAST)
-    assert [s.cfg.d_sae for s in saes] == [256, 128]
-    assert saes[0].metadata["token_kinds"] == ["image", "text"]
+    data = batches(model, 10)
+    kind_of = kinds_by_row(model, data, LAYER)
+    mix = Counter(kind_of.values())
+    assert mix[Kind.IMAGE] / (mix[Kind.IMAGE] + mix[Kind.TEXT]) > 0.65  # the quota has a mix to change
+    saes = [make_sae(0), SAE(d_in=64, d_sae=128, k=4)]
+    initial = [{name: p.detach().clone() for name, p in s.named_parameters()} for s in saes]
+    fed = spy_on_steps(monkeypatch)
+    history = []
+    trained = train(model, LAYER, data, saes, steps=30, quota={"image": 0.5, "text": 0.5}, history=history,
+                    **FAST)
+    assert [s.cfg.d_sae for s in trained] == [256, 128]
+    assert trained[0].metadata["token_kinds"] == ["image", "text"]
+    first, second = ([x for s, x in fed if s is sae] for sae in trained)
+    assert len(first) == len(second) == 30 and len(fed) == 60
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for x in first:
+        assert Counter(kind_of[row.numpy().tobytes()] for row in x) == {Kind.IMAGE: 32, Kind.TEXT: 32}
+    for sae, before in zip(trained, initial):
+        for name in ("W_enc", "b_enc", "W_dec"):
+            assert (sae.state_dict()[name] - before[name]).abs().amax() > 1e-4, name
+    assert sorted((h["sae"], h["step"]) for h in history) == [(0, 25), (1, 25)]
 
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
