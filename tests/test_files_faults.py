@@ -119,8 +119,8 @@ def test_save_refuses_a_folder_holding_other_files(tmp_path):
 
 def test_failed_checkpoint_write_keeps_the_last_checkpoint(run, monkeypatch):
     before = tree(run)
-    train_module = importlib.import_module("vlmsae.train")  # vlmsae.train is also the function
-    monkeypatch.setattr(train_module, "save_file", failing_call(2, [], save_file))  # the buffer's file
+    checkpoints = importlib.import_module("vlmsae.checkpoints")
+    monkeypatch.setattr(checkpoints, "save_file", failing_call(2, [], save_file))  # the buffer's file
     with pytest.raises(OSError, match="disk full"):
         resume(run)
     assert tree(run) == before  # step-16 as it was, no temporary folder left

@@ -9,14 +9,16 @@ processor (``hf_processor``) or, for the tiny zoo models, ``vlmsae.zoo.processor
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
+import torch
 from PIL import Image
 
 from .adapters import layers as adapter_info
 from .errors import ConfigError
+from .record import record
 
 TABLE_NAMES = ("captions.parquet", "captions.jsonl", "questions.parquet", "questions.jsonl")
 
@@ -27,6 +29,56 @@ def read_table(path: Path) -> pd.DataFrame:
     if path.suffix in (".jsonl", ".json"):
         return pd.read_json(path, lines=path.suffix == ".jsonl")
     raise ConfigError(f"table={str(path)!r} must be .parquet or .jsonl")
+
+
+class LiveSource:
+    """Fills ring buffers by running the model over data batches (re-iterated for more epochs).
+
+    One forward per batch, stopped after the deepest layer, writes every layer's buffer through
+    its sink. ``used`` batches are skipped first (resuming). Raises ``ConfigError`` when the data
+    cannot be iterated again, or a batch with images holds no image token.
+    """
+
+    def __init__(self, info, data: Iterable[dict], layers: list[int], site: str, used: int = 0):
+        self.info, self.data, self.layers, self.site, self.used = info, data, layers, site, 0
+        self.it = iter(data)
+        for _ in range(used):
+            self._next()
+
+    def _next(self):
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.it = iter(self.data)  # next epoch
+            try:
+                batch = next(self.it)
+            except StopIteration:
+                raise ConfigError(f"the data ran out after {self.used} batches and cannot be iterated again; "
+                                  "pass a re-iterable source (a list, a folder source) or fewer steps") from None
+        self.used += 1
+        return batch
+
+    def fill(self, buffers: dict) -> None:
+        """Forwards until every buffer ``{layer: RingBuffer}`` has no free rows (one host sync per forward)."""
+        sinks = {L: b.sink() for L, b in buffers.items()}
+        while any(b.free_rows() for b in buffers.values()):  # one sync per forward
+            batch = self._next()
+            self._check(batch)
+            with torch.no_grad(), record(self.info.model, self.layers, site=self.site, stop=True,
+                                         sink=lambda L, resid, fwd: sinks[L](L, resid, fwd)):
+                self.info.model(**batch)
+
+    def _check(self, batch: dict) -> None:
+        """A batch with images but no image placeholders would fail deep in the model: say why here."""
+        info, ids = self.info, batch.get(self.info.ids_key)
+        if info.has_image_tokens and "pixel_values" in batch and ids is not None \
+                and not bool((ids == info.image_token_id).any()):
+            raise ConfigError(f"data batch {self.used} has pixel_values but no image token (id {info.image_token_id}) "
+                              f"in {info.ids_key}; a {info.family} model needs one placeholder per image patch: "
+                              "build inputs with the model's processor")
+
+    def state(self) -> dict:
+        return {"data_batches_used": self.used}
 
 
 class ImageTextFolder:

@@ -127,3 +127,22 @@ class Shards:
                         chunk = Rows(*(t[skip_rows:] for t in chunk))
                         skip_rows = 0
                     yield chunk
+
+
+class ShardSource:
+    """Fills ring buffers from harvested shards, each layer from its own stream (``rows_used`` skipped first)."""
+
+    def __init__(self, shards: Shards, layers: list[int], rows_used: dict | None = None):
+        self.rows_used = {L: int((rows_used or {}).get(str(L), 0)) for L in layers}
+        self.streams = {L: shards.stream(L, skip_rows=self.rows_used[L]) for L in layers}
+
+    def fill(self, buffers: dict) -> None:
+        """Reads rows until every buffer ``{layer: RingBuffer}`` has no free rows."""
+        for L, buffer in buffers.items():
+            while buffer.free_rows():
+                chunk = next(self.streams[L])
+                buffer.write_rows(chunk)
+                self.rows_used[L] += chunk.acts.shape[0]
+
+    def state(self) -> dict:
+        return {"shard_rows_used": {str(L): n for L, n in self.rows_used.items()}}

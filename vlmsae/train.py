@@ -14,28 +14,25 @@ latest so that the final weights equal an uninterrupted run (bitwise on CPU).
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapters import Kind, layers as adapter_info
 from .buffer import RingBuffer
-from .errors import ConfigError, NonFiniteError, SAEFileError
-from .files import write_folder_atomic
-from .hooks import execution_device, check_sites
-from .record import record
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import LiveSource
+from .errors import ConfigError, NonFiniteError
+from .hooks import check_sites, execution_device
 from .sae import SAE
-from .shards import Shards
+from .shards import ShardSource, Shards
 from .trainer import SAETrainer, TrainerConfig
+
+__all__ = ["TrainConfig", "OnlineRun", "train", "lr_factor", "k_at", "latest_checkpoint"]
 
 
 @dataclass
@@ -140,68 +137,6 @@ def _saes_by_layer(d_model: int, layer, sae) -> dict[int, list[SAE]]:
     return given
 
 
-class _Live:
-    """Fills buffers by running the model over data batches (re-iterated for more epochs)."""
-
-    def __init__(self, info, data: Iterable[dict], layers: list[int], site: str, used: int = 0):
-        self.info, self.data, self.layers, self.site, self.used = info, data, layers, site, 0
-        self.it = iter(data)
-        for _ in range(used):
-            self._next()
-
-    def _next(self):
-        try:
-            batch = next(self.it)
-        except StopIteration:
-            self.it = iter(self.data)  # next epoch
-            try:
-                batch = next(self.it)
-            except StopIteration:
-                raise ConfigError(f"the data ran out after {self.used} batches and cannot be iterated again; "
-                                  "pass a re-iterable source (a list, a folder source) or fewer steps") from None
-        self.used += 1
-        return batch
-
-    def fill(self, buffers: dict[int, RingBuffer]) -> None:
-        sinks = {L: b.sink() for L, b in buffers.items()}
-        while any(b.free_rows() for b in buffers.values()):  # one sync per forward
-            batch = self._next()
-            self._check(batch)
-            with torch.no_grad(), record(self.info.model, self.layers, site=self.site, stop=True,
-                                         sink=lambda L, resid, fwd: sinks[L](L, resid, fwd)):
-                self.info.model(**batch)
-
-    def _check(self, batch: dict) -> None:
-        """A batch with images but no image placeholders would fail deep in the model: say why here."""
-        info, ids = self.info, batch.get(self.info.ids_key)
-        if info.has_image_tokens and "pixel_values" in batch and ids is not None \
-                and not bool((ids == info.image_token_id).any()):
-            raise ConfigError(f"data batch {self.used} has pixel_values but no image token (id {info.image_token_id}) "
-                              f"in {info.ids_key}; a {info.family} model needs one placeholder per image patch: "
-                              "build inputs with the model's processor")
-
-    def state(self) -> dict:
-        return {"data_batches_used": self.used}
-
-
-class _FromShards:
-    """Fills buffers from harvested shards, each layer from its own stream."""
-
-    def __init__(self, shards: Shards, layers: list[int], rows_used: dict | None = None):
-        self.rows_used = {L: int((rows_used or {}).get(str(L), 0)) for L in layers}
-        self.streams = {L: shards.stream(L, skip_rows=self.rows_used[L]) for L in layers}
-
-    def fill(self, buffers: dict[int, RingBuffer]) -> None:
-        for L, buffer in buffers.items():
-            while buffer.free_rows():
-                chunk = next(self.streams[L])
-                buffer.write_rows(chunk)
-                self.rows_used[L] += chunk.acts.shape[0]
-
-    def state(self) -> dict:
-        return {"shard_rows_used": {str(L): n for L, n in self.rows_used.items()}}
-
-
 def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, cfg: TrainConfig | None = None,
           trainer_cfg: TrainerConfig | None = None, out: str | os.PathLike | None = None, resume: bool = False,
           history: list | None = None, **fields):
@@ -213,122 +148,190 @@ def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, 
     the final SAEs are written to ``out/L{layer}[-{i}]`` and checkpoints to ``out/checkpoints``.
     ``history``, a list, receives one dict per SAE at every metric readout (``layer``, ``sae``, and
     the fields of TrainMetrics: step, tokens, loss, mse, fvu, l0, aux_loss, dead and dense fractions).
+    ``data`` may also be :class:`vlmsae.Shards` (then ``model`` is None).
     Returns the SAE, or ``{layer: SAE}`` / ``{layer: [SAE, ...]}`` in the shape ``sae`` was given.
+
+    Raises ``ConfigError`` for a bad setting, ``NonFiniteError`` on NaN/Inf in activations or
+    weights (naming the step, the layer and the last good checkpoint), ``SAEFileError`` for a
+    damaged checkpoint when resuming.
     """
     if cfg is None:
         cfg = TrainConfig(**fields)
     elif fields:
         raise ConfigError(f"pass either cfg= or TrainConfig fields, not both (got {sorted(fields)})")
-    shards = data if isinstance(data, Shards) else None
-    if shards is not None:
-        if shards.site != cfg.site:
-            raise ConfigError(f"the shards hold site {shards.site!r} but site={cfg.site!r}; pass site={shards.site!r}")
-        width = shards.d_model
-        device_of = lambda L: torch.device(cfg.device or "cpu")  # noqa: E731
-        meta = {"model_class_name": shards.manifest.get("model_class_name", ""),
-                "model_name": shards.manifest.get("family", "")}
-        hook_names = {int(L): name for L, name in shards.manifest.get("hook_names", {}).items()}
-        layer_paths = {}
-    else:
-        info = adapter_info(model)
-        width = info.d_model
-        # each layer's buffer and SAEs live where that layer runs (several devices under accelerate)
-        device_of = lambda L: torch.device(cfg.device) if cfg.device else (  # noqa: E731
-            execution_device(info.layers[L]) or torch.device("cpu"))
-        meta = {"model_class_name": type(info.model).__name__,
-                "model_name": getattr(info.model.config, "_name_or_path", "") or info.family}
-        hook_names = {L: info.hook_name(L, cfg.site) for L in range(info.n_layers)}
-        layer_paths = {L: f"{info.layer_path}.{L}" for L in range(info.n_layers)}
-    saes = _saes_by_layer(width, layer, sae)
-    if shards is None:
-        check_sites(info, [(L, cfg.site) for L in saes])
-    out = Path(out) if out is not None else None
     if resume and out is None:
         raise ConfigError("resume=True needs out= (the folder holding the checkpoints)")
-    for L, group in saes.items():
-        for s in group:
-            s.to(device_of(L))
-            s.cfg.metadata.setdefault("hook_name", hook_names.get(L, f"blocks.{L}.hook_{cfg.site}"))
-            for key, value in meta.items():
-                s.cfg.metadata.setdefault(key, value)
-            if L in layer_paths:
-                s.cfg.metadata.setdefault("hf_layer_path", layer_paths[L])
-            s.cfg.metadata.setdefault("token_kinds", list(cfg.kinds) if cfg.quota is None else sorted(cfg.quota))
-    targets = {(L, i): s.cfg.k for L, group in saes.items() for i, s in enumerate(group)}
-    # One readout cadence: the input NaN check runs just before the trainers' readout steps.
-    trainer_cfg = replace(trainer_cfg or TrainerConfig(lr=cfg.lr), sync_every=cfg.sync_every)
-    trainers = {(L, i): SAETrainer(s, trainer_cfg) for L, group in saes.items() for i, s in enumerate(group)}
-    schedulers = {key: torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda step: lr_factor(step, cfg))
-                  for key, t in trainers.items()}
-    buffers = {L: RingBuffer(cfg.buffer_size, width, device=device_of(L), dtype=getattr(torch, cfg.buffer_dtype),
-                             kinds=cfg.kinds, quota=cfg.quota, outlier_factor=cfg.outlier_factor, seed=cfg.seed + L)
-               for L in saes}
-    step, position, last_checkpoint = 0, {}, None
+    run = OnlineRun(model, layer, data, sae, cfg, trainer_cfg, out, history)
     if resume:
-        step, position, last_checkpoint = _load_checkpoint(out, trainers, schedulers, buffers)
-    source = (_FromShards(shards, sorted(saes), position.get("shard_rows_used")) if shards is not None
-              else _Live(info, data, sorted(saes), cfg.site, position.get("data_batches_used", 0)))
-    # per layer, the first step whose batch held NaN/Inf (-1: none), kept on the device until a readout
-    first_bad = {L: torch.full((), -1, dtype=torch.long, device=device_of(L)) for L in saes}
-    run = _wandb(cfg)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
-    since_checkpoint = 0
-    try:
-        while step < cfg.steps:
-            source.fill(buffers)
-            for L, b in buffers.items():  # NaN/Inf the buffer saw while filling, before any filter could drop it
-                first_bad[L] = torch.where((first_bad[L] < 0) & (b.nonfinite > 0), step, first_bad[L])
-            phase = zip(*(buffers[L].read(cfg.batch_size) for L in saes))
-            for rows in phase:
-                if step >= cfg.steps:
-                    break
-                for L, r in zip(saes, rows):
-                    finite = torch.isfinite(r.acts).all()
-                    first_bad[L] = torch.where((first_bad[L] < 0) & ~finite, step, first_bad[L])
-                if (step + 1) % cfg.sync_every == 0:  # the trainers read out at this step: check inputs first
-                    _check_finite(first_bad, step, saes, last_checkpoint)
-                for L, r in zip(saes, rows):
-                    for i, s in enumerate(saes[L]):
-                        if s.cfg.kind in ("topk", "batchtopk"):
-                            s.cfg.k = k_at(step, targets[(L, i)], cfg, s.cfg.d_sae)
-                        try:
-                            trainers[(L, i)].step(r.acts)
-                        except NonFiniteError as err:
-                            raise NonFiniteError(f"layer {L}: {err}; last good checkpoint: "
-                                                 f"{last_checkpoint or 'none written yet'}") from err
-                        schedulers[(L, i)].step()
-                step += 1
-                since_checkpoint += 1
-                bar.update(1)
-                if step % cfg.sync_every == 0 or step == cfg.steps:
-                    _check_finite(first_bad, step, saes, last_checkpoint)
-                    bar.set_postfix_str(_postfix(trainers, saes, rows), refresh=False)
-                    if history is not None:
-                        history.extend({"layer": L, "sae": i, **asdict(t.history[-1])}
-                                       for (L, i), t in trainers.items() if t.history and t.history[-1].step == step)
-                    if run is not None:
-                        run.log(_log_row(trainers), step=step)
-            if out is not None and cfg.checkpoint_every and (since_checkpoint >= cfg.checkpoint_every
-                                                             or step >= cfg.steps):
-                _check_finite(first_bad, step, saes, last_checkpoint)
-                last_checkpoint = _save_checkpoint(out, step, source.state(), trainers, schedulers, buffers, cfg)
-                since_checkpoint = 0
-    finally:
-        bar.close()
-        for (L, i), s in zip(targets, (s for group in saes.values() for s in group)):
-            s.cfg.k = targets[(L, i)]
-        if run is not None:
-            run.finish()
-    _check_finite(first_bad, step, saes, last_checkpoint)
-    for s in (s for group in saes.values() for s in group):
-        s.eval()
-    if out is not None:
-        for L, group in saes.items():
-            for i, s in enumerate(group):
-                s.save(out / (f"L{L}" if len(group) == 1 else f"L{L}-{i}"))
+        run.resume()
+    run.run()
     if sae is None or isinstance(sae, Mapping) or not isinstance(layer, int):
-        return {L: group[0] if len(group) == 1 else group for L, group in saes.items()}
-    return saes[layer][0] if isinstance(sae, SAE) else saes[layer]
+        return {L: group[0] if len(group) == 1 else group for L, group in run.saes.items()}
+    return run.saes[layer][0] if isinstance(sae, SAE) else run.saes[layer]
+
+
+class OnlineRun:
+    """One online training run: the SAEs, their trainers and schedulers, a ring buffer per layer, a source.
+
+    :meth:`run` reads top to bottom: fill the buffers, then for each batch of the read phase a
+    :meth:`step` of every SAE, a :meth:`readout` every ``sync_every`` steps, and at the end of
+    the phase :meth:`checkpoint_if_needed`. Host synchronisations happen in :meth:`guard_finite`
+    (one per readout), in the source's fill (one per forward) and in the trainers' readouts.
+    """
+
+    def __init__(self, model, layer, data, sae, cfg: TrainConfig, trainer_cfg: TrainerConfig | None,
+                 out: str | os.PathLike | None, history: list | None):
+        self.cfg, self.history = cfg, history
+        self.out = Path(out) if out is not None else None
+        shards = data if isinstance(data, Shards) else None
+        if shards is not None:
+            if shards.site != cfg.site:
+                raise ConfigError(f"the shards hold site {shards.site!r} but site={cfg.site!r}; "
+                                  f"pass site={shards.site!r}")
+            width = shards.d_model
+            device_of = lambda L: torch.device(cfg.device or "cpu")  # noqa: E731
+        else:
+            info = adapter_info(model)
+            width = info.d_model
+            # each layer's buffer and SAEs live where that layer runs (several devices under accelerate)
+            device_of = lambda L: torch.device(cfg.device) if cfg.device else (  # noqa: E731
+                execution_device(info.layers[L]) or torch.device("cpu"))
+        self.saes = _saes_by_layer(width, layer, sae)
+        if shards is None:
+            check_sites(info, [(L, cfg.site) for L in self.saes])
+        for L, group in self.saes.items():
+            for s in group:
+                s.to(device_of(L))
+                _describe(s, L, cfg, shards, None if shards is not None else info)
+        self.targets = {(L, i): s.cfg.k for L, group in self.saes.items() for i, s in enumerate(group)}
+        # One readout cadence: the input NaN check runs just before the trainers' readout steps.
+        trainer_cfg = replace(trainer_cfg or TrainerConfig(lr=cfg.lr), sync_every=cfg.sync_every)
+        self.trainers = {(L, i): SAETrainer(s, trainer_cfg) for L, group in self.saes.items()
+                         for i, s in enumerate(group)}
+        self.schedulers = {key: torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda step: lr_factor(step, cfg))
+                           for key, t in self.trainers.items()}
+        self.buffers = {L: RingBuffer(cfg.buffer_size, width, device=device_of(L),
+                                      dtype=getattr(torch, cfg.buffer_dtype), kinds=cfg.kinds, quota=cfg.quota,
+                                      outlier_factor=cfg.outlier_factor, seed=cfg.seed + L)
+                        for L in self.saes}
+        self.step_count, self.since_checkpoint, self.last_checkpoint = 0, 0, None
+        self._make_source = lambda position: (
+            ShardSource(shards, sorted(self.saes), position.get("shard_rows_used")) if shards is not None
+            else LiveSource(info, data, sorted(self.saes), cfg.site, position.get("data_batches_used", 0)))
+        self.source = None
+        # per layer, the first step whose rows held NaN/Inf (-1: none), kept on the device until a readout
+        self.first_bad = {L: torch.full((), -1, dtype=torch.long, device=device_of(L)) for L in self.saes}
+
+    def resume(self) -> None:
+        """Continue from the newest checkpoint in ``out`` (bitwise the uninterrupted run on CPU)."""
+        self.step_count, position, self.last_checkpoint = load_checkpoint(
+            self.out, self.trainers, self.schedulers, self.buffers)
+        self.source = self._make_source(position)
+
+    def run(self) -> None:
+        """Fill, read, step, read out, checkpoint until ``cfg.steps``; then the SAEs in eval mode, saved to ``out``."""
+        cfg = self.cfg
+        if self.source is None:
+            self.source = self._make_source({})
+        logger = _wandb(cfg)
+        bar = tqdm(total=cfg.steps, initial=self.step_count, desc="train", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        try:
+            while self.step_count < cfg.steps:
+                self.fill()
+                for rows in zip(*(self.buffers[L].read(cfg.batch_size) for L in self.saes)):
+                    if self.step_count >= cfg.steps:
+                        break
+                    self.step(rows)
+                    bar.update(1)
+                    if self.step_count % cfg.sync_every == 0 or self.step_count == cfg.steps:
+                        self.readout(rows, bar, logger)
+                self.checkpoint_if_needed()
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.finish()
+        self.guard_finite()
+        for s in self._all_saes():
+            s.eval()
+        if self.out is not None:
+            for L, group in self.saes.items():
+                for i, s in enumerate(group):
+                    s.save(self.out / (f"L{L}" if len(group) == 1 else f"L{L}-{i}"))
+
+    def fill(self) -> None:
+        """Refill every buffer's free half; note NaN/Inf the buffers saw, before any filter could drop it."""
+        self.source.fill(self.buffers)
+        for L, b in self.buffers.items():
+            self.first_bad[L] = torch.where((self.first_bad[L] < 0) & (b.nonfinite > 0), self.step_count,
+                                            self.first_bad[L])
+
+    def step(self, rows) -> None:
+        """One optimiser step of every SAE on its layer's rows, at this step's learning rate and k."""
+        step, cfg = self.step_count, self.cfg
+        for L, r in zip(self.saes, rows):
+            finite = torch.isfinite(r.acts).all()
+            self.first_bad[L] = torch.where((self.first_bad[L] < 0) & ~finite, step, self.first_bad[L])
+        if (step + 1) % cfg.sync_every == 0:  # the trainers read out at this step: check inputs first
+            self.guard_finite()
+        for L, r in zip(self.saes, rows):
+            for i, s in enumerate(self.saes[L]):
+                k = k_at(step, self.targets[(L, i)], cfg, s.cfg.d_sae) if s.cfg.kind in ("topk", "batchtopk") \
+                    else None
+                try:
+                    self.trainers[(L, i)].step(r.acts, k=k)
+                except NonFiniteError as err:
+                    raise NonFiniteError(f"layer {L}: {err}; last good checkpoint: "
+                                         f"{self.last_checkpoint or 'none written yet'}") from err
+                self.schedulers[(L, i)].step()
+        self.step_count += 1
+        self.since_checkpoint += 1
+
+    def readout(self, rows, bar, logger) -> None:
+        """After the trainers' readout: stop on NaN/Inf, show and hand out the metrics."""
+        self.guard_finite()
+        bar.set_postfix_str(_postfix(self.trainers, self.saes, rows), refresh=False)
+        latest = {key: t.history[-1] for key, t in self.trainers.items()
+                  if t.history and t.history[-1].step == self.step_count}
+        if self.history is not None:
+            self.history.extend({"layer": L, "sae": i, **asdict(m)} for (L, i), m in latest.items())
+        if logger is not None:
+            logger.log({f"L{L}.{i}/{k}": v for (L, i), m in latest.items() for k, v in asdict(m).items()},
+                       step=self.step_count)
+
+    def checkpoint_if_needed(self) -> None:
+        """At the end of a read phase: a checkpoint once ``checkpoint_every`` steps have passed, and at the end."""
+        cfg = self.cfg
+        if self.out is None or not cfg.checkpoint_every:
+            return
+        if self.since_checkpoint >= cfg.checkpoint_every or self.step_count >= cfg.steps:
+            self.guard_finite()  # a bad state never becomes the last good checkpoint
+            self.last_checkpoint = save_checkpoint(self.out, self.step_count, self.source.state(), self.trainers,
+                                                   self.schedulers, self.buffers, cfg)
+            self.since_checkpoint = 0
+
+    def guard_finite(self) -> None:
+        """Stop on NaN/Inf in activations or weights (one sync), naming the step, layer and last good checkpoint."""
+        _check_finite(self.first_bad, self.step_count, self.saes, self.last_checkpoint)
+
+    def _all_saes(self):
+        return (s for group in self.saes.values() for s in group)
+
+
+def _describe(sae: SAE, layer: int, cfg: TrainConfig, shards: Shards | None, info) -> None:
+    """Fill in where the SAE belongs (hook_name, model, layer path, token kinds) unless already set."""
+    meta = sae.cfg.metadata
+    if shards is not None:
+        hook_name = shards.manifest.get("hook_names", {}).get(str(layer))
+        meta.setdefault("hook_name", hook_name or f"blocks.{layer}.hook_{cfg.site}")
+        meta.setdefault("model_class_name", shards.manifest.get("model_class_name", ""))
+        meta.setdefault("model_name", shards.manifest.get("family", ""))
+    else:
+        meta.setdefault("hook_name", info.hook_name(layer, cfg.site))
+        meta.setdefault("model_class_name", type(info.model).__name__)
+        meta.setdefault("model_name", getattr(info.model.config, "_name_or_path", "") or info.family)
+        meta.setdefault("hf_layer_path", f"{info.layer_path}.{layer}")
+    meta.setdefault("token_kinds", list(cfg.kinds) if cfg.quota is None else sorted(cfg.quota))
 
 
 def _check_finite(first_bad, step, saes, last_checkpoint) -> None:
@@ -369,14 +372,6 @@ def _postfix(trainers, saes, rows) -> str:
     return " | ".join(parts)
 
 
-def _log_row(trainers) -> dict:
-    row = {}
-    for (L, i), t in trainers.items():
-        if t.history:
-            row |= {f"L{L}.{i}/{k}": v for k, v in asdict(t.history[-1]).items()}
-    return row
-
-
 def _wandb(cfg: TrainConfig):
     if cfg.wandb is None:
         return None
@@ -385,119 +380,3 @@ def _wandb(cfg: TrainConfig):
     except ImportError as err:
         raise ConfigError("wandb= asks for wandb logging but wandb is not installed; pip install wandb") from err
     return wandb.init(project=cfg.wandb, config=asdict(cfg))
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-STATE_FILE = "state.json"
-CHECKPOINT_NAME = re.compile(r"step-(0|[1-9][0-9]*)")
-
-
-def _save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, buffers, cfg) -> Path:
-    """Write ``out/checkpoints/step-N`` as one folder swap, durable before it appears; then drop older ones.
-
-    Raises OSError from the disk; the checkpoints already there are then as they were.
-    """
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    older = _checkpoints(out)
-
-    def write(folder: Path) -> None:
-        for (L, i), t in trainers.items():
-            tensors, meta = t.state_dict()
-            save_file(tensors, str(folder / f"trainer-L{L}-{i}.safetensors"))
-            meta["scheduler_last_epoch"] = schedulers[(L, i)].last_epoch
-            (folder / f"trainer-L{L}-{i}.json").write_text(json.dumps(meta), encoding="utf-8")
-        for L, b in buffers.items():
-            save_file({k: v.contiguous() for k, v in b.state_dict().items()}, str(folder / f"buffer-L{L}.safetensors"))
-        state = {"step": step, "position": position, "config": asdict(cfg)}
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-
-    final = write_folder_atomic(root / f"step-{step}", write)
-    for n, old in older.items():  # only now that the new one is on disk
-        if n != step:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _checkpoints(out: str | os.PathLike) -> dict[int, Path]:
-    """The checkpoint folders ``out/checkpoints/step-N`` by step. Anything else (a user's notes, files,
-    the hidden temporary folders of an interrupted write) is not a checkpoint and is left alone.
-
-    Raises SAEFileError if ``out/checkpoints`` is not a folder.
-    """
-    root = Path(out) / "checkpoints"
-    if root.exists() and not root.is_dir():
-        raise SAEFileError(f"{root}: is not a folder, so it cannot hold checkpoints; move it away")
-    found = {}
-    for path in root.iterdir() if root.exists() else ():
-        match = CHECKPOINT_NAME.fullmatch(path.name)
-        if match and path.is_dir():
-            found[int(match.group(1))] = path
-    return found
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The newest checkpoint folder ``out/checkpoints/step-N`` (or None); other names there are ignored.
-
-    Raises SAEFileError if ``out/checkpoints`` is not a folder.
-    """
-    found = _checkpoints(out)
-    return found[max(found)] if found else None
-
-
-def _load_checkpoint(out: Path, trainers, schedulers, buffers) -> tuple[int, dict, Path]:
-    """Restore trainers, schedulers and buffers from the newest checkpoint: (step, data position, folder).
-
-    Raises ConfigError if there is no checkpoint or it was written for other layers / SAE shapes,
-    SAEFileError if a file in it is missing or damaged (nothing is restored from an unreadable one).
-    """
-    path = latest_checkpoint(out)
-    if path is None:
-        raise ConfigError(f"resume=True but {out / 'checkpoints'} holds no checkpoint; run without resume")
-    damaged = f"delete {path} and run without resume=True, or restore the checkpoint from a copy"
-    state = _read_json(path / STATE_FILE, damaged)
-    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("position"), dict)):
-        raise SAEFileError(f"{path / STATE_FILE}: needs an integer 'step' and an object 'position'; {damaged}")
-    saved = {}  # everything is read before anything is restored
-    for (L, i), t in trainers.items():
-        tensors_file, meta_file = path / f"trainer-L{L}-{i}.safetensors", path / f"trainer-L{L}-{i}.json"
-        if not tensors_file.exists():
-            raise ConfigError(f"{tensors_file}: missing, so this checkpoint has no SAE {i} of layer {L}; "
-                              "resume with the layers and SAEs of the run that wrote it")
-        saved[(L, i)] = (_read_tensors(tensors_file, t.sae.W_dec.device, damaged), _read_json(meta_file, damaged))
-    buffer_states = {L: _read_tensors(path / f"buffer-L{L}.safetensors", b.device, damaged) for L, b in buffers.items()}
-    try:
-        for (L, i), t in trainers.items():
-            tensors, meta = saved[(L, i)]
-            t.load_state_dict(tensors, meta, path)
-            schedulers[(L, i)].last_epoch = meta["scheduler_last_epoch"]
-            schedulers[(L, i)]._last_lr = [group["lr"] for group in t.optimizer.param_groups]
-        for L, b in buffers.items():
-            b.load_state_dict(buffer_states[L])
-    except ConfigError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:  # a key or shape the code expects
-        raise SAEFileError(f"{path}: the checkpoint does not hold what this vlmsae writes "
-                           f"({type(err).__name__}: {str(err)[:200]}); {damaged}") from err
-    return state["step"], state["position"], path
-
-
-def _read_json(path: Path, fix: str):
-    """The JSON value in ``path``; raises SAEFileError naming the file and ``fix``."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError as err:
-        raise SAEFileError(f"{path}: missing; {fix}") from err
-    except (OSError, ValueError, RecursionError) as err:
-        raise SAEFileError(f"{path}: not readable JSON ({str(err)[:200]}); {fix}") from err
-
-
-def _read_tensors(path: Path, device, fix: str) -> dict[str, torch.Tensor]:
-    """The tensors in the safetensors file ``path``; raises SAEFileError naming the file and ``fix``."""
-    try:
-        return load_file(str(path), device=str(device))
-    except FileNotFoundError as err:
-        raise SAEFileError(f"{path}: missing; {fix}") from err
-    except (OSError, SafetensorError) as err:
-        raise SAEFileError(f"{path}: not a readable safetensors file ({err}); {fix}") from err

@@ -88,7 +88,7 @@ class SAETrainer:
         self.stored = sae  # the caller's SAE, in its own dtype: `step` writes the trained weights back to it
         if sae.W_dec.dtype in (torch.float16, torch.bfloat16):
             sae = copy.deepcopy(sae).float()
-            sae.cfg = self.stored.cfg  # one config: k annealing in `vlmsae.train` sets the stored SAE's k
+            sae.cfg = self.stored.cfg  # one config for the stored SAE and its float32 working copy
         self.sae, self.cfg = sae, cfg
         device = sae.W_dec.device
         self.compute_dtype = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else (
@@ -119,8 +119,12 @@ class SAETrainer:
         self.aux_active = False
         self.initialized = not cfg.init_from_first_batch
 
-    def step(self, x: Tensor) -> None:
-        """One optimiser step on `x` (..., d_in); no host synchronisation except the readout every `sync_every` steps."""
+    def step(self, x: Tensor, k: int | None = None) -> None:
+        """One optimiser step on `x` (..., d_in); no host synchronisation except the readout every `sync_every` steps.
+
+        `k` (TopK kinds): the sparsity of this step, e.g. annealed by `vlmsae.train`; None: the SAE's own k.
+        The SAE's config is never changed.
+        """
         sae = self.sae
         x = x.reshape(-1, sae.cfg.d_in).to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
         if not self.initialized:
@@ -131,8 +135,10 @@ class SAETrainer:
         kind = sae.cfg.kind
         # Under a caller's no_grad (a notebook, a benchmark) the SAE still needs its graph.
         with torch.enable_grad():
-            loss, recon, nonzero, fired, aux = (self._sparse_loss if kind in ("topk", "batchtopk")
-                                                else self._dense_loss)(x)
+            if kind in ("topk", "batchtopk"):
+                loss, recon, nonzero, fired, aux = self._sparse_loss(x, sae.cfg.k if k is None else k)
+            else:
+                loss, recon, nonzero, fired, aux = self._dense_loss(x)
             sae.zero_grad(set_to_none=True)
             loss.backward()
         if sae.unit_norm_decoder:
@@ -172,9 +178,8 @@ class SAETrainer:
             yield start, stop, torch.addmm(b_enc, u[start:stop], W_encT.T)
 
     @torch.no_grad()
-    def _select_topk(self, u: Tensor, dead: Tensor, aux_k: int) -> tuple[Tensor, Tensor]:
+    def _select_topk(self, u: Tensor, dead: Tensor, aux_k: int, k: int) -> tuple[Tensor, Tensor]:
         """(values, latents), each (n_tokens, k + aux_k): the k largest pre-activations, then aux_k among dead latents."""
-        k = self.sae.cfg.k
         values = torch.empty(u.shape[0], k + aux_k, device=u.device, dtype=u.dtype)
         latents = torch.empty(u.shape[0], k + aux_k, device=u.device, dtype=torch.long)
         for start, stop, pre in self._encoder_chunks(u):
@@ -186,14 +191,14 @@ class SAETrainer:
         return _ascending(values[:, :k], latents[:, :k]), _ascending(values[:, k:], latents[:, k:])
 
     @torch.no_grad()
-    def _select_batchtopk(self, u: Tensor, dead: Tensor, aux_k: int):
+    def _select_batchtopk(self, u: Tensor, dead: Tensor, aux_k: int, k: int):
         """The k * n_tokens largest pre-activations of the batch (Bussmann et al. 2024) as (values, rows, cols)
         in token order, then (aux_values, aux_latents), each (n_tokens, aux_k), among dead latents."""
         d_sae, n_tokens = self.sae.cfg.d_sae, u.shape[0]
         pre = torch.empty(n_tokens, d_sae, device=u.device, dtype=self.compute_dtype)
         for start, stop, chunk in self._encoder_chunks(u):
             pre[start:stop] = chunk
-        values, flat = pre.view(-1).topk(self.sae.cfg.k * n_tokens, sorted=False)
+        values, flat = pre.view(-1).topk(k * n_tokens, sorted=False)
         flat, order = flat.sort()
         values = values[order].to(u.dtype)
         main = (values, flat // d_sae, flat % d_sae)
@@ -202,7 +207,7 @@ class SAETrainer:
         aux = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False)
         return main, _ascending(aux.values.to(u.dtype), aux.indices)
 
-    def _sparse_loss(self, x: Tensor):
+    def _sparse_loss(self, x: Tensor, k: int):
         sae, cfg = self.sae, self.sae.cfg
         n_tokens, d_sae = x.shape[0], cfg.d_sae
         dead = self.tokens_since_fired >= cfg.dead_tokens
@@ -210,10 +215,10 @@ class SAETrainer:
         x_n = x * sae.act_scale.to(x.dtype)
         u = sae.center(x)
         if cfg.kind == "topk":
-            (values, latents), (aux_values, aux_latents) = self._select_topk(u, dead, aux_k)
+            (values, latents), (aux_values, aux_latents) = self._select_topk(u, dead, aux_k, k)
             main_code = SparseCode.from_topk(latents).with_latent_order(d_sae)
         else:
-            (values, rows, cols), (aux_values, aux_latents) = self._select_batchtopk(u, dead, aux_k)
+            (values, rows, cols), (aux_values, aux_latents) = self._select_batchtopk(u, dead, aux_k, k)
             main_code = SparseCode.from_rows_cols(rows, cols, n_tokens).with_latent_order(d_sae)
         if self.compute_dtype != u.dtype:
             # Low-precision scores chose the latents; their values are

@@ -1,0 +1,137 @@
+"""Checkpoints of an online training run: ``out/checkpoints/step-N``, one folder per step.
+
+A checkpoint holds, per SAE, its trainer's tensors (weights, Adam moments, dead-latent counters)
+and metadata (metric window, history, scheduler position), per layer its ring buffer, and
+``state.json`` with the step, the data position and the run's config. It is written aside and
+swapped in whole (:func:`vlmsae.files.write_folder_atomic`); older ones go only once it is on disk.
+Reading checks every file before anything is restored and names the damaged one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import ConfigError, SAEFileError
+from .files import write_folder_atomic
+
+STATE_FILE = "state.json"
+CHECKPOINT_NAME = re.compile(r"step-(0|[1-9][0-9]*)")
+
+
+def save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, buffers, cfg) -> Path:
+    """Write ``out/checkpoints/step-N`` as one folder swap, durable before it appears; then drop older ones.
+
+    Raises OSError from the disk; the checkpoints already there are then as they were.
+    """
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    older = checkpoints(out)
+
+    def write(folder: Path) -> None:
+        for (L, i), t in trainers.items():
+            tensors, meta = t.state_dict()
+            save_file(tensors, str(folder / f"trainer-L{L}-{i}.safetensors"))
+            meta["scheduler_last_epoch"] = schedulers[(L, i)].last_epoch
+            (folder / f"trainer-L{L}-{i}.json").write_text(json.dumps(meta), encoding="utf-8")
+        for L, b in buffers.items():
+            save_file({k: v.contiguous() for k, v in b.state_dict().items()}, str(folder / f"buffer-L{L}.safetensors"))
+        state = {"step": step, "position": position, "config": asdict(cfg)}
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+    final = write_folder_atomic(root / f"step-{step}", write)
+    for n, old in older.items():  # only now that the new one is on disk
+        if n != step:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(out: str | os.PathLike) -> dict[int, Path]:
+    """The checkpoint folders ``out/checkpoints/step-N`` by step. Anything else (a user's notes, files,
+    the hidden temporary folders of an interrupted write) is not a checkpoint and is left alone.
+
+    Raises SAEFileError if ``out/checkpoints`` is not a folder.
+    """
+    root = Path(out) / "checkpoints"
+    if root.exists() and not root.is_dir():
+        raise SAEFileError(f"{root}: is not a folder, so it cannot hold checkpoints; move it away")
+    found = {}
+    for path in root.iterdir() if root.exists() else ():
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match and path.is_dir():
+            found[int(match.group(1))] = path
+    return found
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest checkpoint folder ``out/checkpoints/step-N`` (or None); other names there are ignored.
+
+    Raises SAEFileError if ``out/checkpoints`` is not a folder.
+    """
+    found = checkpoints(out)
+    return found[max(found)] if found else None
+
+
+def load_checkpoint(out: Path, trainers, schedulers, buffers) -> tuple[int, dict, Path]:
+    """Restore trainers, schedulers and buffers from the newest checkpoint: (step, data position, folder).
+
+    Raises ConfigError if there is no checkpoint or it was written for other layers / SAE shapes,
+    SAEFileError if a file in it is missing or damaged (nothing is restored from an unreadable one).
+    """
+    path = latest_checkpoint(out)
+    if path is None:
+        raise ConfigError(f"resume=True but {out / 'checkpoints'} holds no checkpoint; run without resume")
+    damaged = f"delete {path} and run without resume=True, or restore the checkpoint from a copy"
+    state = _read_json(path / STATE_FILE, damaged)
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("position"), dict)):
+        raise SAEFileError(f"{path / STATE_FILE}: needs an integer 'step' and an object 'position'; {damaged}")
+    saved = {}  # everything is read before anything is restored
+    for (L, i), t in trainers.items():
+        tensors_file, meta_file = path / f"trainer-L{L}-{i}.safetensors", path / f"trainer-L{L}-{i}.json"
+        if not tensors_file.exists():
+            raise ConfigError(f"{tensors_file}: missing, so this checkpoint has no SAE {i} of layer {L}; "
+                              "resume with the layers and SAEs of the run that wrote it")
+        saved[(L, i)] = (_read_tensors(tensors_file, t.sae.W_dec.device, damaged), _read_json(meta_file, damaged))
+    buffer_states = {L: _read_tensors(path / f"buffer-L{L}.safetensors", b.device, damaged) for L, b in buffers.items()}
+    try:
+        for (L, i), t in trainers.items():
+            tensors, meta = saved[(L, i)]
+            t.load_state_dict(tensors, meta, path)
+            schedulers[(L, i)].last_epoch = meta["scheduler_last_epoch"]
+            schedulers[(L, i)]._last_lr = [group["lr"] for group in t.optimizer.param_groups]
+        for L, b in buffers.items():
+            b.load_state_dict(buffer_states[L])
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:  # a key or shape the code expects
+        raise SAEFileError(f"{path}: the checkpoint does not hold what this vlmsae writes "
+                           f"({type(err).__name__}: {str(err)[:200]}); {damaged}") from err
+    return state["step"], state["position"], path
+
+
+def _read_json(path: Path, fix: str):
+    """The JSON value in ``path``; raises SAEFileError naming the file and ``fix``."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as err:
+        raise SAEFileError(f"{path}: missing; {fix}") from err
+    except (OSError, ValueError, RecursionError) as err:
+        raise SAEFileError(f"{path}: not readable JSON ({str(err)[:200]}); {fix}") from err
+
+
+def _read_tensors(path: Path, device, fix: str) -> dict[str, torch.Tensor]:
+    """The tensors in the safetensors file ``path``; raises SAEFileError naming the file and ``fix``."""
+    try:
+        return load_file(str(path), device=str(device))
+    except FileNotFoundError as err:
+        raise SAEFileError(f"{path}: missing; {fix}") from err
+    except (OSError, SafetensorError) as err:
+        raise SAEFileError(f"{path}: not a readable safetensors file ({err}); {fix}") from err
