@@ -22,23 +22,9 @@ from . import shapes
 from .adapters import Kind, layers as adapter_info
 from .errors import ConfigError
 from .interventions import steer
+from .metrics import auroc
 from .record import record
 from .sae import SAE
-
-
-def auroc(pos: Tensor, neg: Tensor) -> Tensor:
-    """``(features,)`` AUROC of each column at ranking ``pos`` rows above ``neg`` rows, ties counting half.
-
-    ``pos`` is ``(n_pos, features)``, ``neg`` is ``(n_neg, features)``: the Mann-Whitney statistic
-    ``P(pos > neg) + P(pos == neg) / 2``, computed with sorted negatives and binary search.
-    """
-    if pos.shape[0] == 0 or neg.shape[0] == 0:
-        raise ConfigError(f"AUROC needs positives and negatives; got {pos.shape[0]} and {neg.shape[0]}")
-    neg_sorted = neg.T.contiguous().float().sort(dim=1).values  # (features, n_neg)
-    queries = pos.T.contiguous().float()  # (features, n_pos)
-    below = torch.searchsorted(neg_sorted, queries, right=False).float()
-    not_above = torch.searchsorted(neg_sorted, queries, right=True).float()
-    return ((below + not_above) / 2).mean(1) / neg.shape[0]
 
 
 @torch.no_grad()
