@@ -45,7 +45,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 IMAGE_SIZE = 48  # pixels, square
 PATCH = 8  # the testbed models' patch: a 6 x 6 grid

@@ -1,6 +1,6 @@
 """``vlmsae demo``: the whole pipeline on a model that really sees, end to end.
 
-With no arguments: the shipped Shapes captioner (a ViT-GPT2 trained by ``vlmsae.testbed``). SAEs
+With no arguments: the shipped Shapes captioner (a ViT-GPT2 trained by ``vlmsae.testbed.models``). SAEs
 train online on a middle decoder layer and on the last one, both from the same forwards, while the
 model reads Shapes images; each is evaluated (FVU, L0, dead fraction, loss recovered), its features
 are named by concept AUROC, colour features steer captions, and SAE folders plus a self-contained
@@ -26,15 +26,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..adapters import layers, load_model
+from ..data import ImageTextFolder, hf_processor
+from ..evaluate import evaluate
+from ..files import write_text_atomic
+from ..interventions import latent_stats
+from ..sae import SAE
+from ..train import train
 from . import shapes
-from .adapters import layers
 from .concepts import concept_auroc, site_latents, steering_success
-from .data import ImageTextFolder, ShapesData, hf_processor
-from .evaluate import evaluate
-from .files import write_text_atomic
-from .interventions import latent_stats
-from .sae import SAE
-from .train import train
+from .data import ShapesData
+from .models import load_captioner
 
 EVAL_SEED, CONCEPT_SEED, CALIBRATE_SEED, STEER_SEED = 30_000_000, 40_000_000, 50_000_000, 60_000_000
 
@@ -77,17 +79,13 @@ class DemoConfig:
 def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = None) -> dict:
     """Run the demo; returns ``{"model", "seconds", "table"}``, ``table`` one row of figures per layer
     (also printed, written to ``summary.json`` and into the report)."""
-    from . import testbed
-
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     if model_name is None:
-        model, tokenizer = testbed.load_captioner()
+        model, tokenizer = load_captioner()
         data = ShapesData(tokenizer, batches=100_000, batch_size=cfg.data_batch)
         eval_data = ShapesData(tokenizer, batches=cfg.eval_batches, batch_size=cfg.data_batch, seed=EVAL_SEED)
     else:
-        from .adapters import load_model
-
         if images is None:
             raise ValueError("--model needs --images, a folder of images with a captions table")
         model, tokenizer = load_model(model_name), None

@@ -18,13 +18,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ..adapters import Kind, layers as adapter_info
+from ..errors import ConfigError
+from ..interventions import steer
+from ..metrics import auroc
+from ..record import record
+from ..sae import SAE
 from . import shapes
-from .adapters import Kind, layers as adapter_info
-from .errors import ConfigError
-from .interventions import steer
-from .metrics import auroc
-from .record import record
-from .sae import SAE
+from .models import caption
 
 
 @torch.no_grad()
@@ -152,8 +153,6 @@ def steering_success(model, tokenizer, layer: int, sae: SAE, samples: Sequence[s
     the positions that predict ``concept`` (the word before it in the grammar), at every decode step.
     Returns the success rate and a table of clean and steered captions.
     """
-    from .testbed import caption
-
     if concept not in PREDICTED_AFTER:
         raise ConfigError(f"concept={concept!r} cannot be steered here; choose one of {sorted(PREDICTED_AFTER)}")
     chosen = [s for s in samples if not s.has(value)]
