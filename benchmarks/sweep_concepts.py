@@ -1,7 +1,7 @@
 """Concept AUROC of demo-style SAEs on the shipped Shapes captioner, per layer, setting and seed.
 
 For each combination: train a TopK SAE online as ``vlmsae demo`` does, then print one JSON line with
-the weakest best-feature AUROC of every concept (``vlmsae.concepts.concept_auroc`` on fresh samples)
+the weakest best-feature AUROC of every concept (``vlmsae.testbed.concepts.concept_auroc`` on fresh samples)
 and the per-value AUROCs of colour and shape. Example (the sweep behind RESULTS.md)::
 
     python benchmarks/sweep_concepts.py --layers 2 3 --seeds 0 1 2
@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from vlmsae import shapes, testbed
 from vlmsae.adapters import layers
-from vlmsae.concepts import concept_auroc
-from vlmsae.data import ShapesData
-from vlmsae.demo import CONCEPT_SEED
 from vlmsae.sae import SAE
+from vlmsae.testbed import models, shapes
+from vlmsae.testbed.concepts import concept_auroc
+from vlmsae.testbed.data import ShapesData
+from vlmsae.testbed.demo import CONCEPT_SEED
 from vlmsae.train import train
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = testbed.load_captioner()
+    model, tokenizer = models.load_captioner()
     d_model = layers(model).d_model
     samples = shapes.make_samples(args.samples, CONCEPT_SEED)
     for layer, seed in itertools.product(args.layers, args.seeds):

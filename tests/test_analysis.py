@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import vlmsae
-from vlmsae import Kind, shapes, testbed
+from vlmsae import Kind
 from vlmsae.analysis import (PatchLayout, concept_aurocs, feature_table, image_question_grid, patch_grid,
                              patch_layout, scan)
 from vlmsae.errors import ConfigError
 from vlmsae.probes import compare_probes, probe_accuracy
+from vlmsae.testbed import models, shapes
 from vlmsae.zoo import qwen_patchify, tiny_inputs, tiny_model
 
 LAYER = 1
@@ -194,7 +195,7 @@ def test_probes_read_a_linear_concept_and_not_noise():
     assert result.test == table.loc["class", "signal"] and 0.2 < result.chance < 0.35
 
 
-qa_shipped = pytest.mark.skipif(not testbed.QA_DIR.is_dir(), reason=f"no testbed QA model in {testbed.QA_DIR}; "
+qa_shipped = pytest.mark.skipif(not models.QA_DIR.is_dir(), reason=f"no testbed QA model in {models.QA_DIR}; "
                                  "train it with `python -m vlmsae.testbed train qa`")
 
 
@@ -203,7 +204,7 @@ def test_heatmaps_put_the_hot_patch_on_the_object():
     """On the LLaVA Shapes model, the image features that best detect each colour's patches are hottest,
     in each of their top examples, on a patch that an object covers."""
     torch.manual_seed(0)
-    model, tokenizer = testbed.load_qa()
+    model, tokenizer = models.load_qa()
     info = vlmsae.layers(model)
     layer = info.n_layers // 2
 

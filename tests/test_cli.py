@@ -70,10 +70,10 @@ def test_demo_on_your_own_captioner_folder_and_images(tmp_path, capsys, monkeypa
     from transformers import ViTImageProcessor
 
     import vlmsae
-    from vlmsae import testbed
+    from vlmsae.testbed import models
 
     model_dir = tmp_path / "captioner"
-    shutil.copytree(testbed.CAPTIONER_DIR, model_dir)
+    shutil.copytree(models.CAPTIONER_DIR, model_dir)
     ViTImageProcessor(size={"height": 48, "width": 48}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
         model_dir)
     images = image_folder(tmp_path / "images")

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from vlmsae.concepts import auroc
+from vlmsae.metrics import auroc
 
 
 def brute_auroc(pos, neg):
@@ -27,7 +27,7 @@ def test_auroc_matches_pairwise_counting_with_ties():
 @pytest.fixture(scope="module")
 def demo_summary(tmp_path_factory):
     """The demo's default settings on the shipped captioner, run once for the figures below."""
-    from vlmsae.demo import DemoConfig, run
+    from vlmsae.testbed.demo import DemoConfig, run
 
     out = tmp_path_factory.mktemp("demo")
     summary = run(DemoConfig(out=str(out)))
@@ -62,13 +62,14 @@ def test_demo_sae_has_a_feature_per_colour_and_shape(demo_summary):
 
 def test_llava_image_token_features_localise_colours():
     import vlmsae
-    from vlmsae import SAE, shapes, testbed, train
-    from vlmsae.concepts import patch_auroc
-    from vlmsae.data import ShapesData
+    from vlmsae import SAE, train
+    from vlmsae.testbed import models, shapes
+    from vlmsae.testbed.concepts import patch_auroc
+    from vlmsae.testbed.data import ShapesData
 
-    if not (testbed.QA_DIR / "config.json").exists():
-        pytest.skip(f"the LLaVA Shapes model is not shipped at {testbed.QA_DIR}")
-    model, tokenizer = testbed.load_qa()
+    if not (models.QA_DIR / "config.json").exists():
+        pytest.skip(f"the LLaVA Shapes model is not shipped at {models.QA_DIR}")
+    model, tokenizer = models.load_qa()
     info = vlmsae.layers(model)
     # Colour lives in the image tokens early: measured min-over-colours patch AUROC with these settings was
     # 0.93 at layer 0, 0.94 at layer 1, 0.87 at layer 2, 0.91 at layer 3 of 4.

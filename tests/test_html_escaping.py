@@ -16,7 +16,7 @@ import torch
 import vlmsae
 from vlmsae.analysis import feature_table, scan
 from vlmsae.dashboard import write_dashboard
-from vlmsae.demo import DemoConfig, _write_report
+from vlmsae.testbed.demo import DemoConfig, _write_report
 from vlmsae.zoo import tiny_inputs, tiny_model
 
 HOSTILE = ["</script><script>window.__pwned=1</script>", "<!--<script>", "\"'&<>", "__DATA__ <b>bold</b>"]

@@ -102,6 +102,26 @@ def test_init_from_batch_sets_power_of_two_scale_and_returns_model_units():
     assert (sae.decode(torch.zeros(D_SAE)) - x.mean(0)).norm() < 0.5 * 37
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_tensors_gives_the_same_sae_and_names_a_bad_tensor(kind):
+    """``SAE.from_tensors(cfg, sae.state_dict())`` computes what ``sae`` computes, bit for bit, with the same
+    W_enc storage; a missing, extra or misshapen tensor is a ConfigError naming it."""
+    sae = make_sae(kind, normalize_activations=True)
+    sae.init_from_batch(torch.randn(64, D_IN) * 5)
+    tensors = {name: t.clone() for name, t in sae.state_dict().items()}
+    copy = SAE.from_tensors(sae.cfg, tensors)
+    x = torch.randn(3, 5, D_IN)
+    for training in (True, False):
+        assert all(torch.equal(a, b) for a, b in zip(sae.train(training)(x), copy.train(training)(x)))
+    assert copy.W_enc.stride() == sae.W_enc.stride()
+    assert [n for n, _ in copy.named_parameters()] == [n for n, _ in sae.named_parameters()]
+    assert [n for n, _ in copy.named_buffers()] == [n for n, _ in sae.named_buffers()]
+    with pytest.raises(ConfigError, match="act_scale"):
+        SAE.from_tensors(sae.cfg, {n: t for n, t in tensors.items() if n != "act_scale"})
+    with pytest.raises(ConfigError, match="'b_dec' has shape"):
+        SAE.from_tensors(sae.cfg, {**tensors, "b_dec": tensors["b_dec"][:-1]})
+
+
 def test_geometric_median_resists_outliers():
     points = torch.randn(200, 3) * 0.1
     points[:20] += 1000.0

@@ -68,7 +68,7 @@ def test_saved_file_is_saelens_layout_with_own_tensors(tmp_path):
     with safe_open(tmp_path / "sae_weights.safetensors", "pt") as f:
         shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
     assert shapes == {"W_enc": [D_IN, D_SAE], "b_enc": [D_SAE], "W_dec": [D_SAE, D_IN], "b_dec": [D_IN]}
-    tensors = _saelens_tensors(sae)
+    tensors = _saelens_tensors(sae.state_dict())
     storages = {t.untyped_storage().data_ptr() for t in tensors.values()}
     params = {p.untyped_storage().data_ptr() for p in sae.parameters()}
     assert len(storages) == len(tensors) and not storages & params

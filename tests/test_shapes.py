@@ -5,8 +5,9 @@ import colorsys
 import numpy as np
 import pytest
 
-from vlmsae import shapes, zoo
+from vlmsae import zoo
 from vlmsae.errors import ConfigError
+from vlmsae.testbed import shapes
 
 
 @pytest.fixture(scope="module")

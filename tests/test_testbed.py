@@ -4,25 +4,25 @@ import pytest
 import torch
 
 import vlmsae
-from vlmsae import shapes, testbed
+from vlmsae.testbed import models, shapes
 
 GOAL = 0.98
-N_FRESH = 300  # fresh samples per measurement; seeds from testbed.EVAL_SEED up, which training never draws
+N_FRESH = 300  # fresh samples per measurement; seeds from models.EVAL_SEED up, which training never draws
 
 
 @pytest.fixture(scope="module")
 def captioner():
-    return testbed.load_captioner()
+    return models.load_captioner()
 
 
 @pytest.fixture(scope="module")
 def qa():
-    return testbed.load_qa()
+    return models.load_qa()
 
 
 def test_captioner_loads_offline(captioner):
     model, tok = captioner
-    assert isinstance(model, vlmsae.testbed.VisionEncoderDecoderModel)
+    assert isinstance(model, models.VisionEncoderDecoderModel)
     info = vlmsae.layers(model)
     assert info.family == "vit-gpt2" and info.n_layers == model.config.decoder.n_layer
     assert tok.pad_token_id == shapes.PAD and len(tok) == model.config.decoder.vocab_size
@@ -37,14 +37,14 @@ def test_qa_loads_offline(qa):
 
 def test_captioner_accuracy_on_fresh_samples(captioner):
     torch.set_num_threads(2)
-    result = testbed.evaluate_captioner(*captioner, n=N_FRESH, seed=testbed.EVAL_SEED + 777)
+    result = models.evaluate_captioner(*captioner, n=N_FRESH, seed=models.EVAL_SEED + 777)
     print(f"\ncaptioner exact match on {N_FRESH} fresh samples:", {k: round(v, 4) for k, v in result.items()})
     assert result["exact_match"] >= GOAL, result
 
 
 def test_qa_accuracy_on_fresh_samples(qa):
     torch.set_num_threads(2)
-    result = testbed.evaluate_qa(*qa, n=N_FRESH, seed=testbed.EVAL_SEED + 777)
+    result = models.evaluate_qa(*qa, n=N_FRESH, seed=models.EVAL_SEED + 777)
     print(f"\nLLaVA QA exact match on {N_FRESH} fresh samples per question:",
           {k: round(v, 4) for k, v in result.items()})
     assert result["exact_match"] >= GOAL, result
@@ -55,7 +55,7 @@ def test_qa_accuracy_on_fresh_samples(qa):
 def test_concept_sites_are_where_the_captioner_predicts_the_word(captioner):
     """Teacher-forced, the logits at ``site.predict`` pick the concept word (what steering and AUROC rely on)."""
     model, tok = captioner
-    samples = shapes.make_samples(32, seed=testbed.EVAL_SEED + 999)
+    samples = shapes.make_samples(32, seed=models.EVAL_SEED + 999)
     inputs = shapes.captioner_inputs(samples, tok)
     labels = inputs.pop("labels")
     pred = model(**inputs).logits.argmax(-1)
@@ -77,7 +77,7 @@ def test_concept_sites_are_where_the_captioner_predicts_the_word(captioner):
 def test_qa_labels_are_exactly_the_answer_and_eos(qa, question):
     """The QA model learns the answer and nothing else: every other position is -100 (the model shifts them)."""
     _, tok = qa
-    samples = shapes.make_samples(16, seed=testbed.EVAL_SEED + 999)
+    samples = shapes.make_samples(16, seed=models.EVAL_SEED + 999)
     inputs = shapes.qa_inputs(samples, tok, question)
     prompt = 1 + shapes.N_PATCHES + len(shapes.QUESTIONS[question].replace("?", " ?").split())
     for i, sample in enumerate(samples):
@@ -89,13 +89,13 @@ def test_qa_labels_are_exactly_the_answer_and_eos(qa, question):
 
 
 def test_training_is_deterministic(tmp_path):
-    cfg = testbed.TrainConfig(steps=3, warmup=1, batch=4, d_model=32, n_layers=1, vision_layers=1, threads=1)
-    a, _ = testbed.train_captioner(tmp_path / "a", cfg)
-    b, _ = testbed.train_captioner(None, cfg)
+    cfg = models.TrainConfig(steps=3, warmup=1, batch=4, d_model=32, n_layers=1, vision_layers=1, threads=1)
+    a, _ = models.train_captioner(tmp_path / "a", cfg)
+    b, _ = models.train_captioner(None, cfg)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
-    c, _ = testbed.train_qa(None, cfg)
-    d, _ = testbed.train_qa(None, cfg)
+    c, _ = models.train_qa(None, cfg)
+    d, _ = models.train_qa(None, cfg)
     assert all(torch.equal(x, y) for x, y in zip(c.state_dict().values(), d.state_dict().values()))
-    loaded, tok = testbed.load_captioner(tmp_path / "a")
+    loaded, tok = models.load_captioner(tmp_path / "a")
     assert torch.equal(loaded.state_dict()["decoder.lm_head.weight"], a.state_dict()["decoder.lm_head.weight"])

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from vlmsae import testbed
+from vlmsae.testbed import models
 
 TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("*.ipynb"))
 NEEDS = {"01_record_and_explore": ("captioner", "llava_qa"), "02_train_and_evaluate": ("llava_qa",),
@@ -29,9 +29,9 @@ def test_there_are_three_tutorials_stored_without_outputs():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(path, tmp_path):
-    missing = [name for name in NEEDS[path.stem] if not (testbed.MODELS_DIR / name).is_dir()]
+    missing = [name for name in NEEDS[path.stem] if not (models.MODELS_DIR / name).is_dir()]
     if missing:
-        pytest.skip(f"testbed model(s) {missing} are not in {testbed.MODELS_DIR}; train them with "
+        pytest.skip(f"testbed model(s) {missing} are not in {models.MODELS_DIR}; train them with "
                     "`python -m vlmsae.testbed train captioner|qa`")
     book = nbformat.read(path, as_version=4)
     client = NotebookClient(book, timeout=300, kernel_name="python3",

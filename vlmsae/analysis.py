@@ -26,10 +26,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Kind, layers
-from .concepts import auroc
+from .checks import check_features, check_sae
 from .errors import ConfigError
 from .hooks import check_sites
-from .interventions import check_features, check_sae, where_kinds, where_mask
+from .metrics import auroc
+from .positions import where_kinds, where_mask
 from .record import record
 from .sae import SAE
 

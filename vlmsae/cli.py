@@ -44,7 +44,7 @@ def zoo_command(args: argparse.Namespace) -> None:
 
 def demo_command(args: argparse.Namespace) -> None:
     """Train, evaluate, name and steer SAE features on the Shapes captioner (or --model), and write a report."""
-    from .demo import DemoConfig, run
+    from .testbed.demo import DemoConfig, run
 
     cfg = DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out)
     if args.steps is not None:

@@ -3,7 +3,8 @@
 Anything iterable over input dicts works (a list of batches you already have). ``ImageTextFolder``
 reads a folder of images with a table of captions or questions (Parquet or JSON lines, read with
 pandas) and turns each chunk into model inputs with ``to_inputs(images, texts)`` — the model's own
-processor (``hf_processor``) or, for the tiny zoo models, ``vlmsae.zoo.processor``.
+processor (``hf_processor``) or, for the tiny zoo models, ``vlmsae.zoo.processor``. Batches of the
+Shapes testbed come from ``vlmsae.testbed.data.ShapesData``.
 """
 
 from __future__ import annotations
@@ -181,34 +182,14 @@ def _from_folder(auto, name: str, required: bool = True):
                           "the tiny zoo models use vlmsae.zoo.processor(model)") from None
 
 
-class ShapesData:
-    """Batches of Shapes testbed inputs, deterministic: batch ``i`` holds ``make_samples(batch_size, seed + i)``.
+def __getattr__(name: str):
+    # ShapesData moved to the testbed (vlmsae.testbed.data); the old path works, with a warning, for one release.
+    if name == "ShapesData":
+        import warnings
 
-    ``question=None`` gives captioner inputs (teacher-forced on the true caption); a question gives
-    QA inputs (teacher-forced on the true answer). Iterating again gives the same batches.
-    """
+        from .testbed.data import ShapesData
 
-    def __init__(self, tokenizer, *, batches: int, batch_size: int = 64, seed: int = 20_000_000,
-                 question: str | None = None):
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-            raise ConfigError(f"batches={batches!r} must be an integer >= 1")
-        self.tokenizer, self.batches, self.batch_size = tokenizer, batches, batch_size
-        self.seed, self.question = seed, question
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def samples(self, i: int):
-        from .shapes import make_samples
-
-        return make_samples(self.batch_size, self.seed + i)
-
-    def __iter__(self) -> Iterator[dict]:
-        from .shapes import captioner_inputs, qa_inputs
-
-        for i in range(self.batches):
-            samples = self.samples(i)
-            inputs = (captioner_inputs(samples, self.tokenizer) if self.question is None
-                      else qa_inputs(samples, self.tokenizer, self.question))
-            inputs.pop("labels")
-            yield inputs
+        warnings.warn("vlmsae.data.ShapesData moved to vlmsae.testbed.data.ShapesData; import it from there "
+                      "(the old path goes in the next release)", DeprecationWarning, stacklevel=2)
+        return ShapesData
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,9 +20,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Kind, layers
+from .checks import check_sae
 from .errors import ConfigError, HookNameWarning
 from .hooks import attach, check_sites
-from .interventions import SpliceStats, check_sae, kind_stats, splice, where_kinds, where_mask
+from .interventions import splice
+from .metrics import SpliceStats, kind_stats
+from .positions import where_kinds, where_mask
 from .record import record
 from .sae import SAE
 
@@ -80,7 +83,7 @@ def evaluate(model, layer: int, sae: SAE, data: Iterable[dict], *, where=None, s
                 with splice(model, layer, sae, where=w, site=site) as spliced:
                     logits = model(**batch).logits
                 prev = splices.get(w)
-                splices[w] = spliced._sums if prev is None else SpliceStats(*(a + b for a, b in zip(prev, spliced._sums)))
+                splices[w] = spliced.sums if prev is None else SpliceStats(*(a + b for a, b in zip(prev, spliced.sums)))
                 s["spliced"] += token_losses(logits, ids)[positions].sum()
                 s["kl"] += token_kl(clean, logits)[positions].sum()
                 if ablations:

@@ -5,17 +5,13 @@ manager that removes itself in ``finally`` and acts on every forward inside it, 
 of ``generate()`` included. Where several are open at one site, the outer one acts first
 (hooks run in the order they were attached).
 
-``where`` chooses the positions an intervention touches: ``None`` (every non-pad position), a
-kind name or a list of them (``"image"``, ``"text"``, ``"special"``, ``"generated"``, ``"prompt"``:
-every non-pad position that was not generated), or a callable ``fwd -> (batch, seq) bool``
-(padding is never selected, whatever the callable returns). Under ``generate()`` the prompt is
+``where`` chooses the positions an intervention touches (:mod:`vlmsae.positions`: ``None`` for
+every non-pad position, kind names, or a callable). Under ``generate()`` the prompt is
 what ``generate()`` was given; the first new token is predicted at the last prompt position, so
 ``"generated"`` first changes the second new token.
 """
 
 from __future__ import annotations
-
-import warnings
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,88 +22,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters import Kind, ModelInfo, any_equal, layers
-from .errors import ConfigError, HookNameWarning, SiteError
+from .adapters import Kind, layers
+from .checks import check_features, check_sae
+from .errors import ConfigError, SiteError
 from .hooks import Forward, attach, check_sites
+from .metrics import SpliceStats, kind_stats
+from .positions import where_kinds, where_mask
+from .record import record
 from .sae import SAE
-
-Where = "None | str | Kind | Iterable[str | Kind] | Callable[[Forward], Tensor]"
-WHERE_NAMES = ("all", "image", "text", "special", "generated", "prompt")
-_KINDS_OF = {
-    "all": (Kind.SPECIAL, Kind.IMAGE, Kind.TEXT, Kind.GENERATED),
-    "image": (Kind.IMAGE,), "text": (Kind.TEXT,), "special": (Kind.SPECIAL,), "generated": (Kind.GENERATED,),
-    "prompt": (Kind.SPECIAL, Kind.IMAGE, Kind.TEXT),
-}
-
-
-def where_kinds(where, info: ModelInfo) -> tuple[Kind, ...] | None:
-    """The kinds a ``where`` selects (``None`` for a callable); raises if it can select no token."""
-    if callable(where) and not isinstance(where, (str, Kind)):
-        return None
-    names = ["all"] if where is None else [where] if isinstance(where, (str, Kind)) else list(where)
-    if not names:
-        raise ConfigError("where=[] selects no token; pass None for every non-pad position, or kind names")
-    kinds = set()
-    for name in names:
-        if isinstance(name, Kind):
-            kinds.add(name)
-        elif name in _KINDS_OF:
-            kinds.update(_KINDS_OF[name])
-        else:
-            raise ConfigError(f"where={name!r} is not a token kind; use one of {WHERE_NAMES} or a callable")
-    if not info.has_image_tokens:
-        kinds.discard(Kind.IMAGE)
-        if not kinds:
-            raise ConfigError(
-                f"where={where!r} selects no token in a {info.family} model: its decoder stream holds no image "
-                "tokens (the image enters by cross-attention); use 'text' or None")
-    if kinds == {Kind.PAD}:
-        raise ConfigError(f"where={where!r} selects only padding; use 'text', 'image' or None")
-    return tuple(sorted(kinds))
-
-
-def where_mask(where, kinds: tuple[Kind, ...] | None, fwd: Forward) -> Tensor:
-    """``(batch, seq)`` bool: the positions of this forward that ``where`` selects; never padding.
-
-    Raises ``ConfigError`` when a callable ``where`` returns anything but a ``(batch, seq)`` bool tensor.
-    """
-    if kinds is not None:
-        return any_equal(fwd.kinds, kinds)
-    mask = where(fwd)
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.ndim != 2:
-        got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
-        raise ConfigError(f"where={where!r} returned {got}; a callable where must return a (batch, seq) bool tensor")
-    if fwd.ids is not None:
-        return mask & (fwd.kinds != Kind.PAD).to(mask.device)
-    if fwd.attention_mask is not None:  # inputs_embeds only: the attention mask still says where padding is
-        return mask & (fwd.attention_mask[:, -mask.shape[1]:] != 0).to(mask.device)
-    return mask
-
-
-def check_sae(sae: SAE, info: ModelInfo, layer: int, site: str) -> None:
-    """Raise ``ConfigError`` if the SAE's width is not the model's; warn if it belongs to another site.
-
-    The warning (:class:`~vlmsae.errors.HookNameWarning`) names the SAE's own ``hook_name`` and the
-    site it is used at: an SAE trained on layer 2 spliced at layer 1 runs, but means little.
-    """
-    if sae.cfg.d_in != info.d_model:
-        raise ConfigError(
-            f"the SAE reads d_in={sae.cfg.d_in} but this {info.family} model's residual has d_model={info.d_model}; "
-            "use an SAE trained on this model (or one of the same width)")
-    trained_at, used_at = sae.metadata.get("hook_name"), info.hook_name(layer, site)
-    if trained_at is not None and trained_at != used_at:
-        warnings.warn(
-            f"this SAE was trained at {trained_at!r} (hook_name in its metadata) but is used at {used_at!r}; "
-            f"pass the layer and site it was trained at, or set sae.metadata['hook_name'] = {used_at!r} if its "
-            "metadata is wrong", HookNameWarning, stacklevel=3)
-
-
-def check_features(features: Iterable[int], d_sae: int) -> list[int]:
-    features = list(features)
-    bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae]
-    if bad:
-        raise ConfigError(f"feature index {bad[0]!r} is out of range; this SAE has features 0..{d_sae - 1}")
-    return features
 
 
 def _put_back(x: Tensor, sae: SAE, latents: Tensor, edited: Tensor, recon: Tensor, error: bool) -> Tensor:
@@ -143,16 +65,6 @@ def reconstruct(resid: Tensor, sae: SAE, *, error: bool = False, edit: Callable[
         return new.to(resid.device, resid.dtype)
 
 
-class SpliceStats(NamedTuple):
-    """Running sums per token kind, on the device; :meth:`Splice.stats` turns them into a table."""
-
-    tokens: Tensor  # (n_kinds,)
-    squared_error: Tensor  # (n_kinds,)
-    sum_x: Tensor  # (n_kinds, d_in)
-    sum_sq_x: Tensor  # (n_kinds,)
-    l0: Tensor  # (n_kinds,) sum of per-token L0
-
-
 class Splice:
     """A splice in progress: ``s.latents`` of the last forward and running FVU / L0 per token kind."""
 
@@ -178,30 +90,14 @@ class Splice:
         s.sum_sq_x.add_(w.T @ x64.pow(2).sum(-1).reshape(-1))
         s.l0.add_(w.T @ (latents != 0).sum(-1).reshape(-1).to(torch.float64).to(w.device))
 
+    @property
+    def sums(self) -> SpliceStats:
+        """The running sums per token kind behind :meth:`stats`, on the SAE's device; sums of several splices add."""
+        return self._sums
+
     def stats(self) -> pd.DataFrame:
         """FVU, L0 and token count per token kind that was spliced, plus ``all``."""
         return kind_stats(self._sums)
-
-
-def kind_stats(s: SpliceStats) -> pd.DataFrame:
-    """FVU, L0 and token count per token kind present in the sums, plus ``all``.
-
-    The sums add across batches, so FVU over many batches is measured around their joint mean.
-    """
-    rows = {}
-    groups = [("all", list(Kind))] + [(k.name.lower(), [k]) for k in Kind]
-    for name, kinds in groups:
-        idx = torch.tensor([int(k) for k in kinds])
-        n = s.tokens[idx].sum()
-        if n == 0:
-            continue
-        sum_x = s.sum_x[idx].sum(0)
-        variance = s.sum_sq_x[idx].sum() - sum_x.pow(2).sum() / n  # sum ||x - mean||^2
-        # A kind whose residuals are all alike (BOS at position 0) has no variance to explain: FVU is undefined.
-        flat = variance <= 1e-9 * s.sum_sq_x[idx].sum()
-        rows[name] = {"fvu": float("nan") if flat else (s.squared_error[idx].sum() / variance).item(),
-                      "l0": (s.l0[idx].sum() / n).item(), "tokens": int(n.item())}
-    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 _ACTIVE: set[tuple[int, int, str, int]] = set()  # (id(model), layer, site, id(sae)) of open splices
@@ -343,8 +239,6 @@ class LatentStats(NamedTuple):
 def latent_stats(model, layer: int, sae: SAE, data: Iterable[dict], *, where=None,
                  site: str = "resid_post") -> LatentStats:
     """Mean, mean-when-firing and firing density of every latent over ``data`` (batches of model inputs)."""
-    from .record import record
-
     info = layers(model)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)

@@ -1,12 +1,20 @@
-"""Reconstruction and sparsity metrics, defined once and used everywhere.
+"""Reconstruction, sparsity and detection metrics, defined once and used everywhere.
 
-Every function returns a 0-dim tensor on the input's device (no host
-synchronisation), so a training loop can accumulate them and read them out
-every N steps. Inputs are `(..., d_in)` activations / reconstructions and
-`(..., d_sae)` latents; leading dimensions are flattened into tokens.
+The training metrics (`squared_error` to `dense_fraction`) return a 0-dim tensor on the input's
+device (no host synchronisation), so a training loop can accumulate them and read them out every
+N steps. Inputs are `(..., d_in)` activations / reconstructions and `(..., d_sae)` latents;
+leading dimensions are flattened into tokens. `kind_stats` reads the per-token-kind sums a
+splice keeps into a table; `auroc` scores features as detectors of a labelled set.
 """
 
+from typing import NamedTuple
+
+import pandas as pd
+import torch
 from torch import Tensor
+
+from .adapters import Kind
+from .errors import ConfigError
 
 
 def squared_error(x: Tensor, recon: Tensor) -> Tensor:
@@ -56,3 +64,50 @@ def dense_fraction(fire_count: Tensor, n_tokens: int | Tensor, threshold: float 
     usual sign of an SAE that is not sparse where it should be.
     """
     return (fire_count > threshold * n_tokens).float().mean()
+
+
+class SpliceStats(NamedTuple):
+    """Running sums per token kind that a splice keeps (:attr:`vlmsae.Splice.sums`), on the device;
+    :func:`kind_stats` turns them into a table."""
+
+    tokens: Tensor  # (n_kinds,)
+    squared_error: Tensor  # (n_kinds,)
+    sum_x: Tensor  # (n_kinds, d_in)
+    sum_sq_x: Tensor  # (n_kinds,)
+    l0: Tensor  # (n_kinds,) sum of per-token L0
+
+
+def kind_stats(s: SpliceStats) -> pd.DataFrame:
+    """FVU, L0 and token count per token kind present in the sums, plus ``all``.
+
+    The sums add across batches, so FVU over many batches is measured around their joint mean.
+    """
+    rows = {}
+    groups = [("all", list(Kind))] + [(k.name.lower(), [k]) for k in Kind]
+    for name, kinds in groups:
+        idx = torch.tensor([int(k) for k in kinds])
+        n = s.tokens[idx].sum()
+        if n == 0:
+            continue
+        sum_x = s.sum_x[idx].sum(0)
+        variance = s.sum_sq_x[idx].sum() - sum_x.pow(2).sum() / n  # sum ||x - mean||^2
+        # A kind whose residuals are all alike (BOS at position 0) has no variance to explain: FVU is undefined.
+        flat = variance <= 1e-9 * s.sum_sq_x[idx].sum()
+        rows[name] = {"fvu": float("nan") if flat else (s.squared_error[idx].sum() / variance).item(),
+                      "l0": (s.l0[idx].sum() / n).item(), "tokens": int(n.item())}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def auroc(pos: Tensor, neg: Tensor) -> Tensor:
+    """``(features,)`` AUROC of each column at ranking ``pos`` rows above ``neg`` rows, ties counting half.
+
+    ``pos`` is ``(n_pos, features)``, ``neg`` is ``(n_neg, features)``: the Mann-Whitney statistic
+    ``P(pos > neg) + P(pos == neg) / 2``, computed with sorted negatives and binary search.
+    """
+    if pos.shape[0] == 0 or neg.shape[0] == 0:
+        raise ConfigError(f"AUROC needs positives and negatives; got {pos.shape[0]} and {neg.shape[0]}")
+    neg_sorted = neg.T.contiguous().float().sort(dim=1).values  # (features, n_neg)
+    queries = pos.T.contiguous().float()  # (features, n_pos)
+    below = torch.searchsorted(neg_sorted, queries, right=False).float()
+    not_above = torch.searchsorted(neg_sorted, queries, right=True).float()
+    return ((below + not_above) / 2).mean(1) / neg.shape[0]

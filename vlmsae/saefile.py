@@ -15,6 +15,9 @@ SAELens saves it: a JumpReLU with one shared threshold.
 Reading checks cfg.json and the safetensors header (keys, shapes, dtypes)
 before any tensor is read, and never unpickles. Writing fills a new folder beside
 the target and swaps it in with renames (`vlmsae.files.write_folder_atomic`).
+
+This module knows configs and tensors, not the SAE class: it writes an `SAEConfig` and the
+SAE's `state_dict()`, and reads them back for `SAE.from_tensors` (`SAE.save` and `SAE.load` call it).
 """
 
 import json
@@ -22,22 +25,23 @@ import math
 import re
 import reprlib
 from dataclasses import asdict, fields
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from vlmsae.files import write_folder_atomic
 from vlmsae.errors import ConfigError, NonFiniteError, SAEFileError
-from vlmsae.sae import DTYPES, SAE, SAEConfig, check_metadata
+from vlmsae.saeconfig import DTYPES, SAEConfig, check_metadata
 
 CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
-# What a folder that save_sae may replace can hold (SAELens also writes sparsity.safetensors).
+# What a folder that write_sae may replace can hold (SAELens also writes sparsity.safetensors).
 SAE_FILES = (CFG_FILE, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, "sparsity.safetensors")
 FORMAT_VERSION = 1
 # The layout version we follow; SAELens reads configs without it as pre-6.0.
@@ -49,8 +53,9 @@ SAELENS_KEYS = ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "metadata")
 SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
 
 
-def save_sae(sae: SAE, path: str | Path) -> None:
-    """Write `sae` to the folder `path` in the SAELens layout, replacing the folder as a whole.
+def write_sae(path: str | Path, cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> None:
+    """Write an SAE (its config and its `state_dict()`) to the folder `path` in the SAELens layout, replacing
+    the folder as a whole.
 
     Raises SAEFileError if `path` is a file or a folder holding anything but an SAE's files, or if
     the metadata cannot be written; NonFiniteError if a tensor holds NaN or Inf (nothing is written
@@ -66,17 +71,17 @@ def save_sae(sae: SAE, path: str | Path) -> None:
             raise SAEFileError(f"{path}: holds {others}, which are not part of an SAE folder; "
                                "save to a new folder, or move them out first")
     try:
-        check_metadata(sae.metadata)
+        check_metadata(cfg.metadata)
     except ConfigError as err:
         raise SAEFileError(f"{path / CFG_FILE}: key 'metadata': {err}") from err
-    tensors = _saelens_tensors(sae)
-    for name, tensor in tensors.items():
+    saved = _saelens_tensors(tensors)
+    for name, tensor in saved.items():
         if not torch.isfinite(tensor).all():
             raise NonFiniteError(f"{path / SAELENS_WEIGHTS}: tensor {name!r} holds NaN or Inf; not saving it")
-    cfg_text = json.dumps(_saelens_cfg(sae), indent=2, allow_nan=False)
+    cfg_text = json.dumps(_saelens_cfg(cfg, tensors), indent=2, allow_nan=False)
 
     def write(folder: Path) -> None:
-        save_file(tensors, str(folder / SAELENS_WEIGHTS), metadata={"format": "pt"})
+        save_file(saved, str(folder / SAELENS_WEIGHTS), metadata={"format": "pt"})
         (folder / CFG_FILE).write_text(cfg_text, encoding="utf-8")
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +89,10 @@ def save_sae(sae: SAE, path: str | Path) -> None:
     write_folder_atomic(path, write)
 
 
-def load_sae(path: str | Path, device: torch.device | str | None = None) -> SAE:
-    """Open a vlmsae / SAELens folder or an EleutherAI sparsify folder; the SAE comes back in eval mode.
+def read_sae(path: str | Path,
+             device: torch.device | str | None = None) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """Read a vlmsae / SAELens folder or an EleutherAI sparsify folder: the config and the tensors of
+    `SAE.from_tensors` (the SAE's `state_dict()`: input scale unfolded, W_enc as [d_in, d_sae]).
 
     Raises SAEFileError naming the file and the fix for a missing folder or file, a cfg.json that is
     not UTF-8 JSON (too deeply nested, an integer too long), not an object, or has a missing key or
@@ -123,28 +130,27 @@ def load_sae(path: str | Path, device: torch.device | str | None = None) -> SAE:
         raise SAEFileError(f"{path}: holds neither {SAELENS_WEIGHTS} (SAELens / vlmsae) nor {SPARSIFY_WEIGHTS} (sparsify)")
 
     tensors = _read_tensors(weights_path, cfg, names, transposed, device)
-    return _build(cfg, tensors, act_scale, rescale)
+    return cfg, _unfolded(cfg, tensors, act_scale, rescale)
 
 
-def _saelens_tensors(sae: SAE) -> dict[str, Tensor]:
-    """The SAE's tensors in SAELens' layout, with the input scale folded in (exact: a power of two)."""
-    scale = sae.act_scale.to(sae.W_dec.dtype)
-    tensors = {
-        "W_enc": sae.W_enc * scale,  # u = x*s - b_dec  ==  s * (x - b_dec/s)
-        "b_enc": sae.b_enc,
-        "W_dec": sae.W_dec / scale,  # recon = (z W_dec + b_dec) / s
-        "b_dec": sae.b_dec / scale,
+def _saelens_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An SAE's tensors (its `state_dict()`) in SAELens' layout, the input scale folded in (exact: a power of two)."""
+    scale = tensors["act_scale"].to(tensors["W_dec"].dtype)
+    saved = {
+        "W_enc": tensors["W_enc"] * scale,  # u = x*s - b_dec  ==  s * (x - b_dec/s)
+        "b_enc": tensors["b_enc"],
+        "W_dec": tensors["W_dec"] / scale,  # recon = (z W_dec + b_dec) / s
+        "b_dec": tensors["b_dec"] / scale,
     }
-    if sae.cfg.kind in ("jumprelu", "batchtopk"):
-        tensors["threshold"] = sae.threshold
+    if "threshold" in tensors:  # jumprelu, batchtopk
+        saved["threshold"] = tensors["threshold"]
     # Fresh contiguous CPU copies: safetensors refuses shared storage, and the
     # live parameters must not change under a running optimiser.
-    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in saved.items()}
 
 
-def _saelens_cfg(sae: SAE) -> dict[str, Any]:
-    cfg = sae.cfg
-    dtype = next(name for name, dt in DTYPES.items() if dt == sae.W_dec.dtype)
+def _saelens_cfg(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    dtype = next(name for name, dt in DTYPES.items() if dt == tensors["W_dec"].dtype)
     out: dict[str, Any] = {
         "architecture": ARCHITECTURES[cfg.kind],
         "d_in": cfg.d_in,
@@ -161,7 +167,7 @@ def _saelens_cfg(sae: SAE) -> dict[str, Any]:
         out["k"] = cfg.k
         out["rescale_acts_by_decoder_norm"] = False
     own = {name: value for name, value in asdict(cfg).items() if name not in SAELENS_KEYS}
-    out["vlmsae"] = {"format_version": FORMAT_VERSION, "act_scale": float(sae.act_scale), "config": own}
+    out["vlmsae"] = {"format_version": FORMAT_VERSION, "act_scale": float(tensors["act_scale"]), "config": own}
     return out
 
 
@@ -313,10 +319,8 @@ def _read_tensors(
     return {name: t.T if name in transposed else t for name, t in tensors.items()}
 
 
-def _build(cfg: SAEConfig, tensors: dict[str, Tensor], act_scale: float, rescale: bool) -> SAE:
-    """An SAE holding `tensors` (SAELens layout, scale folded in), built without a random init."""
-    with torch.device("meta"):
-        sae = SAE(cfg)
+def _unfolded(cfg: SAEConfig, tensors: dict[str, Tensor], act_scale: float, rescale: bool) -> dict[str, Tensor]:
+    """`tensors` as read (SAELens layout, scale folded in) -> the SAE's own tensors, `SAE.from_tensors`' input."""
     if rescale:
         # SAELens' rescale_acts_by_decoder_norm multiplies pre-activations by
         # the decoder row norms; folding them into the encoder is equivalent.
@@ -324,15 +328,10 @@ def _build(cfg: SAEConfig, tensors: dict[str, Tensor], act_scale: float, rescale
         tensors["W_enc"] = tensors["W_enc"] * norms
         tensors["b_enc"] = tensors["b_enc"] * norms
         tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
-    scale = torch.tensor(act_scale, dtype=tensors["W_dec"].dtype, device=tensors["W_dec"].device)
-    # W_enc keeps its [d_sae, d_in] storage (see SAE.__init__).
-    sae.W_enc = nn.Parameter((tensors["W_enc"] / scale).T.contiguous().T)
-    sae.b_enc = nn.Parameter(tensors["b_enc"].contiguous())
-    sae.W_dec = nn.Parameter((tensors["W_dec"] * scale).contiguous())
-    sae.b_dec = nn.Parameter((tensors["b_dec"] * scale).contiguous())
-    if cfg.kind == "jumprelu":
-        sae.threshold = nn.Parameter(tensors["threshold"].contiguous())
-    elif cfg.kind == "batchtopk":
-        sae.threshold = tensors["threshold"].contiguous()
-    sae.act_scale = torch.tensor(act_scale, dtype=torch.float32, device=tensors["W_dec"].device)
-    return sae.eval()
+    device = tensors["W_dec"].device
+    scale = torch.tensor(act_scale, dtype=tensors["W_dec"].dtype, device=device)
+    own = {"W_enc": tensors["W_enc"] / scale, "b_enc": tensors["b_enc"], "W_dec": tensors["W_dec"] * scale,
+           "b_dec": tensors["b_dec"] * scale, "act_scale": torch.tensor(act_scale, dtype=torch.float32, device=device)}
+    if cfg.kind in ("jumprelu", "batchtopk"):
+        own["threshold"] = tensors["threshold"]
+    return own

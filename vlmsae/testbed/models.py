@@ -1,6 +1,6 @@
-"""Testbed VLMs trained on Shapes (:mod:`vlmsae.shapes`): small models that really see, with known concepts.
+"""Testbed VLMs trained on Shapes (:mod:`vlmsae.testbed.shapes`): small models that really see, with known concepts.
 
-Two models ship in ``vlmsae/testbed_models/``, each trained by this module on CPU,
+Two models ship in ``vlmsae/testbed/checkpoints/``, each trained by this module on CPU,
 deterministically from a seed (and the thread count):
 
 - ``captioner``: ViT-GPT2 (``VisionEncoderDecoderModel``; the image enters the GPT2 decoder
@@ -50,9 +50,9 @@ from transformers import (
 )
 
 from . import shapes
-from .errors import ConfigError
+from ..errors import ConfigError
 
-MODELS_DIR = Path(__file__).parent / "testbed_models"
+MODELS_DIR = Path(__file__).parent / "checkpoints"
 CAPTIONER_DIR = MODELS_DIR / "captioner"
 QA_DIR = MODELS_DIR / "llava_qa"
 TRAIN_SEED = 0

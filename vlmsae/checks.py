@@ -1,0 +1,37 @@
+"""The checks every entry point that takes a model, a layer and an SAE runs first (splice, steer,
+evaluate, latent_stats, scan, ...), kept apart so that analysis does not import the interventions."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+from .adapters import ModelInfo
+from .errors import ConfigError, HookNameWarning
+from .sae import SAE
+
+
+def check_sae(sae: SAE, info: ModelInfo, layer: int, site: str) -> None:
+    """Raise ``ConfigError`` if the SAE's width is not the model's; warn if it belongs to another site.
+
+    The warning (:class:`~vlmsae.errors.HookNameWarning`) names the SAE's own ``hook_name`` and the
+    site it is used at: an SAE trained on layer 2 spliced at layer 1 runs, but means little.
+    """
+    if sae.cfg.d_in != info.d_model:
+        raise ConfigError(
+            f"the SAE reads d_in={sae.cfg.d_in} but this {info.family} model's residual has d_model={info.d_model}; "
+            "use an SAE trained on this model (or one of the same width)")
+    trained_at, used_at = sae.metadata.get("hook_name"), info.hook_name(layer, site)
+    if trained_at is not None and trained_at != used_at:
+        warnings.warn(
+            f"this SAE was trained at {trained_at!r} (hook_name in its metadata) but is used at {used_at!r}; "
+            f"pass the layer and site it was trained at, or set sae.metadata['hook_name'] = {used_at!r} if its "
+            "metadata is wrong", HookNameWarning, stacklevel=3)
+
+
+def check_features(features: Iterable[int], d_sae: int) -> list[int]:
+    features = list(features)
+    bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae]
+    if bad:
+        raise ConfigError(f"feature index {bad[0]!r} is out of range; this SAE has features 0..{d_sae - 1}")
+    return features

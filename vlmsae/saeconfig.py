@@ -1,0 +1,108 @@
+"""`SAEConfig`: the shape, kind and loss recipe of one SAE, and the checks a config and its metadata pass.
+
+Its own module so that the file code (`vlmsae.saefile`) reads and writes configs without the SAE
+class, and `vlmsae.sae` builds SAEs from them.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlmsae.errors import ConfigError
+
+KINDS = ("topk", "batchtopk", "relu", "jumprelu")
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+
+
+@dataclass
+class SAEConfig:
+    """Shape, kind and loss recipe of one SAE. Checked on construction."""
+
+    d_in: int
+    """Width of the activations the SAE reads (the model's d_model)."""
+    d_sae: int | None = None
+    """Number of latents; None means 32 * d_in, the usual expansion."""
+    kind: str = "topk"
+    """Activation: topk, batchtopk, relu or jumprelu."""
+    k: int = 32
+    """topk: latents kept per token; batchtopk: latents kept per token on average over a batch."""
+    aux_k: int | None = None
+    """topk kinds: dead latents that model the residual in the AuxK loss; None means d_in // 2 (Gao et al. 2024 §A.2)."""
+    aux_coefficient: float = 1 / 32
+    """topk kinds: weight of the AuxK loss (Gao et al. 2024 §A.2)."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead (Gao et al. 2024)."""
+    batchtopk_threshold_lr: float = 0.01
+    """batchtopk: rate of the moving average that learns the inference threshold (Bussmann et al. 2024)."""
+    l1_coefficient: float = 1e-3
+    """relu: weight of the L1 penalty on latents times decoder row norms."""
+    l0_coefficient: float = 1e-3
+    """jumprelu: weight of the L0 penalty."""
+    jumprelu_init_threshold: float = 0.001
+    """jumprelu: initial threshold of every latent (Rajamanoharan et al. 2024)."""
+    jumprelu_bandwidth: float = 0.001
+    """jumprelu: width of the rectangle kernel of the straight-through estimator (Rajamanoharan et al. 2024)."""
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from the input before encoding (SAELens' key of the same name)."""
+    normalize_activations: bool = False
+    """Scale inputs by a fixed power of two that brings their mean norm near sqrt(d_in) (Anthropic, April 2024 update)."""
+    b_dec_init: str = "geometric_median"
+    """How `init_from_batch` sets b_dec: geometric_median (Bricken et al. 2023), mean or zeros."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, float64, float16 or bfloat16."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Where the SAE belongs: hook_name (e.g. blocks.9.hook_resid_post), model_name, model_class_name, hf_layer_path, token_kinds."""
+
+    def __post_init__(self):
+        _check_int("d_in", self.d_in, 1)
+        if self.d_sae is None:
+            self.d_sae = 32 * self.d_in
+        _check_int("d_sae", self.d_sae, 1)
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind={self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+        _check_int("k", self.k, 1)
+        if self.kind in ("topk", "batchtopk") and self.k > self.d_sae:
+            raise ConfigError(f"k={self.k} must be in 1..d_sae={self.d_sae}; lower k or raise d_sae")
+        if self.aux_k is None:
+            self.aux_k = min(self.d_in // 2, self.d_sae)
+        _check_int("aux_k", self.aux_k, 0)
+        if self.aux_k > self.d_sae:
+            raise ConfigError(f"aux_k={self.aux_k} must be in 0..d_sae={self.d_sae}")
+        _check_int("dead_tokens", self.dead_tokens, 1)
+        for name in ("aux_coefficient", "l1_coefficient", "l0_coefficient", "jumprelu_init_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be a finite number >= 0")
+        for name in ("jumprelu_bandwidth", "batchtopk_threshold_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ConfigError(f"{name}={value!r} must be in (0, 1]")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ConfigError(f"b_dec_init={self.b_dec_init!r} is unknown; use one of {', '.join(B_DEC_INITS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not a dtype name; use one of {', '.join(DTYPES)}")
+        check_metadata(self.metadata)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
+
+
+def check_metadata(metadata: Any) -> None:
+    """Raise ConfigError unless `metadata` is a dict that JSON can write (it goes into cfg.json)."""
+    if not isinstance(metadata, dict) or not all(isinstance(key, str) for key in metadata):
+        raise ConfigError(f"metadata={metadata!r} must be a dict with string keys")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"metadata must be JSON-serialisable ({err}); store plain strings, numbers and lists") from err
