@@ -49,7 +49,7 @@ def test_rows_are_real_activations_of_real_tokens(model):
     pads = sum(int((m == 0).sum()) for _, _, _, m in truth.values())
     specials = sum(int(((k == Kind.SPECIAL) & (m == 1)).sum()) for _, _, k, m in truth.values())
     assert buffer.counts() == {"kept": 256, "left_out_pad": pads, "left_out_kind": specials,
-                               "left_out_outlier": 0, "left_out_full": len(order) - 256}
+                               "left_out_outlier": 0, "left_out_full": len(order) - 256, "nonfinite": 0}
     assert pads > 0 and specials > 0 and len(order) > 256
     rows = next(buffer.read(128, batches=1))
     assert rows.acts.shape == (128, info.d_model)
@@ -160,7 +160,7 @@ def test_write_rows_keeps_admitted_kinds_in_the_buffer_dtype():
     buffer.write_rows(rows)  # into a full buffer: nothing moves, everything is counted
     assert torch.equal(buffer.acts[:4], rows.acts[admitted[:4]].to(torch.bfloat16))
     assert buffer.counts() == {"kept": 4, "left_out_pad": 0, "left_out_kind": 4, "left_out_outlier": 0,
-                               "left_out_full": 2 * len(admitted) - 4}
+                               "left_out_full": 2 * len(admitted) - 4, "nonfinite": 0}
 
 
 def synthetic_rows(kinds, first=0):
