@@ -181,6 +181,8 @@ def _loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], patch_head: t
     # square lagged every other concept by far (captioner: teacher-forced shape-word accuracy 0.79 after 1400
     # steps while colour and position were at 1.0); with shape-only supervision the QA model's colour answers
     # stayed at 9% after 1400 steps.
+    if isinstance(patches, (list, tuple)):  # transformers 5.24 returns one tensor per image
+        patches = torch.cat([p.reshape(-1, p.shape[-1]) for p in patches])
     aux = F.cross_entropy(patch_head(patches.reshape(-1, patches.shape[-1])).float(), patch_targets)
     return loss + aux
 
