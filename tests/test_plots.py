@@ -18,7 +18,7 @@ LAYER = 1
 
 
 @functools.cache
-def setup():
+def _setup():
     """A tiny LLaVA, an SAE trained briefly on its layer-1 residual, a scan over a few batches."""
     torch.manual_seed(0)
     model = tiny_model("llava", n_layers=2)
@@ -50,7 +50,7 @@ def trace_types(fig: go.Figure) -> list[str]:
 
 
 def test_density_histogram():
-    *_, found, _ = setup()
+    *_, found, _ = _setup()
     fig = plots.density_histogram(feature_table(found))
     assert trace_types(fig) == ["histogram"]
     assert len(fig.data[0].x) == int((found.fired > 0).sum())
@@ -58,7 +58,7 @@ def test_density_histogram():
 
 
 def test_l0_by_kind():
-    *_, found, _ = setup()
+    *_, found, _ = _setup()
     fig = plots.l0_by_kind(found)
     names = [t.name.split()[0] for t in fig.data]
     assert names == ["special", "image", "text"]
@@ -69,7 +69,7 @@ def test_l0_by_kind():
 
 
 def test_training_curves():
-    history = setup()[5]
+    history = _setup()[5]
     fig = plots.training_curves(history)
     assert trace_types(fig) == ["scatter"] * 4
     assert [t.name for t in fig.data] == ["loss", "FVU", "L0", "dead fraction"]
@@ -79,7 +79,7 @@ def test_training_curves():
 
 
 def test_top_images_with_heatmaps():
-    *_, found, images = setup()
+    *_, found, images = _setup()
     table = feature_table(found)
     feature = int(table.query("not dead")["density"].idxmax())
     fig = plots.top_images(found.top, feature, images, n=3)
@@ -94,8 +94,8 @@ def test_top_images_with_heatmaps():
 
 
 def test_image_question_grid():
-    model, sae, *_ = setup()
-    images = setup()[7][:4]
+    model, sae, *_ = _setup()
+    images = _setup()[7][:4]
     questions = ["7 8 9", "20 21", "50 51 52"]
 
     def inputs(chunk, question):
@@ -109,7 +109,7 @@ def test_image_question_grid():
 
 
 def test_evaluation():
-    model, sae, data, *_ = setup()
+    model, sae, data, *_ = _setup()
     table = vlmsae.evaluate(model, LAYER, sae, data[:1])
     fig = plots.evaluation(table)
     assert [t.name for t in fig.data] == ["clean", "spliced", "mean-ablated", "zero-ablated"]
@@ -119,7 +119,7 @@ def test_evaluation():
 
 
 def test_steering_before_after():
-    model, sae, data, *_ = setup()
+    model, sae, data, *_ = _setup()
     batch = tiny_inputs(model, 3, padding="left", seed=9)
     prompt = batch["input_ids"].shape[1]
 
@@ -139,7 +139,7 @@ def test_steering_before_after():
 
 
 def test_auroc_matrix_and_probes():
-    _, sae, _, acts, kinds, *_ = setup()
+    _, sae, _, acts, kinds, *_ = _setup()
     with torch.no_grad():
         latents = sae.encode(acts)
     names = pd.Series([Kind(int(k)).name.lower() for k in kinds])
