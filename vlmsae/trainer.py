@@ -136,7 +136,7 @@ class SAETrainer:
         # Under a caller's no_grad (a notebook, a benchmark) the SAE still needs its graph.
         with torch.enable_grad():
             if kind in ("topk", "batchtopk"):
-                loss, recon, nonzero, fired, aux = self._sparse_loss(x, sae.cfg.k if k is None else k)
+                loss, recon, nonzero, fired, aux = self._sparse_loss(x, k)
             else:
                 loss, recon, nonzero, fired, aux = self._dense_loss(x)
             sae.zero_grad(set_to_none=True)
@@ -207,8 +207,9 @@ class SAETrainer:
         aux = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False)
         return main, _ascending(aux.values.to(u.dtype), aux.indices)
 
-    def _sparse_loss(self, x: Tensor, k: int):
+    def _sparse_loss(self, x: Tensor, k: int | None = None):
         sae, cfg = self.sae, self.sae.cfg
+        k = cfg.k if k is None else k
         n_tokens, d_sae = x.shape[0], cfg.d_sae
         dead = self.tokens_since_fired >= cfg.dead_tokens
         aux_k = cfg.aux_k if self.aux_active and cfg.aux_coefficient > 0 else 0
