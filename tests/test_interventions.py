@@ -420,7 +420,8 @@ def test_bad_input_errors_before_anything_is_attached(model):
                                                  r"e.g. \{12: 8.0\}$"):
         with vlmsae.steer(model, LAYER, sae):
             pass
-    with pytest.raises(vlmsae.ConfigError, match="^features= applies to an SAE; for a raw direction pass strength= only$"):
+    with pytest.raises(vlmsae.ConfigError,
+                       match="^features= applies to an SAE; for a raw direction pass strength= only$"):
         with vlmsae.steer(model, LAYER, torch.ones(64), {1: 2.0}):
             pass
     with pytest.raises(vlmsae.ConfigError, match=r"^a steering direction must be \(d_in,\), got shape \(2, 64\)$"):
