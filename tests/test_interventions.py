@@ -202,6 +202,104 @@ def test_identity_edit_with_error_term_reproduces_clean_logits(model):
         assert (logits(model, inputs) - clean).abs().amax() > 1e-3
 
 
+
+def test_every_form_of_where_selects_the_same_positions(model):
+    """A kind name, a Kind, a list, and a callable on the forward: each splices exactly the positions it names."""
+    info = vlmsae.layers(model)
+    inputs = tiny_inputs(model, 2)
+    sae = make_sae()
+    ids_key, mask_key = id_keys(inputs)
+    ids, real = inputs[ids_key], inputs[mask_key].bool()
+    x = clean_residual(model, inputs)
+    with torch.no_grad():
+        recon, _ = topk_by_hand(sae, x)
+    text = real & (ids >= zoo.FIRST_TEXT_ID)
+    cases = [("text", text), (Kind.TEXT, text), (["text"], text),
+             (lambda fwd: fwd.ids >= zoo.FIRST_TEXT_ID, text), (lambda fwd: fwd.ids == zoo.BOS, ids == zoo.BOS)]
+    if info.has_image_tokens:
+        cases.append(([Kind.IMAGE, "text"], text | (real & (ids == zoo.IMAGE))))
+    for where, chosen in cases:
+        got = spliced_residual(model, inputs, sae=sae, where=where)
+        torch.testing.assert_close(got, torch.where(chosen[..., None], recon, x), rtol=1e-5, atol=1e-5, msg=str(where))
+
+
+
+def test_splice_stats_hold_under_a_large_common_offset(model):
+    """FVU is read from running sums (sum x, sum ||x||^2): with residuals far from the origin, as real models'
+    are, the variance is a small difference of large sums and must still come out right."""
+    inputs = tiny_inputs(model, 2)
+    sae = make_sae()
+    torch.manual_seed(1)
+    offset = 300 * torch.nn.functional.normalize(torch.randn(64), dim=0)
+    real = inputs[id_keys(inputs)[1]].bool()
+    x = torch.where(real[..., None], clean_residual(model, inputs) + offset, clean_residual(model, inputs))
+    with vlmsae.steer(model, LAYER, offset), vlmsae.splice(model, LAYER, sae) as s:  # the outer one acts first
+        assert s.latents is None  # nothing has run yet
+        logits(model, inputs)
+    with torch.no_grad():
+        recon, latents = topk_by_hand(sae, x)
+    x, recon, latents = x[real].double(), recon[real].double(), latents[real]
+    stats = s.stats().loc["all"]
+    fvu = ((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert stats["fvu"] == pytest.approx(fvu, rel=1e-6)
+    assert stats["l0"] == pytest.approx((latents != 0).sum(-1).double().mean().item())
+    assert stats["tokens"] == int(real.sum())
+
+def test_reconstruct_puts_back_what_a_splice_would():
+    """reconstruct() (for nnsight traces) on a residual of its own: error term, edit, mask and dtype."""
+    sae = make_sae()
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.5)
+        sae.act_scale.fill_(0.5)
+    x = torch.randn(2, 5, 64)
+    mask = torch.tensor([[True, True, False, True, False], [False, True, True, True, True]])
+
+    def edit(latents):
+        return latents * 2
+
+    with torch.no_grad():
+        recon, latents = topk_by_hand(sae, x)
+        decoded_edit = (2 * latents @ sae.W_dec + sae.b_dec) / sae.act_scale
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vlmsae.reconstruct(x, sae), recon, **close)
+    torch.testing.assert_close(vlmsae.reconstruct(x, sae, edit=edit), decoded_edit, **close)
+    torch.testing.assert_close(vlmsae.reconstruct(x, sae, error=True, edit=edit), x + decoded_edit - recon, **close)
+    torch.testing.assert_close(vlmsae.reconstruct(x, sae, error=True, edit=edit, mask=mask),
+                               torch.where(mask[..., None], x + decoded_edit - recon, x), **close)
+    half = vlmsae.reconstruct(x.bfloat16(), sae, mask=mask)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half, torch.where(mask[..., None], recon, x).bfloat16(), rtol=2e-2, atol=2e-2)
+
+
+def test_splice_stats_by_kind_from_running_sums():
+    """FVU and L0 per kind from the sums a splice keeps; a kind with no variance (all alike) has no FVU."""
+    from vlmsae.interventions import SpliceStats, kind_stats
+
+    n = len(Kind)
+    x = {Kind.IMAGE: torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64),
+         Kind.TEXT: torch.tensor([[0.3, -0.7]] * 4, dtype=torch.float64),  # all alike
+         # all alike with a large norm, as BOS is in real models: rounding leaves a variance of ~5e-10 in the sums
+         Kind.SPECIAL: torch.tensor([[123.456, 789.012]] * 5, dtype=torch.float64),
+         Kind.GENERATED: torch.zeros(2, 2, dtype=torch.float64)}  # all alike and zero
+    squared_error = {Kind.IMAGE: 0.5, Kind.TEXT: 0.25, Kind.SPECIAL: 1.0, Kind.GENERATED: 0.125}
+    l0 = {Kind.IMAGE: 9.0, Kind.TEXT: 8.0, Kind.SPECIAL: 5.0, Kind.GENERATED: 2.0}
+    sums = SpliceStats(*(torch.zeros(n, *shape, dtype=torch.float64) for shape in ((), (), (2,), (), ())))
+    for kind, rows in x.items():
+        sums.tokens[kind] = len(rows)
+        sums.squared_error[kind] = squared_error[kind]
+        sums.sum_x[kind] = rows.sum(0)
+        sums.sum_sq_x[kind] = rows.pow(2).sum()
+        sums.l0[kind] = l0[kind]
+    table = kind_stats(sums)
+    assert list(table.index) == ["all", "special", "image", "text", "generated"]
+    assert table.loc["image", "fvu"] == pytest.approx(0.5 / (4 / 3))  # sum ||x - mean||^2 = 5/9 + 5/9 + 2/9
+    assert table[["fvu"]].loc[["special", "text", "generated"]].isna().all().all()
+    every = torch.cat(list(x.values()))
+    variance = (every - every.mean(0)).pow(2).sum().item()
+    assert table.loc["all", "fvu"] == pytest.approx(1.875 / variance)
+    assert table.loc["all", "l0"] == pytest.approx(24 / 14) and table.loc["image", "l0"] == pytest.approx(3.0)
+    assert table["tokens"].to_dict() == {"all": 14, "special": 5, "image": 3, "text": 4, "generated": 2}
+
 def test_steer_acts_at_every_decode_step(model):
     info = vlmsae.layers(model)
     inputs = tiny_inputs(model, 2, padding="left")
@@ -236,10 +334,18 @@ def test_steer_with_raw_direction_and_relative_strength(model):
     torch.testing.assert_close((rec[LAYER] - ref[LAYER])[nonpad], (3.0 * v).expand(int(nonpad.sum()), -1),
                                rtol=1e-5, atol=1e-5)
     assert torch.equal(rec[LAYER][~nonpad], ref[LAYER][~nonpad])
+    with vlmsae.steer(model, LAYER, v) as vector:  # strength 1 by default
+        assert torch.equal(vector, v)
+    with torch.no_grad():
+        sae.act_scale.fill_(0.5)  # latents live in scaled units: a decoded direction is W_dec[f] / act_scale
     typical = vlmsae.latent_stats(model, LAYER, sae, [inputs]).mean_firing
     with vlmsae.steer(model, LAYER, sae, {5: 2.0}, relative_to=typical) as vector:
         pass
-    torch.testing.assert_close(vector, 2.0 * typical[5].float() * sae.W_dec[5].detach())
+    latents = torch.zeros(2, sae.cfg.d_sae)
+    latents[1, 5] = 2.0 * typical[5]
+    with torch.no_grad():
+        decoded = (latents @ sae.W_dec + sae.b_dec) / sae.act_scale  # decode(2 x typical x e_5) - decode(0)
+    torch.testing.assert_close(vector, decoded[1] - decoded[0])
 
 
 def test_nnsight_trace_with_reconstruct_matches_splice():
@@ -287,7 +393,8 @@ def test_bad_input_errors_before_anything_is_attached(model):
     info = vlmsae.layers(model)
     before = hook_snapshot(model)
     sae = make_sae()
-    with pytest.raises(vlmsae.ConfigError, match="d_in=32.*d_model=64"):
+    with pytest.raises(vlmsae.ConfigError, match="d_in=32.*d_model=64.*; use an SAE trained on this model "
+                                                 r"\(or one of the same width\)$"):
         with vlmsae.splice(model, LAYER, make_sae(d_in=32)):
             pass
     with pytest.raises(vlmsae.ConfigError, match="feature index 256 is out of range.*0..255"):
@@ -299,19 +406,43 @@ def test_bad_input_errors_before_anything_is_attached(model):
     with pytest.raises(vlmsae.LayerIndexError, match="layer=9"):
         with vlmsae.steer(model, 9, sae, {1: 2.0}):
             pass
-    with pytest.raises(vlmsae.ConfigError, match="where=\\[\\] selects no token"):
+    with pytest.raises(vlmsae.ConfigError, match=r"^where=\[\] selects no token; pass None for every non-pad "
+                                                 "position, or kind names$"):
         with vlmsae.splice(model, LAYER, sae, where=[]):
+            pass
+    with pytest.raises(vlmsae.ConfigError, match="selects only padding; use 'text', 'image' or None$"):
+        with vlmsae.splice(model, LAYER, sae, where=Kind.PAD):
+            pass
+    with pytest.raises(vlmsae.ConfigError, match=r"^feature index True is out of range"):
+        with vlmsae.ablate(model, LAYER, sae, [True]):
+            pass
+    with pytest.raises(vlmsae.ConfigError, match=r"^steering with an SAE needs features=\{index: strength\}, "
+                                                 r"e.g. \{12: 8.0\}$"):
+        with vlmsae.steer(model, LAYER, sae):
+            pass
+    with pytest.raises(vlmsae.ConfigError,
+                       match="^features= applies to an SAE; for a raw direction pass strength= only$"):
+        with vlmsae.steer(model, LAYER, torch.ones(64), {1: 2.0}):
+            pass
+    with pytest.raises(vlmsae.ConfigError, match=r"^a steering direction must be \(d_in,\), got shape \(2, 64\)$"):
+        with vlmsae.steer(model, LAYER, torch.ones(2, 64)):
+            pass
+    with pytest.raises(vlmsae.ConfigError, match=r"^steer\(\) takes an SAE or a \(d_in,\) tensor, not str$"):
+        with vlmsae.steer(model, LAYER, "feature 3"):
             pass
     with pytest.raises(vlmsae.ConfigError, match="where='pixels'"):
         with vlmsae.splice(model, LAYER, sae, where="pixels"):
             pass
     if not info.has_image_tokens:
-        with pytest.raises(vlmsae.ConfigError, match="where='image' selects no token in a vit-gpt2 model"):
+        with pytest.raises(vlmsae.ConfigError, match="^where='image' selects no token in a vit-gpt2 model: .*"
+                                                     "the image enters by cross-attention\\); use 'text' or None$"):
             with vlmsae.steer(model, LAYER, sae, {1: 1.0}, where="image"):
                 pass
     with pytest.raises(vlmsae.ConfigError, match="mode='mean' needs means="):
         with vlmsae.ablate(model, LAYER, sae, [1], mode="mean"):
             pass
+    with vlmsae.ablate(model, LAYER, sae, [0]):  # feature 0 is a feature
+        pass
     assert hook_snapshot(model) == before
 
 

@@ -115,6 +115,9 @@ def test_trainer_sparse_step_equals_dense_autograd_step(kind):
         torch.testing.assert_close(getattr(sae, name), p, rtol=1e-9, atol=1e-12, msg=name)
     metrics_ = trainer.history[-1]
     assert metrics_.aux_loss > 0 and metrics_.l0 == pytest.approx(4.0, abs=0.5)
+    # a one-step window reads out that step's loss and AuxK loss
+    assert metrics_.loss == pytest.approx((loss + reference.cfg.aux_coefficient * aux).item(), rel=1e-9)
+    assert metrics_.aux_loss == pytest.approx(aux.item(), rel=1e-9)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -157,8 +160,92 @@ def test_readout_is_the_only_sync_and_catches_nan():
     bad[0, 0] = float("nan")
     trainer.step(bad)
     trainer.step(torch.randn(16, 8))
-    with pytest.raises(NonFiniteError, match="steps 4..6"):
+    with pytest.raises(NonFiniteError,
+                       match="steps 4..6; check the activations for NaN/Inf or lower the learning rate$"):
         trainer.step(torch.randn(16, 8))
+
+
+
+def test_readout_is_the_window_average_of_the_steps():
+    """A readout, recomputed by hand from each step's batch and the weights it started from: loss and AuxK loss
+    per step, MSE per element and FVU in the model's units, L0, dead and dense fractions."""
+    torch.manual_seed(0)
+    d_in, d_sae, k, n = 16, 48, 4, 32  # some latents die (AuxK turns on), some fire on over 10% of tokens
+    sae = SAE(d_in=d_in, d_sae=d_sae, k=k, normalize_activations=True, dead_tokens=2 * n).double()
+    trainer = SAETrainer(sae, lr=1e-3, sync_every=3)
+    trainer.step(torch.randn(n, d_in, dtype=torch.float64) * 0.02)  # step 1 sets act_scale and b_dec
+    assert sae.act_scale != 1
+    fired = []  # per step from step 2 on, the latents that fired
+    window = dict.fromkeys(("loss", "aux", "squared_error", "variance", "nonzero"), 0.0)
+    fire_count = torch.zeros(d_sae)
+    for step in range(2, 7):
+        x = torch.randn(n, d_in, dtype=torch.float64) * 0.02  # a window's variance is under 1
+        with torch.no_grad():
+            scale = sae.act_scale.double()
+            x_n = x * scale
+            pre = (x_n - sae.b_dec) @ sae.W_enc + sae.b_enc
+            top = pre.topk(k, dim=1)
+            latents = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+            recon_n = latents @ sae.W_dec + sae.b_dec
+            if step >= 4:  # the second window
+                dead = ~(fired[-1] | fired[-2])  # dead_tokens is two batches: fired in neither of the last two steps
+                # AuxK runs once a readout has seen dead latents (the first one, after step 3, did)
+                values, chosen = pre.masked_fill(~dead, -math.inf).topk(sae.cfg.aux_k, dim=1)
+                aux_latents = torch.zeros_like(pre).scatter(1, chosen, values.relu())
+                aux = metrics.mse(x_n - recon_n, aux_latents @ sae.W_dec) * min(dead.sum().item() / sae.cfg.aux_k, 1)
+                window["loss"] += (metrics.mse(x_n, recon_n) + sae.cfg.aux_coefficient * aux).item()
+                window["aux"] += aux.item()
+                window["squared_error"] += ((x_n - recon_n).pow(2).sum() / scale**2).item()
+                window["variance"] += ((x_n - x_n.mean(0)).pow(2).sum() / scale**2).item()
+                window["nonzero"] += (latents != 0).sum().item()
+                fire_count += (latents != 0).sum(0)
+        fired.append((latents != 0).any(0))
+        trainer.step(x)
+        if step == 3:
+            assert trainer.history[0].dead_fraction == pytest.approx((~(fired[0] | fired[1])).double().mean().item())
+            assert trainer.history[0].dead_fraction > 0
+    last = trainer.history[-1]
+    assert len(trainer.history) == 2 and (last.step, last.tokens) == (6, 6 * n)
+    assert last.loss == pytest.approx(window["loss"] / 3, rel=1e-9)
+    assert last.aux_loss == pytest.approx(window["aux"] / 3, rel=1e-9) and last.aux_loss > 0
+    # the trainer sums squared errors in float32 (metrics.squared_error): float32 precision
+    assert last.mse == pytest.approx(window["squared_error"] / (3 * n * d_in), rel=1e-6)
+    assert last.fvu == pytest.approx(window["squared_error"] / window["variance"], rel=1e-6)
+    assert last.l0 == pytest.approx(window["nonzero"] / (3 * n), rel=1e-12)
+    # fractions of 48 latents, computed in float32
+    assert last.dead_fraction == pytest.approx((~(fired[-1] | fired[-2])).double().mean().item(), abs=1e-7)
+    assert last.dense_fraction == pytest.approx((fire_count > 0.1 * 3 * n).double().mean().item(), abs=1e-7)
+    assert 0 < last.dense_fraction < 1
+
+
+def test_a_batch_without_variance_has_no_fvu():
+    trainer = SAETrainer(SAE(d_in=8, d_sae=32, k=2), sync_every=2)
+    for _ in range(2):
+        trainer.step(torch.full((16, 8), 0.3))
+    assert math.isnan(trainer.history[-1].fvu) and math.isfinite(trainer.history[-1].loss)
+
+
+def test_activations_in_another_dtype_are_cast_to_the_sae():
+    """A bfloat16 buffer feeding an fp32 SAE: the step is the one on the same values in fp32."""
+    x = torch.randn(32, 16).bfloat16()
+    steps = []
+    for batch in (x, x.float()):
+        torch.manual_seed(0)
+        sae = SAE(d_in=16, d_sae=64, k=4)
+        SAETrainer(sae, lr=1e-3, sync_every=1).step(batch)
+        steps.append(sae.state_dict())
+    for name, value in steps[0].items():
+        assert value.dtype == torch.float32 and torch.equal(value, steps[1][name]), name
+
+
+def test_jumprelu_threshold_never_goes_below_zero():
+    torch.manual_seed(0)
+    sae = SAE(d_in=16, d_sae=64, kind="jumprelu", l0_coefficient=0.0)  # nothing holds the thresholds up
+    trainer = SAETrainer(sae, lr=1e-2, sync_every=10)
+    for _ in range(20):
+        trainer.step(torch.randn(64, 16))
+        assert (sae.threshold >= 0).all()
+    assert (sae.threshold == 0).any()  # the clamp did hold some
 
 
 def test_trainer_config_checks():
