@@ -28,7 +28,7 @@ def bench_model(name, model, inputs, args, now, device, dtype) -> dict:
     contexts = {
         "plain": lambda: torch.no_grad(),
         "splice": lambda: vlmsae.splice(model, layer, sae),
-        "splice+error": lambda: vlmsae.splice(model, layer, sae, error=True, edit=lambda z, f: z * 1.5),
+        "splice+error": lambda: vlmsae.splice(model, layer, sae, use_error_term=True, edit=lambda z, f: z * 1.5),
         "steer": lambda: vlmsae.steer(model, layer, sae, {0: 4.0, 1: -2.0}),
     }
 

@@ -9,7 +9,7 @@ import torch
 
 import vlmsae
 from vlmsae import Kind
-from vlmsae.analysis import (PatchLayout, concept_aurocs, feature_table, image_question_grid, patch_grid,
+from vlmsae.analysis import (PatchLayout, concept_aurocs, latent_table, image_question_grid, patch_grid,
                              patch_layout, scan)
 from vlmsae.errors import ConfigError
 from vlmsae.probes import compare_probes, probe_accuracy
@@ -22,7 +22,7 @@ LAYER = 1
 def relu_sae(d_in: int, d_sae: int = 48, seed: int = 0) -> vlmsae.SAE:
     """A ReLU SAE whose features fire on part of the tokens, so top-k orders are not ties at zero."""
     torch.manual_seed(seed)
-    sae = vlmsae.SAE(d_in=d_in, d_sae=d_sae, kind="relu")
+    sae = vlmsae.SAE(d_in=d_in, d_sae=d_sae, architecture="relu")
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(d_in, d_sae))
         sae.b_enc.copy_(-0.5 * torch.rand(d_sae))
@@ -36,7 +36,7 @@ def brute_force(model, sae, data, where_kinds, features):
         with vlmsae.record(model, [LAYER], stop=True) as rec:
             model(**batch)
         latents = sae.encode(rec[LAYER]).detach().float()[..., features]
-        kinds = rec.mask(LAYER)
+        kinds = rec.kinds(LAYER)
         for b in range(latents.shape[0]):
             read = torch.isin(kinds[b], torch.tensor(where_kinds, dtype=kinds.dtype))
             acts = latents[b][read]  # (n_read, F)
@@ -56,7 +56,7 @@ def test_running_topk_equals_brute_force(family):
     data = [tiny_inputs(model, n, seed=s, text_len=6) for s, n in enumerate([3, 1, 4, 2, 5])]
     features = [0, 5, 7, 11, 20, 33, 47]
     k = 6
-    found = scan(model, LAYER, sae, data, k=k, features=features, context=2)
+    found = scan(model, LAYER, sae, data, n_examples=k, latents=features, context=2)
     kinds = (Kind.IMAGE, Kind.TEXT, Kind.GENERATED)
     peaks, positions, heats, ids = brute_force(model, sae, data, kinds, features)
     top = found.top
@@ -83,7 +83,7 @@ def test_running_topk_equals_brute_force(family):
 
 def test_fewer_examples_than_k_leave_empty_slots():
     model = tiny_model("llava", n_layers=2)
-    found = scan(model, LAYER, relu_sae(64), [tiny_inputs(model, 2)], k=5, features=[1, 2])
+    found = scan(model, LAYER, relu_sae(64), [tiny_inputs(model, 2)], n_examples=5, latents=[1, 2])
     assert (found.top.example[:, 2:] == -1).all()
     assert torch.isinf(found.top.values[:, 2:]).all()
 
@@ -121,15 +121,15 @@ def test_feature_table_matches_the_recorded_latents():
     model = tiny_model("llava", n_layers=2)
     sae = relu_sae(64)
     data = [tiny_inputs(model, 3, seed=s) for s in range(3)]
-    found = scan(model, LAYER, sae, data, k=4)
-    table = feature_table(found)
+    found = scan(model, LAYER, sae, data, n_examples=4)
+    table = latent_table(found)
     latents, kinds = [], []
     for batch in data:
         with vlmsae.record(model, [LAYER], stop=True) as rec:
             model(**batch)
-        read = torch.isin(rec.mask(LAYER), torch.tensor([Kind.IMAGE, Kind.TEXT], dtype=torch.int8))
+        read = torch.isin(rec.kinds(LAYER), torch.tensor([Kind.IMAGE, Kind.TEXT], dtype=torch.int8))
         latents.append(sae.encode(rec[LAYER])[read].detach())
-        kinds.append(rec.mask(LAYER)[read])
+        kinds.append(rec.kinds(LAYER)[read])
     latents, kinds = torch.cat(latents), torch.cat(kinds)
     assert found.tokens == latents.shape[0]
     fired = (latents > 0).double()
@@ -170,7 +170,7 @@ def test_image_tokens_cannot_depend_on_the_question():
         return vlmsae.zoo.build_inputs(model, chunk, [[int(w) for w in question.split()]] * len(chunk))
 
     features = [0, 3, 9, 21]
-    on_image = image_question_grid(model, LAYER, sae, images, questions, inputs, features=features, where="image",
+    on_image = image_question_grid(model, LAYER, sae, images, questions, inputs, latents=features, where="image",
                                    batch_size=2)
     assert on_image.values.shape == (4, 5, 3)
     share = on_image.dependence()
@@ -178,7 +178,7 @@ def test_image_tokens_cannot_depend_on_the_question():
     assert live.any()
     np.testing.assert_allclose(share.loc[live, "question_share"], 0, atol=1e-8)
     np.testing.assert_allclose(share.loc[live, "image_share"], 1, atol=1e-6)
-    on_text = image_question_grid(model, LAYER, sae, images, questions, inputs, features=features, where="text",
+    on_text = image_question_grid(model, LAYER, sae, images, questions, inputs, latents=features, where="text",
                                   reduce="last")
     assert (on_text.dependence()["question_share"].fillna(0) > 0).any()
 
@@ -221,12 +221,12 @@ def test_heatmaps_put_the_hot_patch_on_the_object():
     for batch, start in zip(data, range(0, 128, 32)):
         with vlmsae.record(model, [layer], stop=True) as rec:
             model(**batch)
-        latents.append(sae.encode(rec[layer][rec.mask(layer) == Kind.IMAGE]).detach())
+        latents.append(sae.encode(rec[layer][rec.kinds(layer) == Kind.IMAGE]).detach())
         for s in samples[start:start + 32]:
             colors += [s.objects[o].color if o >= 0 else "none" for o in s.patch_labels().reshape(-1)]
     aurocs = concept_aurocs(torch.cat(latents), pd.Series(colors), pd.Series(["patch"] * len(colors)))
     best = {c: int(aurocs.loc[("patch", c)].idxmax()) for c in shapes.COLORS}
-    found = scan(model, layer, sae, data, k=8, features=sorted(set(best.values())), where="image")
+    found = scan(model, layer, sae, data, n_examples=8, latents=sorted(set(best.values())), where="image")
     assert found.top.layout == PatchLayout((shapes.GRID, shapes.GRID), 1)
     on_object, on_colour = [], []
     for color, feature in best.items():

@@ -11,7 +11,7 @@ import torch
 
 import vlmsae
 from vlmsae import Kind
-from vlmsae.analysis import feature_table, scan
+from vlmsae.analysis import latent_table, scan
 from vlmsae.dashboard import write_dashboard
 from vlmsae.trainer import SAETrainer
 from vlmsae.zoo import tiny_inputs, tiny_model
@@ -31,7 +31,7 @@ def built(tmp_path_factory):
     for batch in data:
         with vlmsae.record(model, [LAYER], stop=True) as rec:
             model(**batch)
-        acts.append(rec[LAYER][rec.mask(LAYER) != Kind.PAD])
+        acts.append(rec[LAYER][rec.kinds(LAYER) != Kind.PAD])
     acts = torch.cat(acts)
     sae = vlmsae.SAE(d_in=64, d_sae=64, k=4)
     trainer = SAETrainer(sae)
@@ -39,9 +39,9 @@ def built(tmp_path_factory):
         trainer.step(acts[torch.randperm(len(acts))[:64]])
     sae.eval()
     features = list(range(0, 64, 2))  # the dashboard shows the scanned subset
-    found = scan(model, LAYER, sae, data, k=5, features=features)
+    found = scan(model, LAYER, sae, data, n_examples=5, latents=features)
     images = torch.cat([(b["pixel_values"] + 1) / 2 for b in data])
-    table = feature_table(found)
+    table = latent_table(found)
     path = write_dashboard(tmp_path_factory.mktemp("dash") / "features.html", found, images, table=table,
                            title="tiny llava <L1>")
     return path, found, table, features
@@ -77,12 +77,12 @@ def test_browser_renders_the_features_and_images(built, tmp_path):
     assert not consoles, consoles
     assert 'data-ready="1"' in dom
     assert re.search(r'<pre id="errors"></pre>', dom)
-    assert len(re.findall(r'<li class="feature', dom)) == len(features)
-    assert f"{len(features)} of {len(features)} features" in dom
+    assert len(re.findall(r'<li class="latent', dom)) == len(features)
+    assert f"{len(features)} of {len(features)} latents" in dom
     # the first feature is shown: one image per example where it fired, each with a 4x4 patch heatmap
     first = features[0]
     fired = int((found.top.values[0] > 0).sum())
-    assert f"Feature {first}" in dom
+    assert f"Latent {first}" in dom
     assert len(re.findall(r'<img src="data:image/png;base64,', dom)) == fired
     assert len(re.findall(r'class="cell"', dom)) == 16 * fired
     assert len(re.findall(r'class="plotly-graph-div', dom)) == 2  # the summary figures drew
@@ -94,9 +94,9 @@ def test_fragment_selects_and_filters(built, tmp_path):
     live = [f for f in features if not table.at[f, "dead"]]
     target = live[-1]
     dom, log = browse(path, f"f={target}", tmp_path)
-    assert f"Feature {target}" in dom and not [line for line in log.splitlines() if ":CONSOLE" in line]
+    assert f"Latent {target}" in dom and not [line for line in log.splitlines() if ":CONSOLE" in line]
     dom, _ = browse(path, f"q={target}", tmp_path)
-    shown = re.findall(r'<li class="feature[^"]*" data-id="(\d+)"', dom)
+    shown = re.findall(r'<li class="latent[^"]*" data-id="(\d+)"', dom)
     assert str(target) in shown and 0 < len(shown) < len(features)
 
 
@@ -121,6 +121,6 @@ def test_browser_renders_hostile_labels_as_text(built, tmp_path):
     assert not [line for line in log.splitlines() if ":CONSOLE" in line]
     assert 'data-ready="1"' in dom and 'data-pwned="undefined"' in dom
     assert re.search(r'<pre id="errors"></pre>', dom)
-    assert len(re.findall(r'<li class="feature', dom)) == len(features)
+    assert len(re.findall(r'<li class="latent', dom)) == len(features)
     for label in HOSTILE + ("".join(HOSTILE),):
         assert html.escape(label, quote=False) in dom, label

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmsae.errors import ConfigError, SAEFileError
 from vlmsae.files import write_atomic, write_text_atomic
-from vlmsae.sae import KINDS, SAE, SAEConfig
+from vlmsae.sae import ARCHITECTURES, SAE, SAEConfig
 from vlmsae.train import latest_checkpoint, train
 from vlmsae.zoo import tiny_inputs, tiny_model
 
@@ -40,7 +40,7 @@ def tree(folder: Path) -> dict:
 
 def make_sae(kind="topk") -> SAE:
     torch.manual_seed(0)
-    return SAE(d_in=64, d_sae=128, k=8, kind=kind)
+    return SAE(d_in=64, d_sae=128, k=8, architecture=kind)
 
 
 @functools.cache
@@ -102,7 +102,7 @@ def test_failed_save_over_an_sae_folder_leaves_it_byte_for_byte(tmp_path, monkey
     make_sae("relu").save(folder)
     assert sorted(os.listdir(tmp_path)) == ["sae"]
     assert sorted(os.listdir(folder)) == ["cfg.json", "sae_weights.safetensors"]
-    assert SAE.load(folder).cfg.kind == "relu"
+    assert SAE.load(folder).cfg.architecture == "relu"
 
 
 def test_save_refuses_a_folder_holding_other_files(tmp_path):
@@ -256,7 +256,7 @@ def key_paths(cfg: dict, prefix=()):
             yield from key_paths(value, prefix + (key,))
 
 
-@pytest.mark.parametrize("layout", [*KINDS, "sparsify"])
+@pytest.mark.parametrize("layout", [*ARCHITECTURES, "sparsify"])
 def test_any_wrong_value_in_cfg_json_is_an_sae_file_error(tmp_path, layout):
     """Every key, set to every JSON type (or deleted): the folder opens with well-typed config
     fields, or is an SAEFileError naming cfg.json; nothing else."""
@@ -264,7 +264,7 @@ def test_any_wrong_value_in_cfg_json_is_an_sae_file_error(tmp_path, layout):
     if layout == "sparsify":
         sparsify_folder(folder)
     else:
-        SAE(d_in=8, d_sae=32, k=4, kind=layout).save(folder)
+        SAE(d_in=8, d_sae=32, k=4, architecture=layout).save(folder)
     good = json.loads((folder / "cfg.json").read_text())
     hints = get_type_hints(SAEConfig)
     for path in list(key_paths(good)):

@@ -96,7 +96,7 @@ def test_one_prompt_token_captioner_joins_prompt_and_steps():
     with torch.no_grad(), vlmsae.record(model, [0]) as rec:
         model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     assert rec[0].shape == (1, 3, 64)
-    assert rec.mask(0).tolist() == [[Kind.SPECIAL, Kind.TEXT, Kind.GENERATED]]
+    assert rec.kinds(0).tolist() == [[Kind.SPECIAL, Kind.TEXT, Kind.GENERATED]]
 
 
 def test_a_decode_step_without_a_recognised_cache_is_an_error_not_a_guess(model, monkeypatch):
@@ -183,7 +183,7 @@ def test_an_sae_used_at_another_site_than_its_hook_name_warns(model):
         elif use == "evaluate":
             vlmsae.evaluate(model, layer, sae, [inputs], ablations=False)
         elif use == "scan":
-            vlmsae.scan(model, layer, sae, [inputs], features=[0])
+            vlmsae.scan(model, layer, sae, [inputs], latents=[0])
         else:
             vlmsae.latent_stats(model, layer, sae, [inputs])
 

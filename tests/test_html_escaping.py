@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vlmsae
-from vlmsae.analysis import feature_table, scan
+from vlmsae.analysis import latent_table, scan
 from vlmsae.dashboard import write_dashboard
 from vlmsae.testbed.demo import DemoConfig, _write_report
 from vlmsae.zoo import tiny_inputs, tiny_model
@@ -81,13 +81,13 @@ def scanned():
     model = tiny_model("llava", n_layers=2)
     data = [tiny_inputs(model, 4, seed=s) for s in range(2)]
     sae = vlmsae.SAE(d_in=64, d_sae=64, k=8).eval()
-    found = scan(model, LAYER, sae, data, k=3, features=range(8))
+    found = scan(model, LAYER, sae, data, n_examples=3, latents=range(8))
     images = torch.cat([(b["pixel_values"] + 1) / 2 for b in data])
     return found, images
 
 
 def dashboard(found, images, words, path):
-    table = feature_table(found, tokenizer=Tokens(words))
+    table = latent_table(found, tokenizer=Tokens(words))
     table["top_tokens"] = [words[i % len(words)] for i in range(len(table))]
     table["concept"] = [words[(i + 1) % len(words)] for i in range(len(table))]
     write_dashboard(path, found, images, table=table, tokenizer=Tokens(words), title="".join(words))
@@ -116,7 +116,7 @@ def report(words, path):
     table = pd.DataFrame({"fvu": [0.1], "l0": [8.0], words[1]: [0.5]}, index=pd.Index([1], name="layer"))
     history = [{"layer": 1, "sae": 0, "step": s, "fvu": 1 / s, "dead_fraction": 0.0} for s in (1, 2)]
     index = pd.MultiIndex.from_tuples([("color", w) for w in words], names=["concept", "value"])
-    concepts = {1: pd.DataFrame({"feature": range(len(words)), "auroc": 0.9}, index=index)}
+    concepts = {1: pd.DataFrame({"latent": range(len(words)), "auroc": 0.9}, index=index)}
     steering = {1: pd.DataFrame({"success": 0.5}, index=pd.Index(words, name="value"))}
     example = {"layer": 1, "value": words[1], "before": words[2], "after": words[0] + words[3]}
     cfg = DemoConfig(out=words[3])

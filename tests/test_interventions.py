@@ -25,7 +25,7 @@ def make_sae(d_in=64, seed=0, **kw):
 
 def identity_sae(d_in=64):
     """Perfect reconstruction: relu(x) - relu(-x) = x, with d_sae = 2 d_in."""
-    sae = SAE(d_in=d_in, d_sae=2 * d_in, kind="relu", apply_b_dec_to_input=False).eval()
+    sae = SAE(d_in=d_in, d_sae=2 * d_in, architecture="relu", apply_b_dec_to_input=False).eval()
     eye = torch.eye(d_in)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], 1))
@@ -69,7 +69,7 @@ def test_splice_with_error_term_reproduces_clean_logits_and_generations(model):
     inputs = tiny_inputs(model, 2, padding="left")
     sae = make_sae()
     clean, clean_gen = logits(model, inputs), model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    with vlmsae.splice(model, LAYER, sae, error=True) as s:
+    with vlmsae.splice(model, LAYER, sae, use_error_term=True) as s:
         spliced = logits(model, inputs)
         assert s.latents.shape[-1] == 256 and ((s.latents != 0).sum(-1) <= 8).all()
         gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -106,7 +106,7 @@ def test_splice_restricted_to_kinds_leaves_other_positions(model):
     for where in ["text"] + (["image"] if info.has_image_tokens else []):
         with vlmsae.splice(model, LAYER, sae, where=where) as s, vlmsae.record(model, [LAYER]) as rec:
             logits(model, inputs)
-        chosen = clean.mask(LAYER) == (Kind.TEXT if where == "text" else Kind.IMAGE)
+        chosen = clean.kinds(LAYER) == (Kind.TEXT if where == "text" else Kind.IMAGE)
         torch.testing.assert_close(rec[LAYER][~chosen], clean[LAYER][~chosen], rtol=0, atol=0)
         with torch.no_grad():
             recon = sae(clean[LAYER]).recon
@@ -126,7 +126,7 @@ def test_ablate(model):
     feature = int((latents != 0).flatten(0, 1).sum(0).argmax())  # the feature firing on most tokens
     with vlmsae.ablate(model, LAYER, sae, [feature]), vlmsae.record(model, [LAYER]) as rec:
         ablated = logits(model, inputs)
-    nonpad = (ref.mask(LAYER) != Kind.PAD)[..., None]  # where=None: every position but padding
+    nonpad = (ref.kinds(LAYER) != Kind.PAD)[..., None]  # where=None: every position but padding
     expected = -latents[..., feature, None] * sae.W_dec[feature].detach() * nonpad
     torch.testing.assert_close(rec[LAYER] - ref[LAYER], expected, rtol=1e-4, atol=1e-5)
     assert (ablated - clean).abs().amax() > 0
@@ -174,7 +174,7 @@ def test_splice_with_an_edit_moves_the_residual_by_the_decoded_change(model):
         recon, latents = topk_by_hand(sae, x)
         decoded_edit = (edit(latents, None) @ sae.W_dec + sae.b_dec) / sae.act_scale
     real = inputs[id_keys(inputs)[1]].bool()[..., None]  # every position but padding
-    with_error = spliced_residual(model, inputs, sae=sae, error=True, edit=edit)
+    with_error = spliced_residual(model, inputs, sae=sae, use_error_term=True, edit=edit)
     torch.testing.assert_close(with_error, torch.where(real, x + decoded_edit - recon, x), rtol=1e-5, atol=1e-5)
     without = spliced_residual(model, inputs, sae=sae, edit=edit)
     torch.testing.assert_close(without, torch.where(real, decoded_edit, x), rtol=1e-5, atol=1e-5)
@@ -194,7 +194,7 @@ def test_identity_edit_with_error_term_reproduces_clean_logits(model):
         copies.append(latents)
         return latents.clone()
 
-    with vlmsae.splice(model, LAYER, sae, error=True, edit=copy):
+    with vlmsae.splice(model, LAYER, sae, use_error_term=True, edit=copy):
         spliced = logits(model, inputs)
     assert len(copies) == 1  # the edit ran, on this forward
     torch.testing.assert_close(spliced, clean, rtol=0, atol=1e-5)
@@ -263,8 +263,8 @@ def test_reconstruct_puts_back_what_a_splice_would():
     close = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vlmsae.reconstruct(x, sae), recon, **close)
     torch.testing.assert_close(vlmsae.reconstruct(x, sae, edit=edit), decoded_edit, **close)
-    torch.testing.assert_close(vlmsae.reconstruct(x, sae, error=True, edit=edit), x + decoded_edit - recon, **close)
-    torch.testing.assert_close(vlmsae.reconstruct(x, sae, error=True, edit=edit, mask=mask),
+    torch.testing.assert_close(vlmsae.reconstruct(x, sae, use_error_term=True, edit=edit), x + decoded_edit - recon, **close)
+    torch.testing.assert_close(vlmsae.reconstruct(x, sae, use_error_term=True, edit=edit, mask=mask),
                                torch.where(mask[..., None], x + decoded_edit - recon, x), **close)
     half = vlmsae.reconstruct(x.bfloat16(), sae, mask=mask)
     assert half.dtype == torch.bfloat16
@@ -309,7 +309,7 @@ def test_steer_acts_at_every_decode_step(model):
     clean = model.generate(**inputs, **gen)
     # hooks run in the order attached: `raw` sees the layer's own output, `out` the steered one
     with vlmsae.record(model, [LAYER]) as raw, \
-            vlmsae.steer(model, LAYER, sae, features={3: 40.0, 7: -20.0}, where="generated") as vector, \
+            vlmsae.steer(model, LAYER, sae, latents={3: 40.0, 7: -20.0}, where="generated") as vector, \
             vlmsae.record(model, [LAYER]) as out:
         steered = model.generate(**inputs, **gen)
     torch.testing.assert_close(vector, 40.0 * sae.W_dec[3].detach() - 20.0 * sae.W_dec[7].detach())
@@ -330,7 +330,7 @@ def test_steer_with_raw_direction_and_relative_strength(model):
         model(**inputs)
     with vlmsae.steer(model, LAYER, v, strength=3.0), vlmsae.record(model, [LAYER]) as rec:
         logits(model, inputs)
-    nonpad = ref.mask(LAYER) != Kind.PAD
+    nonpad = ref.kinds(LAYER) != Kind.PAD
     torch.testing.assert_close((rec[LAYER] - ref[LAYER])[nonpad], (3.0 * v).expand(int(nonpad.sum()), -1),
                                rtol=1e-5, atol=1e-5)
     assert torch.equal(rec[LAYER][~nonpad], ref[LAYER][~nonpad])
@@ -381,7 +381,7 @@ def test_nested_and_repeated_contexts(model):
         logits(model, inputs)
     with torch.no_grad():
         torch.testing.assert_close(rec[LAYER], sae(steered[LAYER]).recon.where(
-            (steered.mask(LAYER) != Kind.PAD)[..., None], steered[LAYER]), rtol=1e-5, atol=1e-6)
+            (steered.kinds(LAYER) != Kind.PAD)[..., None], steered[LAYER]), rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="boom"), vlmsae.splice(model, LAYER, sae):
         raise RuntimeError("boom")
     with vlmsae.splice(model, LAYER, sae):  # the same splice works again after the exception
@@ -397,10 +397,10 @@ def test_bad_input_errors_before_anything_is_attached(model):
                                                  r"\(or one of the same width\)$"):
         with vlmsae.splice(model, LAYER, make_sae(d_in=32)):
             pass
-    with pytest.raises(vlmsae.ConfigError, match="feature index 256 is out of range.*0..255"):
+    with pytest.raises(vlmsae.ConfigError, match="latent index 256 is out of range.*0..255"):
         with vlmsae.ablate(model, LAYER, sae, [1, 256]):
             pass
-    with pytest.raises(vlmsae.ConfigError, match="feature index -1"):
+    with pytest.raises(vlmsae.ConfigError, match="latent index -1"):
         with vlmsae.steer(model, LAYER, sae, {-1: 2.0}):
             pass
     with pytest.raises(vlmsae.LayerIndexError, match="layer=9"):
@@ -413,15 +413,15 @@ def test_bad_input_errors_before_anything_is_attached(model):
     with pytest.raises(vlmsae.ConfigError, match="selects only padding; use 'text', 'image' or None$"):
         with vlmsae.splice(model, LAYER, sae, where=Kind.PAD):
             pass
-    with pytest.raises(vlmsae.ConfigError, match=r"^feature index True is out of range"):
+    with pytest.raises(vlmsae.ConfigError, match=r"^latent index True is out of range"):
         with vlmsae.ablate(model, LAYER, sae, [True]):
             pass
-    with pytest.raises(vlmsae.ConfigError, match=r"^steering with an SAE needs features=\{index: strength\}, "
+    with pytest.raises(vlmsae.ConfigError, match=r"^steering with an SAE needs latents=\{index: strength\}, "
                                                  r"e.g. \{12: 8.0\}$"):
         with vlmsae.steer(model, LAYER, sae):
             pass
     with pytest.raises(vlmsae.ConfigError,
-                       match="^features= applies to an SAE; for a raw direction pass strength= only$"):
+                       match="^latents= applies to an SAE; for a raw direction pass strength= only$"):
         with vlmsae.steer(model, LAYER, torch.ones(64), {1: 2.0}):
             pass
     with pytest.raises(vlmsae.ConfigError, match=r"^a steering direction must be \(d_in,\), got shape \(2, 64\)$"):

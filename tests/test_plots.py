@@ -9,7 +9,7 @@ import torch
 
 import vlmsae
 from vlmsae import Kind, plots
-from vlmsae.analysis import concept_aurocs, feature_table, image_question_grid, scan
+from vlmsae.analysis import concept_aurocs, latent_table, image_question_grid, scan
 from vlmsae.probes import compare_probes
 from vlmsae.trainer import SAETrainer
 from vlmsae.zoo import build_inputs, tiny_inputs, tiny_model
@@ -27,15 +27,15 @@ def _setup():
     for batch in data:
         with vlmsae.record(model, [LAYER], stop=True) as rec:
             model(**batch)
-        acts.append(rec[LAYER][rec.mask(LAYER) != Kind.PAD])
-        kinds.append(rec.mask(LAYER)[rec.mask(LAYER) != Kind.PAD])
+        acts.append(rec[LAYER][rec.kinds(LAYER) != Kind.PAD])
+        kinds.append(rec.kinds(LAYER)[rec.kinds(LAYER) != Kind.PAD])
     acts, kinds = torch.cat(acts), torch.cat(kinds)
     sae = vlmsae.SAE(d_in=64, d_sae=128, k=8)
     trainer = SAETrainer(sae, sync_every=5)
     for step in range(40):
         trainer.step(acts[torch.randperm(len(acts))[:64]])
     sae.eval()
-    found = scan(model, LAYER, sae, data, k=4)
+    found = scan(model, LAYER, sae, data, n_examples=4)
     images = torch.cat([(b["pixel_values"] + 1) / 2 for b in data])  # back to [0, 1]
     return model, sae, data, acts, kinds, trainer.history, found, images
 
@@ -51,7 +51,7 @@ def trace_types(fig: go.Figure) -> list[str]:
 
 def test_density_histogram():
     *_, found, _ = _setup()
-    fig = plots.density_histogram(feature_table(found))
+    fig = plots.density_histogram(latent_table(found))
     assert trace_types(fig) == ["histogram"]
     assert len(fig.data[0].x) == int((found.fired > 0).sum())
     assert axis_titles(fig) == {"log10 firing density", "features"}
@@ -80,7 +80,7 @@ def test_training_curves():
 
 def test_top_images_with_heatmaps():
     *_, found, images = _setup()
-    table = feature_table(found)
+    table = latent_table(found)
     feature = int(table.query("not dead")["density"].idxmax())
     fig = plots.top_images(found.top, feature, images, n=3)
     assert trace_types(fig) == ["image", "heatmap"] * 3
@@ -101,7 +101,7 @@ def test_image_question_grid():
     def inputs(chunk, question):
         return build_inputs(model, chunk, [[int(w) for w in question.split()]] * len(chunk))
 
-    grid = image_question_grid(model, LAYER, sae, images, questions, inputs, features=[0, 1, 2], where="text")
+    grid = image_question_grid(model, LAYER, sae, images, questions, inputs, latents=[0, 1, 2], where="text")
     fig = plots.image_question_grid(grid, 1)
     assert trace_types(fig) == ["heatmap"]
     assert list(fig.data[0].x) == questions and len(fig.data[0].y) == 4
@@ -147,7 +147,7 @@ def test_auroc_matrix_and_probes():
     fig = plots.auroc_matrix(table)
     assert trace_types(fig) == ["heatmap"]
     assert list(fig.data[0].y) == ["kind=image", "kind=special", "kind=text"]
-    assert axis_titles(fig) == {"feature", "concept"}
+    assert axis_titles(fig) == {"latent", "concept"}
     probes = compare_probes({"sae": latents, "resid": acts}, {"kind": names})
     fig = plots.probe_accuracy(probes)
     assert [t.name for t in fig.data] == ["sae", "resid", "chance"]

@@ -36,7 +36,7 @@ def test_record_equals_output_hidden_states(model, padding):
         if info.family == "qwen3-vl" and 1 <= layer <= 2:
             # Deepstack adds visual features to the residual after layers 0 and 1, at image positions only:
             # the input of the next layer is not the previous layer's output there.
-            image = post.mask(0) == Kind.IMAGE
+            image = post.kinds(0) == Kind.IMAGE
             torch.testing.assert_close(pre[layer][~image], hs[layer][~image], rtol=0, atol=0)
             assert (pre[layer][image] - hs[layer][image]).abs().amax() > 1e-3
         else:
@@ -54,7 +54,7 @@ def test_mask_kinds(model):
         ids, attn = inputs[info.ids_key], inputs[info.mask_key]
         with torch.no_grad(), vlmsae.record(model, [0]) as rec:
             model(**inputs)
-        kinds = rec.mask(0)
+        kinds = rec.kinds(0)
         assert kinds.shape == ids.shape and kinds.dtype == torch.int8
         # padding is never text or image, and everything the attention mask hides is pad
         assert torch.equal(kinds == Kind.PAD, attn == 0)
@@ -84,9 +84,9 @@ def test_generate_captures_join_to_uncached_forward(model):
         model(**full, use_cache=False)
     for layer in (0, info.n_layers - 1):
         assert rec[layer].shape == ref[layer].shape
-        keep = ref.mask(layer) != Kind.PAD  # pad positions of a left-padded prompt are not part of the answer
+        keep = ref.kinds(layer) != Kind.PAD  # pad positions of a left-padded prompt are not part of the answer
         torch.testing.assert_close(rec[layer][keep], ref[layer][keep], rtol=1e-4, atol=1e-5)
-    kinds = rec.mask(0)
+    kinds = rec.kinds(0)
     assert (kinds[:, prompt_len:] == Kind.GENERATED).all()
     assert not (kinds[:, :prompt_len] == Kind.GENERATED).any()
 
@@ -104,9 +104,9 @@ def test_stop_early_gives_same_captures_and_leaves_model_usable(model):
     torch.testing.assert_close(logits(model, inputs), clean, rtol=0, atol=0)
     with torch.no_grad(), vlmsae.record(model, [2], site="resid_pre", stop=True) as pre:
         model(**inputs)
-    same = torch.ones_like(pre.mask(2), dtype=torch.bool)
+    same = torch.ones_like(pre.kinds(2), dtype=torch.bool)
     if vlmsae.layers(model).family == "qwen3-vl":
-        same = pre.mask(2) != Kind.IMAGE  # deepstack adds visual features between layers 1 and 2
+        same = pre.kinds(2) != Kind.IMAGE  # deepstack adds visual features between layers 1 and 2
     torch.testing.assert_close(pre[2][same], full[1][same], rtol=0, atol=0)
 
 

@@ -7,14 +7,14 @@ import torch
 
 from vlmsae import metrics
 from vlmsae.errors import ConfigError
-from vlmsae.sae import KINDS, SAE, SAEConfig, geometric_median
+from vlmsae.sae import ARCHITECTURES, SAE, SAEConfig, geometric_median
 
 D_IN, D_SAE, K = 16, 64, 4
 
 
 def make_sae(kind: str, **fields) -> SAE:
     torch.manual_seed(0)
-    sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, kind=kind, **fields)
+    sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, architecture=kind, **fields)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
@@ -23,7 +23,7 @@ def make_sae(kind: str, **fields) -> SAE:
     return sae
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ARCHITECTURES)
 @pytest.mark.parametrize("training", [True, False])
 def test_forward_is_decode_of_encode(kind, training):
     sae = make_sae(kind).train(training)
@@ -70,8 +70,8 @@ def test_relu_and_jumprelu_activations():
 
 
 def test_decoder_rows_start_at_unit_norm_and_encoder_is_their_transpose():
-    for kind in KINDS:
-        sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, kind=kind)
+    for kind in ARCHITECTURES:
+        sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, architecture=kind)
         norms = sae.W_dec.norm(dim=1)
         torch.testing.assert_close(norms, torch.full_like(norms, 0.1 if kind == "relu" else 1.0))
         torch.testing.assert_close(sae.W_enc, sae.W_dec.T, rtol=0, atol=0)
@@ -102,7 +102,7 @@ def test_init_from_batch_sets_power_of_two_scale_and_returns_model_units():
     assert (sae.decode(torch.zeros(D_SAE)) - x.mean(0)).norm() < 0.5 * 37
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_from_tensors_gives_the_same_sae_and_names_a_bad_tensor(kind):
     """``SAE.from_tensors(cfg, sae.state_dict())`` computes what ``sae`` computes, bit for bit, with the same
     W_enc storage; a missing, extra or misshapen tensor is a ConfigError naming it."""
@@ -133,7 +133,7 @@ def test_geometric_median_resists_outliers():
     "fields, fragment",
     [
         (dict(d_in=16, d_sae=8, k=9), "k=9 must be in 1..d_sae=8"),
-        (dict(d_in=16, kind="gated"), "kind='gated' is unknown"),
+        (dict(d_in=16, architecture="gated"), "architecture='gated' is unknown"),
         (dict(d_in=0), "d_in=0"),
         (dict(d_in=16, k=0), "k=0"),
         (dict(d_in=16, dtype="float33"), "dtype='float33' is not a dtype"),
@@ -151,9 +151,9 @@ def test_config_rejects_bad_values_with_the_fix(fields, fragment):
 
 def test_config_defaults():
     cfg = SAEConfig(d_in=24)
-    assert cfg.d_sae == 32 * 24 and cfg.kind == "topk" and cfg.aux_k == 12
-    assert SAEConfig(d_in=24, kind="relu").l1_coefficient == 1e-3
-    assert SAEConfig(d_in=24, d_sae=8, kind="relu").k == 32  # k only binds the TopK kinds
+    assert cfg.d_sae == 32 * 24 and cfg.architecture == "topk" and cfg.aux_k == 12
+    assert SAEConfig(d_in=24, architecture="relu").l1_coefficient == 1e-3
+    assert SAEConfig(d_in=24, d_sae=8, architecture="relu").k == 32  # k only binds the TopK kinds
     with pytest.raises(ConfigError, match="not both"):
         SAE(cfg, d_in=3)
     sae = SAE(d_in=8, d_sae=16, k=2, metadata={"hook_name": "blocks.9.hook_resid_post"})

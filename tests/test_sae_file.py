@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vlmsae.errors import NonFiniteError, SAEFileError
-from vlmsae.sae import KINDS, SAE
+from vlmsae.sae import ARCHITECTURES, SAE
 from vlmsae.saefile import _saelens_tensors
 
 D_IN, D_SAE, K = 16, 64, 4
@@ -25,7 +25,7 @@ METADATA = {
 def trained_like(kind: str, normalize: bool = True) -> SAE:
     """An SAE whose every tensor is non-trivial, with a non-unit input scale."""
     torch.manual_seed(0)
-    sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, kind=kind, normalize_activations=normalize, metadata=dict(METADATA))
+    sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, architecture=kind, normalize_activations=normalize, metadata=dict(METADATA))
     sae.init_from_batch(torch.randn(64, D_IN) * 20 + 3)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
@@ -38,7 +38,7 @@ def snapshot(folder: Path) -> dict:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_save_load_is_bitwise_exact(tmp_path, kind):
     sae = trained_like(kind)
     assert float(sae.act_scale) != 1.0
@@ -92,8 +92,8 @@ def test_batchtopk_is_saved_as_jumprelu_with_its_threshold(tmp_path):
     sae = trained_like("batchtopk")
     sae.save(tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert cfg["architecture"] == "jumprelu" and cfg["vlmsae"]["config"]["kind"] == "batchtopk"
-    assert SAE.load(tmp_path).cfg.kind == "batchtopk"
+    assert cfg["architecture"] == "jumprelu" and cfg["vlmsae"]["config"]["architecture"] == "batchtopk"
+    assert SAE.load(tmp_path).cfg.architecture == "batchtopk"
 
 
 def test_save_overwrites_atomically_and_leaves_no_temp_files(tmp_path, monkeypatch):
@@ -111,7 +111,7 @@ def test_save_overwrites_atomically_and_leaves_no_temp_files(tmp_path, monkeypat
     monkeypatch.undo()
     second.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
-    assert SAE.load(tmp_path).cfg.kind == "relu"
+    assert SAE.load(tmp_path).cfg.architecture == "relu"
 
 
 def test_save_refuses_nan_and_bad_metadata_without_writing(tmp_path):
@@ -141,7 +141,7 @@ def test_loads_a_sparsify_folder(tmp_path):
         "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D_IN,
     }))
     sae = SAE.load(folder)
-    assert (sae.cfg.kind, sae.cfg.d_sae, sae.cfg.k) == ("topk", D_SAE, K)
+    assert (sae.cfg.architecture, sae.cfg.d_sae, sae.cfg.k) == ("topk", D_SAE, K)
     assert sae.metadata["hook_name"] == "blocks.9.hook_resid_post"
     x = torch.randn(5, D_IN)
     # sparsify: relu(linear(x - b_dec)), top-k, then sum of the chosen decoder rows + b_dec.

@@ -7,7 +7,7 @@ import torch
 
 from vlmsae import metrics
 from vlmsae.errors import ConfigError, NonFiniteError
-from vlmsae.sae import KINDS, SAE
+from vlmsae.sae import ARCHITECTURES, SAE
 from vlmsae.sparse import SparseCode, gather_pre_acts, sparse_decode
 from vlmsae.trainer import SAETrainer, TrainerConfig
 
@@ -25,7 +25,7 @@ def one_thread():
 
 def float64_sae(kind: str, d_in: int, d_sae: int, k: int) -> SAE:
     torch.manual_seed(0)
-    sae = SAE(d_in=d_in, d_sae=d_sae, k=k, kind=kind).double()
+    sae = SAE(d_in=d_in, d_sae=d_sae, k=k, architecture=kind).double()
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
@@ -120,7 +120,7 @@ def test_trainer_sparse_step_equals_dense_autograd_step(kind):
     assert metrics_.aux_loss == pytest.approx(aux.item(), rel=1e-9)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_every_kind_trains(kind, one_thread):
     torch.manual_seed(0)
     directions = torch.nn.functional.normalize(torch.randn(64, 16), dim=1)
@@ -129,7 +129,7 @@ def test_every_kind_trains(kind, one_thread):
         on = torch.rand(256, 64) < 0.05
         return (on * (torch.rand(256, 64) + 0.5)) @ directions * 10
 
-    sae = SAE(d_in=16, d_sae=128, k=4, kind=kind, normalize_activations=True, l1_coefficient=0.1, l0_coefficient=3e-3)
+    sae = SAE(d_in=16, d_sae=128, k=4, architecture=kind, normalize_activations=True, l1_coefficient=0.1, l0_coefficient=3e-3)
     trainer = SAETrainer(sae, lr=3e-3, sync_every=20)
     for _ in range(120):
         trainer.step(batch())
@@ -240,7 +240,7 @@ def test_activations_in_another_dtype_are_cast_to_the_sae():
 
 def test_jumprelu_threshold_never_goes_below_zero():
     torch.manual_seed(0)
-    sae = SAE(d_in=16, d_sae=64, kind="jumprelu", l0_coefficient=0.0)  # nothing holds the thresholds up
+    sae = SAE(d_in=16, d_sae=64, architecture="jumprelu", l0_coefficient=0.0)  # nothing holds the thresholds up
     trainer = SAETrainer(sae, lr=1e-2, sync_every=10)
     for _ in range(20):
         trainer.step(torch.randn(64, 16))
@@ -259,8 +259,8 @@ def test_trainer_config_checks():
 
 def test_bf16_compute_keeps_fp32_weights():
     """The GPU recipe (bf16 matmuls over fp32 master weights), run on the CPU."""
-    for kind in KINDS:
-        sae = SAE(d_in=16, d_sae=64, k=4, kind=kind)
+    for kind in ARCHITECTURES:
+        sae = SAE(d_in=16, d_sae=64, k=4, architecture=kind)
         trainer = SAETrainer(sae, compute_dtype="bfloat16", sync_every=2)
         for _ in range(2):
             trainer.step(torch.randn(32, 16))

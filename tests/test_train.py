@@ -29,7 +29,7 @@ def held_out(model, layer):
     for b in batches(model, 3, seed=1000):
         with torch.no_grad(), vlmsae.record(model, [layer]) as rec:
             model(**b)
-        xs.append(rec[layer][rec.mask(layer) >= vlmsae.Kind.IMAGE])  # image, text: what the buffer admits
+        xs.append(rec[layer][rec.kinds(layer) >= vlmsae.Kind.IMAGE])  # image, text: what the buffer admits
     return torch.cat(xs)
 
 

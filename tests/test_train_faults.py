@@ -31,7 +31,7 @@ def batches(model, n, seed=0):
 
 def make_sae(kind="topk", dtype="float32", seed=0):
     torch.manual_seed(seed)
-    return SAE(d_in=64, d_sae=128, k=8, kind=kind, dtype=dtype)
+    return SAE(d_in=64, d_sae=128, k=8, architecture=kind, dtype=dtype)
 
 
 class Poison:

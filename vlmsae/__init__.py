@@ -2,7 +2,7 @@
 
 from . import metrics, plots
 from .adapters import FAMILIES, Kind, ModelInfo, layers, load_model
-from .analysis import (ImageQuestionGrid, PatchLayout, Scan, TopExamples, concept_aurocs, feature_table,
+from .analysis import (ImageQuestionGrid, PatchLayout, Scan, TopExamples, concept_aurocs, latent_table,
                        image_question_grid, patch_grid, patch_layout, scan)
 from .buffer import RingBuffer
 from .dashboard import write_dashboard
@@ -27,7 +27,7 @@ __all__ = [
     # interventions and evaluation
     "splice", "ablate", "steer", "reconstruct", "evaluate", "latent_stats", "Splice", "LatentStats",
     # analysis
-    "scan", "feature_table", "concept_aurocs", "image_question_grid", "patch_grid", "patch_layout", "Scan",
+    "scan", "latent_table", "concept_aurocs", "image_question_grid", "patch_grid", "patch_layout", "Scan",
     "TopExamples", "PatchLayout", "ImageQuestionGrid", "compare_probes", "probe_accuracy", "write_dashboard", "plots",
     # errors
     "VlmsaeError", "ConfigError", "LayerIndexError", "NonFiniteError", "SAEFileError", "SiteError",

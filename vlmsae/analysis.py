@@ -1,12 +1,12 @@
-"""Feature analysis over a dataset: statistics, top-activating examples with patch heatmaps, image x question grids.
+"""Latent analysis over a dataset: statistics, top-activating examples with patch heatmaps, image x question grids.
 
-One pass of :func:`scan` over batches of model inputs feeds everything: per-feature firing
-statistics and, for each feature, a running top-k of the examples where it peaks, kept on the
-SAE's device. An example's activation is its peak over the selected positions, so the top-k
-holds distinct examples (images), not several patches of one image.
+One pass of :func:`scan` over batches of model inputs feeds everything: per-latent firing
+statistics and, for each latent, the running ``n_examples`` examples where it peaks highest, kept on
+the SAE's device. An example's activation is its peak over the selected positions, so the top examples
+are distinct examples (images), not several patches of one image.
 
 For families whose decoder stream holds image tokens (LLaVA, Qwen-VL), each top example keeps
-the feature's activation at every image token, mapped back onto the patch grid by
+the latent's activation at every image token, mapped back onto the patch grid by
 :func:`patch_grid`:
 
 - LLaVA: one token per patch, row-major over the ``image_size / patch_size`` grid;
@@ -26,7 +26,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Kind, layers
-from .checks import check_features, check_sae
+from .checks import check_latents, check_sae
+from .deprecation import renamed_attributes, renamed_kwargs, warn_renamed
 from .errors import ConfigError
 from .hooks import check_sites
 from .metrics import auroc
@@ -36,7 +37,7 @@ from .sae import SAE
 
 DEFAULT_WHERE = ("image", "text", "generated")
 """Positions a scan reads by default: every content token, never padding or special tokens (BOS
-is an attention sink whose huge activations would fill every top-k)."""
+is an attention sink whose huge activations would fill every latent's top examples)."""
 
 
 @dataclass(frozen=True)
@@ -83,41 +84,51 @@ def patch_grid(acts: Tensor, layout: PatchLayout) -> Tensor:
 
 @dataclass
 class TopExamples:
-    """For each feature, the ``k`` examples where it peaks highest, best first."""
+    """For each latent, the ``n_examples`` examples where it peaks highest, best first (``n = n_examples``)."""
 
-    features: Tensor
-    """``(F,)`` the SAE feature of each row."""
+    latents: Tensor
+    """``(F,)`` the SAE latent of each row."""
     values: Tensor
-    """``(F, k)`` the example's peak activation; ``-inf`` where fewer than ``k`` examples were seen."""
+    """``(F, n)`` the example's peak activation; ``-inf`` where fewer than ``n`` examples were seen."""
     example: Tensor
-    """``(F, k)`` index of the example in the data (batches concatenated in order); -1 where empty."""
+    """``(F, n)`` index of the example in the data (batches concatenated in order); -1 where empty."""
     position: Tensor
-    """``(F, k)`` sequence position of the peak."""
+    """``(F, n)`` sequence position of the peak."""
     tokens: Tensor
-    """``(F, k, 2c+1)`` token ids around the peak (the peak in the middle); -1 outside the sequence or on padding."""
+    """``(F, n, 2c+1)`` token ids around the peak (the peak in the middle); -1 outside the sequence or on padding."""
     token_acts: Tensor
-    """``(F, k, 2c+1)`` the feature's activation at those tokens."""
+    """``(F, n, 2c+1)`` the latent's activation at those tokens."""
     heat: Tensor | None
-    """``(F, k, rows, cols)`` the feature's activation on each image patch; ``None`` without image tokens."""
+    """``(F, n, rows, cols)`` the latent's activation on each image patch; ``None`` without image tokens."""
     layout: PatchLayout | None
 
-    def row(self, feature: int) -> int:
-        """Row of ``feature`` in these tensors."""
-        hits = (self.features == feature).nonzero()
+    @property
+    def features(self) -> Tensor:
+        """Deprecated name of :attr:`latents`."""
+        warn_renamed("TopExamples.features", "TopExamples.latents")
+        return self.latents
+
+    def row(self, latent: int) -> int:
+        """Row of ``latent`` in these tensors.
+
+        Raises:
+            ConfigError: ``latent`` was not scanned.
+        """
+        hits = (self.latents == latent).nonzero()
         if len(hits) == 0:
-            raise ConfigError(f"feature {feature} was not scanned; scanned features include "
-                              f"{self.features[:10].tolist()} (pass features= to scan())")
+            raise ConfigError(f"latent {latent} was not scanned; scanned latents include "
+                              f"{self.latents[:10].tolist()} (pass latents= to scan())")
         return int(hits[0, 0])
 
 
 @dataclass
 class Scan:
-    """What one :func:`scan` pass measured: per-feature sums and the top examples."""
+    """What one :func:`scan` pass measured: per-latent sums and the top examples."""
 
     tokens: int
     """Positions read (selected by ``where``)."""
     fired: Tensor
-    """``(d_sae,)`` positions where each feature fired (> 0)."""
+    """``(d_sae,)`` positions where each latent fired (> 0)."""
     fired_image: Tensor
     """``(d_sae,)`` of those, image-token positions."""
     total: Tensor
@@ -125,13 +136,13 @@ class Scan:
     max: Tensor
     """``(d_sae,)`` largest activation (0 if never fired)."""
     l0_counts: Tensor
-    """``(len(Kind), d_sae + 1)`` positions of each token kind with each L0 (active features at the position),
+    """``(len(Kind), d_sae + 1)`` positions of each token kind with each L0 (active latents at the position),
     counted over every non-pad position, whatever ``where`` read."""
     top: TopExamples
 
     @property
     def density(self) -> Tensor:
-        """``(d_sae,)`` float64 fraction of the positions read where each feature fired."""
+        """``(d_sae,)`` float64 fraction of the positions read where each latent fired."""
         return self.fired.double() / max(self.tokens, 1)
 
 
@@ -150,10 +161,10 @@ def _window(ids: Tensor, kinds: Tensor, latents: Tensor, position: Tensor, conte
     return tok, torch.where(inside, acts, torch.zeros((), dtype=acts.dtype, device=acts.device))
 
 
-def _merge_top(top: tuple[Tensor, ...], new: tuple[Tensor, ...], k: int) -> tuple[Tensor, ...]:
-    """Keep the ``k`` best of the old rows and a batch's candidates; every tensor is ``(F, n, ...)``, values first."""
+def _merge_top(top: tuple[Tensor, ...], new: tuple[Tensor, ...], n: int) -> tuple[Tensor, ...]:
+    """Keep the ``n`` best of the old rows and a batch's candidates; every tensor is ``(F, n, ...)``, values first."""
     cand = [torch.cat([old, fresh], 1) for old, fresh in zip(top, new)]
-    best = cand[0].topk(min(k, cand[0].shape[1]), dim=1).indices  # sorted, best first
+    best = cand[0].topk(min(n, cand[0].shape[1]), dim=1).indices  # sorted, best first
     out = []
     for t in cand:
         index = best.reshape(*best.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:])
@@ -161,18 +172,19 @@ def _merge_top(top: tuple[Tensor, ...], new: tuple[Tensor, ...], k: int) -> tupl
     return tuple(out)
 
 
+@renamed_kwargs(k="n_examples", features="latents")
 @torch.no_grad()
-def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, k: int = 8, features: Iterable[int] | None = None,
-         where=DEFAULT_WHERE, context: int = 4, site: str = "resid_post") -> Scan:
-    """One pass over ``data`` (batches of model inputs): feature statistics and each feature's top ``k`` examples.
+def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples: int = 8,
+         latents: Iterable[int] | None = None, where=DEFAULT_WHERE, context: int = 4, site: str = "resid_post") -> Scan:
+    """One pass over ``data`` (batches of model inputs): latent statistics and each latent's top ``n_examples``.
 
-    ``features`` limits the top-k (not the statistics) to some features: its memory is
-    ``F x k x (image tokens + 2 context + 1)`` on the SAE's device, which for a large SAE on a
+    ``latents`` limits the top examples (not the statistics) to some latents: their memory is
+    ``F x n_examples x (image tokens + 2 context + 1)`` on the SAE's device, which for a large SAE on a
     model with hundreds of image tokens is worth limiting. ``where`` chooses the positions read
     (kind names as in :func:`vlmsae.steer`). Examples are numbered across batches in order.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"k={k!r} must be an integer >= 1 (examples kept per feature)")
+    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
+        raise ConfigError(f"n_examples={n_examples!r} must be an integer >= 1 (examples kept per latent)")
     if context < 0:
         raise ConfigError(f"context={context} must be >= 0 (tokens shown either side of the peak)")
     info = layers(model)
@@ -181,8 +193,8 @@ def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, k: int = 8, featu
     kinds_read = where_kinds(where, info)
     device = sae.W_dec.device
     d_sae = sae.cfg.d_sae
-    subset = None if features is None else torch.tensor(check_features(features, d_sae), dtype=torch.long,
-                                                        device=device)
+    subset = None if latents is None else torch.tensor(check_latents(latents, d_sae), dtype=torch.long,
+                                                       device=device)
     feats = subset if subset is not None else torch.arange(d_sae, device=device)
     n_feat = len(feats)
     zeros = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
@@ -195,11 +207,11 @@ def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, k: int = 8, featu
         with record(model, [layer], site=site, stop=True) as rec:
             model(**batch)
         fwd = rec.forwards[0]
-        kinds = rec.mask(layer).to(device)
+        kinds = rec.kinds(layer).to(device)
         read = where_mask(where, kinds_read, fwd).to(device)  # (B, T)
-        latents = sae.encode(rec[layer].to(device)).float()  # (B, T, d_sae)
-        active = latents > 0
-        chosen = latents[read]  # (N, d_sae)
+        codes = sae.encode(rec[layer].to(device)).float()  # (B, T, d_sae)
+        active = codes > 0
+        chosen = codes[read]  # (N, d_sae)
         tokens += read.sum()
         fired += active[read].sum(0)
         fired_image += active[read & (kinds == Kind.IMAGE)].sum(0)
@@ -210,7 +222,7 @@ def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, k: int = 8, featu
         l0_counts.index_put_((kinds[content].long(), active.sum(-1)[content]),
                              torch.ones((), dtype=torch.long, device=device), accumulate=True)
 
-        acts = latents if subset is None else latents[..., subset]  # (B, T, F)
+        acts = codes if subset is None else codes[..., subset]  # (B, T, F)
         n_batch = acts.shape[0]
         peak, position = acts.masked_fill(~read[..., None], float("-inf")).max(1)  # (B, F)
         ids, window_acts = _window(fwd.ids.to(device), kinds, acts, position, context)
@@ -227,19 +239,19 @@ def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, k: int = 8, featu
             new.append(patch_grid(at_image, layout).transpose(0, 1))  # (F, B, rows, cols)
         if top is None:
             top = tuple(t[:, :0] for t in new)
-        top = _merge_top(top, tuple(new), k)
+        top = _merge_top(top, tuple(new), n_examples)
         offset += n_batch
     if top is None:
         raise ConfigError("scan() got no batches: data yielded nothing")
     values, example, position, ids, window_acts, *heat = top
-    missing = k - values.shape[1]
-    if missing:  # fewer examples than k in the whole dataset
+    missing = n_examples - values.shape[1]
+    if missing:  # fewer examples than n_examples in the whole dataset
         pad = lambda t, v: torch.cat([t, t.new_full((n_feat, missing, *t.shape[2:]), v)], 1)  # noqa: E731
         values, example, position = pad(values, float("-inf")), pad(example, -1), pad(position, -1)
         ids, window_acts = pad(ids, -1), pad(window_acts, 0.0)
         heat = [pad(h, 0.0) for h in heat]
     example = torch.where(torch.isinf(values), -1, example)
-    found = TopExamples(features=feats, values=values, example=example, position=position, tokens=ids,
+    found = TopExamples(latents=feats, values=values, example=example, position=position, tokens=ids,
                         token_acts=window_acts, heat=heat[0] if heat else None, layout=layout)
     return Scan(tokens=int(tokens), fired=fired, fired_image=fired_image, total=total, max=peak_max,
                 l0_counts=l0_counts, top=found)
@@ -259,13 +271,13 @@ def _token_text(tokenizer, ids: Iterable[int]) -> list[str]:
     return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
 
 
-def feature_table(scan: Scan, *, tokenizer=None, aurocs: pd.DataFrame | None = None, dense: float = 0.1,
-                  top_tokens: int = 3) -> pd.DataFrame:
-    """One row per feature: firing density, mean and max activation, image / text share, top tokens, flags.
+def latent_table(scan: Scan, *, tokenizer=None, aurocs: pd.DataFrame | None = None, dense: float = 0.1,
+                 top_tokens: int = 3) -> pd.DataFrame:
+    """One row per latent: firing density, mean and max activation, image / text share, top tokens, flags.
 
-    ``top_tokens``: the commonest tokens at the peak of the feature's top examples (``<image>``
+    ``top_tokens``: the commonest tokens at the peak of the latent's top examples (``<image>``
     where it peaks on image tokens), decoded with ``tokenizer`` if given. ``aurocs``: a concept x
-    feature table (:func:`concept_aurocs`) adds the concept each feature detects best (``color=red``)
+    latent table (:func:`concept_aurocs`) adds the concept each latent detects best (``color=red``)
     and its AUROC. ``dead``: never fired on the data; ``dense``: fired on more than ``dense`` of positions.
     """
     fired = scan.fired.double().cpu()
@@ -283,15 +295,15 @@ def feature_table(scan: Scan, *, tokenizer=None, aurocs: pd.DataFrame | None = N
         "dead": (fired == 0).numpy(),
         "dense": (density > dense).numpy(),
     })
-    table.index.name = "feature"
+    table.index.name = "latent"
     top = scan.top
     middle = top.tokens.shape[2] // 2
     words = [""] * len(table)
     peaks = top.tokens[:, :, middle].cpu()
     hit = (top.values > 0).cpu()
-    for row, feature in enumerate(top.features.tolist()):
+    for row, latent in enumerate(top.latents.tolist()):
         common = Counter(peaks[row][hit[row]].tolist()).most_common(top_tokens)
-        words[feature] = " ".join(_token_text(tokenizer, [t for t, _ in common]))
+        words[latent] = " ".join(_token_text(tokenizer, [t for t, _ in common]))
     table["top_tokens"] = words
     if aurocs is not None:
         names = ["=".join(map(str, key)) if isinstance(key, tuple) else str(key) for key in aurocs.index]
@@ -302,7 +314,7 @@ def feature_table(scan: Scan, *, tokenizer=None, aurocs: pd.DataFrame | None = N
 
 
 def concept_aurocs(latents: Tensor, values: pd.Series, groups: pd.Series | None = None) -> pd.DataFrame:
-    """AUROC of every feature (columns) at detecting every concept value (rows), from ``latents`` ``(n, d_sae)``.
+    """AUROC of every latent (columns) at detecting every concept value (rows), from ``latents`` ``(n, d_sae)``.
 
     ``values`` ``(n,)`` names each row's value (``red``); ``groups`` ``(n,)`` its concept (``color``):
     a value's rows are scored against the other rows of its group, so red is told from the other
@@ -325,23 +337,29 @@ def concept_aurocs(latents: Tensor, values: pd.Series, groups: pd.Series | None 
             rows[(group, value)] = auroc(chosen[positive], chosen[~positive]).cpu().numpy()
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index = pd.MultiIndex.from_tuples(table.index, names=["concept", "value"])
-    table.columns.name = "feature"
+    table.columns.name = "latent"
     return table
 
 
 @dataclass
 class ImageQuestionGrid:
-    """A feature's activation for every (image, question) pair."""
+    """A latent's activation for every (image, question) pair."""
 
     values: Tensor
     """``(F, n_images, n_questions)``."""
-    features: list[int]
+    latents: list[int]
     questions: list[str]
 
-    def dependence(self) -> pd.DataFrame:
-        """Per feature, the share of its variance over the grid explained by the image, the question, and neither.
+    @property
+    def features(self) -> list[int]:
+        """Deprecated name of :attr:`latents`."""
+        warn_renamed("ImageQuestionGrid.features", "ImageQuestionGrid.latents")
+        return self.latents
 
-        The two-way decomposition ``v = mean + a_image + b_question + interaction``: a feature
+    def dependence(self) -> pd.DataFrame:
+        """Per latent, the share of its variance over the grid explained by the image, the question, and neither.
+
+        The two-way decomposition ``v = mean + a_image + b_question + interaction``: a latent
         that reads the image has ``image_share`` near 1, one that reads the question ``question_share``.
         """
         v = self.values.double()
@@ -353,19 +371,20 @@ class ImageQuestionGrid:
         share = lambda part: (part.expand_as(v).pow(2).sum((1, 2)) / total).numpy()  # noqa: E731
         table = pd.DataFrame({"mean": grand.flatten().numpy(), "image_share": share(by_image),
                               "question_share": share(by_question), "interaction_share": share(rest)},
-                             index=pd.Index(self.features, name="feature"))
+                             index=pd.Index(self.latents, name="latent"))
         return table
 
 
+@renamed_kwargs(features="latents")
 @torch.no_grad()
 def image_question_grid(model, layer: int, sae: SAE, images: Sequence, questions: Sequence[str],
-                        inputs: Callable[[Sequence, str], dict], *, features: Iterable[int], where="text",
+                        inputs: Callable[[Sequence, str], dict], *, latents: Iterable[int], where="text",
                         reduce: str = "max", batch_size: int = 64, site: str = "resid_post") -> ImageQuestionGrid:
-    """Record ``features`` for every pair of ``images`` and ``questions``.
+    """Record ``latents`` for every pair of ``images`` and ``questions``.
 
     ``inputs(images, question)`` builds one batch of model inputs asking ``question`` about each
     image (e.g. ``lambda s, q: shapes.qa_inputs(s, tokenizer, q, labels=False)``). Each pair's
-    value is the feature's ``reduce`` (``max``, ``mean``, or ``last``: the last selected position,
+    value is the latent's ``reduce`` (``max``, ``mean``, or ``last``: the last selected position,
     which predicts the answer) over the ``where`` positions.
     """
     if reduce not in ("max", "mean", "last"):
@@ -375,9 +394,9 @@ def image_question_grid(model, layer: int, sae: SAE, images: Sequence, questions
     check_sae(sae, info, layer, site)
     kinds_read = where_kinds(where, info)
     device = sae.W_dec.device
-    index = torch.tensor(check_features(features, sae.cfg.d_sae), dtype=torch.long, device=device)
+    index = torch.tensor(check_latents(latents, sae.cfg.d_sae), dtype=torch.long, device=device)
     if len(index) == 0:
-        raise ConfigError("features=[] records nothing; pass the features to put on the grid")
+        raise ConfigError("latents=[] records nothing; pass the latents to put on the grid")
     columns = []
     for question in tqdm(questions, desc="image x question", leave=False):
         column = []
@@ -400,3 +419,6 @@ def image_question_grid(model, layer: int, sae: SAE, images: Sequence, questions
         columns.append(torch.cat(column))  # (n_images, F)
     values = torch.stack(columns, -1).transpose(0, 1).cpu()  # (F, n_images, n_questions)
     return ImageQuestionGrid(values, index.tolist(), list(questions))
+
+
+__getattr__ = renamed_attributes(__name__, {"feature_table": "latent_table"}, globals())

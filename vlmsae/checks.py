@@ -29,9 +29,14 @@ def check_sae(sae: SAE, info: ModelInfo, layer: int, site: str) -> None:
             "metadata is wrong", HookNameWarning, stacklevel=3)
 
 
-def check_features(features: Iterable[int], d_sae: int) -> list[int]:
-    features = list(features)
-    bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae]
+def check_latents(latents: Iterable[int], d_sae: int) -> list[int]:
+    """The latent indices as a list.
+
+    Raises:
+        ConfigError: an index is not an integer in ``0..d_sae - 1``.
+    """
+    latents = list(latents)
+    bad = [i for i in latents if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < d_sae]
     if bad:
-        raise ConfigError(f"feature index {bad[0]!r} is out of range; this SAE has features 0..{d_sae - 1}")
-    return features
+        raise ConfigError(f"latent index {bad[0]!r} is out of range; this SAE has latents 0..{d_sae - 1}")
+    return latents

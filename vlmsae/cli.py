@@ -15,7 +15,7 @@ from .adapters import Kind, layers, load_model
 from .data import ImageTextFolder, hf_processor
 from .errors import VlmsaeError
 from .record import record
-from .sae import SAE
+from .sae import ARCHITECTURES, SAE
 from .train import TrainConfig, train
 
 
@@ -28,7 +28,7 @@ def zoo_command(args: argparse.Namespace) -> None:
         inputs = zoo.tiny_inputs(model, batch=2, padding="left")
         with torch.no_grad(), record(model, range(info.n_layers)) as rec:
             model(**inputs)
-        kinds = rec.mask(0)
+        kinds = rec.kinds(0)
         counts = ", ".join(f"{k.name.lower()} {(kinds == k).sum().item()}" for k in Kind if (kinds == k).any())
         print(f"\n{family}: {type(model).__name__}, {info.n_layers} decoder layers at model.{info.layer_path}, "
               f"d_model {info.d_model}, image tokens in the decoder stream: "
@@ -43,7 +43,7 @@ def zoo_command(args: argparse.Namespace) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> None:
-    """Train, evaluate, name and steer SAE features on the Shapes captioner (or --model), and write a report."""
+    """Train, evaluate, name and steer SAE latents on the Shapes captioner (or --model), and write a report."""
     from .testbed.demo import DemoConfig, run
 
     cfg = DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out)
@@ -68,7 +68,11 @@ def train_command(args: argparse.Namespace) -> None:
     model, to_inputs = model_and_inputs(args.model, args.device)
     info = layers(model)
     data = ImageTextFolder(args.data, to_inputs, batch_size=args.data_batch)
-    saes = {L: SAE(d_in=info.d_model, d_sae=args.expansion * info.d_model, k=args.k, kind=args.kind)
+    if args.kind is not None:
+        print("vlmsae train: --kind is deprecated and will be removed in vlmsae 0.3; use --architecture",
+              file=sys.stderr)
+        args.architecture = args.kind
+    saes = {L: SAE(d_in=info.d_model, d_sae=args.expansion * info.d_model, k=args.k, architecture=args.architecture)
             for L in args.layer}
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, buffer_size=args.buffer_size,
                       checkpoint_every=args.checkpoint_every, lr=args.lr, wandb=args.wandb, seed=args.seed,
@@ -81,7 +85,7 @@ def train_command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlmsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="the whole pipeline: train, evaluate, name and steer SAE features, report")
+    p = sub.add_parser("demo", help="the whole pipeline: train, evaluate, name and steer SAE latents, report")
     p.add_argument("--out", default="vlmsae-demo", help="folder for the SAE and report.html")
     p.add_argument("--model", default=None, help="your model: a local folder or hub id (default: the Shapes captioner)")
     p.add_argument("--images", default=None, help="with --model: a folder of images with captions.jsonl / .parquet")
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per SAE step")
     p.add_argument("--buffer-size", type=int, default=65536, help="rows of each layer's ring buffer")
     p.add_argument("--data-batch", type=int, default=8, help="images per model forward")
-    p.add_argument("--kind", default="topk", choices=["topk", "batchtopk", "relu", "jumprelu"])
+    p.add_argument("--architecture", default="topk", choices=ARCHITECTURES, help="how latents activate")
+    p.add_argument("--kind", default=None, choices=ARCHITECTURES, help=argparse.SUPPRESS)  # old name of --architecture
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--kinds", nargs="+", default=["image", "text", "generated"], help="token kinds to train on")

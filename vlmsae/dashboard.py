@@ -1,11 +1,11 @@
-"""A feature dashboard: one self-contained HTML file for an SAE, opened offline in any browser.
+"""A latent dashboard: one self-contained HTML file for an SAE, opened offline in any browser.
 
-The file holds everything it shows: the feature table and top examples as JSON, each image once
+The file holds everything it shows: the latent table and top examples as JSON, each image once
 as a base64 PNG, plotly.js inline for the summary figures, and a small script that renders a
-searchable feature list and, for the selected feature, its top images with the patch heatmap
+searchable latent list and, for the selected latent, its top images with the patch heatmap
 drawn over them, the tokens around each peak and its statistics. Nothing is fetched.
 
-The URL fragment selects and filters: ``dashboard.html#f=12`` opens feature 12,
+The URL fragment selects and filters: ``dashboard.html#f=12`` opens latent 12,
 ``#q=red`` pre-fills the search.
 """
 
@@ -25,13 +25,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from PIL import Image
 
-from .analysis import Scan, feature_table
+from .analysis import Scan, latent_table
+from .deprecation import renamed_kwargs
 from .errors import ConfigError
 from .files import write_text_atomic
 from .plots import density_histogram, l0_by_kind, to_rgb
 
 STATS = ("density", "mean_firing", "max", "image_fraction", "text_fraction", "concept", "concept_auroc")
-"""Feature-table columns shown per feature (those present)."""
+"""Latent-table columns shown per latent (those present)."""
 
 
 def png_data_uri(image) -> str:
@@ -63,14 +64,19 @@ def _token_strings(tokenizer, ids: list[int]) -> list[str | None]:
     return [None if t < 0 else str(tokenizer.convert_ids_to_tokens(t)) for t in ids]
 
 
+@renamed_kwargs(features="latents")
 def dashboard_data(scan: Scan, images: Sequence, *, table: pd.DataFrame, tokenizer=None,
-                   features: Iterable[int] | None = None) -> dict:
-    """The JSON the page renders: features with stats and top examples, and each image used, once."""
+                   latents: Iterable[int] | None = None) -> dict:
+    """The JSON the page renders: latents with stats and top examples, and each image used, once.
+
+    Raises:
+        ConfigError: a top example has no image in ``images``; a latent was not scanned.
+    """
     top = scan.top
-    chosen = top.features.tolist() if features is None else list(features)
+    chosen = top.latents.tolist() if latents is None else list(latents)
     shown, uris = [], {}
-    for feature in chosen:
-        row = top.row(feature)
+    for latent in chosen:
+        row = top.row(latent)
         examples = []
         for j in range(top.values.shape[1]):
             example, value = int(top.example[row, j]), float(top.values[row, j])
@@ -87,23 +93,24 @@ def dashboard_data(scan: Scan, images: Sequence, *, table: pd.DataFrame, tokeniz
                 "tokens": _token_strings(tokenizer, top.tokens[row, j].tolist()),
                 "token_acts": [round(float(v), 4) for v in top.token_acts[row, j]],
             })
-        stats = {c: _number(table.at[feature, c]) for c in STATS if c in table.columns}
-        shown.append({"id": feature, "top_tokens": str(table.at[feature, "top_tokens"]), "stats": stats,
-                      "dead": bool(table.at[feature, "dead"]), "examples": examples})
-    return {"features": shown, "images": {str(k): v for k, v in uris.items()}}
+        stats = {c: _number(table.at[latent, c]) for c in STATS if c in table.columns}
+        shown.append({"id": latent, "top_tokens": str(table.at[latent, "top_tokens"]), "stats": stats,
+                      "dead": bool(table.at[latent, "dead"]), "examples": examples})
+    return {"latents": shown, "images": {str(k): v for k, v in uris.items()}}
 
 
+@renamed_kwargs(features="latents")
 def write_dashboard(path: str | os.PathLike, scan: Scan, images: Sequence, *, table: pd.DataFrame | None = None,
-                    tokenizer=None, features: Iterable[int] | None = None, title: str = "vlmsae features",
+                    tokenizer=None, latents: Iterable[int] | None = None, title: str = "vlmsae latents",
                     figures: Sequence[go.Figure] | None = None) -> Path:
-    """Write the dashboard of the features in ``scan`` to ``path`` (atomically) and return the path.
+    """Write the dashboard of the latents in ``scan`` to ``path`` (atomically) and return the path.
 
-    ``images[i]`` is example ``i`` of the scanned data. ``table`` defaults to ``feature_table(scan)``
-    (pass your own to add concept columns); ``features`` defaults to every feature the scan kept
+    ``images[i]`` is example ``i`` of the scanned data. ``table`` defaults to ``latent_table(scan)``
+    (pass your own to add concept columns); ``latents`` defaults to every latent the scan kept
     examples for; ``figures`` default to the density histogram and L0 per token kind.
     """
-    table = feature_table(scan, tokenizer=tokenizer) if table is None else table
-    data = dashboard_data(scan, images, table=table, tokenizer=tokenizer, features=features)
+    table = latent_table(scan, tokenizer=tokenizer) if table is None else table
+    data = dashboard_data(scan, images, table=table, tokenizer=tokenizer, latents=latents)
     if figures is None:
         figures = [density_histogram(table), l0_by_kind(scan)]
     # plotly.js goes in once, inline, with the first figure: the page must open with no network.
@@ -145,7 +152,7 @@ table.stats td{padding:1px 8px}
 <body><header><b>__TITLE__</b> · <span id="count"></span></header>
 <div id="main"><div id="side"><input id="search" type="search" placeholder="search: id, token, concept">
 <ul id="list"></ul></div>
-<div id="detail"><div id="feature"></div><h3>Summary</h3>__PLOTS__</div></div>
+<div id="detail"><div id="latent"></div><h3>Summary</h3>__PLOTS__</div></div>
 <pre id="errors"></pre>
 <script type="application/json" id="data">__DATA__</script>
 <script>
@@ -179,11 +186,11 @@ function heatLayer(heat, peak) {
   return layer;
 }
 
-function showFeature(f) {
+function showLatent(f) {
   selected = f.id;
   for (const li of list.children) li.classList.toggle("selected", Number(li.dataset.id) === f.id);
-  const box = document.getElementById("feature");
-  box.replaceChildren(el("h2", {}, `Feature ${f.id}` + (f.dead ? " (dead)" : "")));
+  const box = document.getElementById("latent");
+  box.replaceChildren(el("h2", {}, `Latent ${f.id}` + (f.dead ? " (dead)" : "")));
   const stats = el("table", {class: "stats"});
   for (const [k, v] of Object.entries(f.stats)) {
     const tr = el("tr");
@@ -222,17 +229,17 @@ function render() {
   const q = search.value.trim().toLowerCase();
   list.replaceChildren();
   let shown = 0;
-  for (const f of data.features) {
+  for (const f of data.latents) {
     const text = `${f.id} ${f.top_tokens} ${f.stats.concept || ""}`.toLowerCase();
     if (q && !text.split(/\\s+/).some(w => w.startsWith(q)) && !text.includes(q)) continue;
-    const li = el("li", {class: "feature", "data-id": f.id});
+    const li = el("li", {class: "latent", "data-id": f.id});
     li.append(el("b", {}, `#${f.id}`), document.createTextNode(` ${fmt(f.stats.density)} `),
               el("span", {class: "tok"}, f.top_tokens + (f.stats.concept ? " · " + f.stats.concept : "")));
-    li.addEventListener("click", () => showFeature(f));
+    li.addEventListener("click", () => showLatent(f));
     list.appendChild(li);
     shown++;
   }
-  document.getElementById("count").textContent = `${shown} of ${data.features.length} features`;
+  document.getElementById("count").textContent = `${shown} of ${data.latents.length} latents`;
   document.body.dataset.shown = String(shown);
 }
 
@@ -240,9 +247,9 @@ const params = new URLSearchParams(location.hash.slice(1));
 search.value = params.get("q") || "";
 search.addEventListener("input", render);
 render();
-const first = data.features.find(f => String(f.id) === params.get("f")) ||
-  data.features.find(f => Number(list.firstChild && list.firstChild.dataset.id) === f.id) || data.features[0];
-if (first) showFeature(first);
+const first = data.latents.find(f => String(f.id) === params.get("f")) ||
+  data.latents.find(f => Number(list.firstChild && list.firstChild.dataset.id) === f.id) || data.latents[0];
+if (first) showLatent(first);
 document.body.dataset.ready = "1";
 </script></body></html>
 """

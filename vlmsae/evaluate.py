@@ -73,7 +73,7 @@ def evaluate(model, layer: int, sae: SAE, data: Iterable[dict], *, where=None, s
             with record(model, [layer], site=site) as rec:
                 clean = model(**batch).logits
             resid, fwd = rec[layer], rec.forwards[0]
-            positions = loss_positions(rec.mask(layer))
+            positions = loss_positions(rec.kinds(layer))
             ce_clean = token_losses(clean, ids)
             for w in where:
                 mask = where_mask(w, kinds_of[w], fwd)

@@ -23,7 +23,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Kind, layers
-from .checks import check_features, check_sae
+from .checks import check_latents, check_sae
+from .deprecation import renamed_kwargs
 from .errors import ConfigError, SiteError
 from .hooks import Forward, attach, check_sites
 from .metrics import SpliceStats, kind_stats
@@ -32,22 +33,23 @@ from .record import record
 from .sae import SAE
 
 
-def _put_back(x: Tensor, sae: SAE, latents: Tensor, edited: Tensor, recon: Tensor, error: bool) -> Tensor:
+def _put_back(x: Tensor, sae: SAE, latents: Tensor, edited: Tensor, recon: Tensor, use_error_term: bool) -> Tensor:
     """The residual to put back, on the SAE's device in ``x``'s dtype; ``recon`` is ``decode(latents)``.
 
     With the error term, ``recon(edited) + (x - recon)`` is computed as ``x + (recon(edited) - recon)``
     so that no edit gives back ``x`` exactly.
     """
-    if error:
+    if use_error_term:
         return x if edited is latents else x + (sae.decode(edited) - recon).to(x.dtype)
     return (recon if edited is latents else sae.decode(edited)).to(x.dtype)
 
 
-def reconstruct(resid: Tensor, sae: SAE, *, error: bool = False, edit: Callable[[Tensor], Tensor] | None = None,
+@renamed_kwargs(error="use_error_term")
+def reconstruct(resid: Tensor, sae: SAE, *, use_error_term: bool = False, edit: Callable[[Tensor], Tensor] | None = None,
                 mask: Tensor | None = None) -> Tensor:
     """What a splice puts back, in ``resid``'s dtype and device: for an nnsight trace or a hook of your own.
 
-    ``edit(latents) -> latents`` changes latents; ``error=True`` keeps the SAE's error term;
+    ``edit(latents) -> latents`` changes latents; ``use_error_term=True`` keeps the SAE's error term;
     ``mask`` ``(batch, seq)`` bool limits the change to some positions (a splice leaves padding alone:
     pass ``vlmsae.layers(model).kinds(ids, attention_mask) != Kind.PAD`` to do the same).
     """
@@ -59,7 +61,7 @@ def reconstruct(resid: Tensor, sae: SAE, *, error: bool = False, edit: Callable[
         x = resid.to(sae.W_dec.device)
         latents = sae.encode(x)
         edited = latents if edit is None else edit(latents)
-        new = _put_back(x, sae, latents, edited, sae.decode(latents), error)
+        new = _put_back(x, sae, latents, edited, sae.decode(latents), use_error_term)
         if mask is not None:
             new = torch.where(mask[..., None].to(x.device), new, x)
         return new.to(resid.device, resid.dtype)
@@ -103,12 +105,13 @@ class Splice:
 _ACTIVE: set[tuple[int, int, str, int]] = set()  # (id(model), layer, site, id(sae)) of open splices
 
 
+@renamed_kwargs(error="use_error_term")
 @contextmanager
-def splice(model, layer: int, sae: SAE, *, error: bool = False, where=None, site: str = "resid_post",
+def splice(model, layer: int, sae: SAE, *, use_error_term: bool = False, where=None, site: str = "resid_post",
            edit: Callable[[Tensor, Forward], Tensor] | None = None) -> Iterator[Splice]:
     """Replace the residual at ``layer`` by the SAE's reconstruction on every forward inside the block.
 
-    ``error=True`` keeps the error term, so downstream sees the original residual except for what
+    ``use_error_term=True`` keeps the error term, so downstream sees the original residual except for what
     ``edit(latents, fwd) -> latents`` changes. ``where`` restricts the splice to some positions.
     The SAE runs in its own dtype and device; the result goes back in the model's.
     """
@@ -131,7 +134,7 @@ def splice(model, layer: int, sae: SAE, *, error: bool = False, where=None, site
         mask = where_mask(where, kinds, fwd).to(x.device)
         recon = sae.decode(latents)
         state._accumulate(x, recon, latents, fwd.kinds.to(x.device), mask)
-        new = _put_back(x, sae, latents, edited, recon, error)
+        new = _put_back(x, sae, latents, edited, recon, use_error_term)
         if new is x:
             return None  # error term kept and nothing edited: the residual stays bit-for-bit
         return torch.where(mask[..., None], new, x).to(resid.device)
@@ -144,23 +147,24 @@ def splice(model, layer: int, sae: SAE, *, error: bool = False, where=None, site
         _ACTIVE.discard(key)
 
 
+@renamed_kwargs(features="latents")
 @contextmanager
-def ablate(model, layer: int, sae: SAE, features: Iterable[int], *, mode: str = "zero",
+def ablate(model, layer: int, sae: SAE, latents: Iterable[int], *, mode: str = "zero",
            means: Tensor | None = None, where=None, site: str = "resid_post") -> Iterator[Splice]:
-    """Set ``features`` to zero (or to their mean activation, ``mode="mean"``) with the error term kept.
+    """Set ``latents`` to zero (or to their mean activation, ``mode="mean"``) with the error term kept.
 
-    Only those features change: the residual moves by ``(new - activation) * W_dec[f]`` per feature.
+    Only those latents change: the residual moves by ``(new - activation) * W_dec[i]`` per latent ``i``.
     ``means`` is ``(d_sae,)``, e.g. ``latent_stats(model, layer, sae, data).mean``.
     """
-    features = check_features(features, sae.cfg.d_sae)
+    chosen = check_latents(latents, sae.cfg.d_sae)
     if mode not in ("zero", "mean"):
         raise ConfigError(f"mode={mode!r} is not an ablation; use 'zero' or 'mean'")
     if mode == "mean" and (means is None or tuple(means.shape) != (sae.cfg.d_sae,)):
         raise ConfigError(f"mode='mean' needs means= of shape ({sae.cfg.d_sae},), e.g. "
                           "vlmsae.latent_stats(model, layer, sae, data).mean")
-    index = torch.tensor(features, dtype=torch.long, device=sae.W_dec.device)
+    index = torch.tensor(chosen, dtype=torch.long, device=sae.W_dec.device)
     edit = None
-    if features:
+    if chosen:
         def edit(latents: Tensor, fwd: Forward) -> Tensor:
             latents = latents.clone()
             if mode == "zero":
@@ -169,38 +173,40 @@ def ablate(model, layer: int, sae: SAE, features: Iterable[int], *, mode: str = 
                 latents[..., index] = means.to(latents)[index]
             return latents
 
-    with splice(model, layer, sae, error=True, where=where, site=site, edit=edit) as state:
+    with splice(model, layer, sae, use_error_term=True, where=where, site=site, edit=edit) as state:
         yield state
 
 
-def steering_vector(target, features: Mapping[int, float] | None = None, *, strength: float = 1.0,
+@renamed_kwargs(features="latents")
+def steering_vector(target, latents: Mapping[int, float] | None = None, *, strength: float = 1.0,
                     relative_to: Tensor | None = None) -> Tensor:
     """``(d_in,)`` vector to add: ``sum_f strength_f * W_dec[f]`` in the model's units, or ``strength * target``.
 
     ``relative_to`` (``(d_sae,)``, e.g. ``latent_stats(...).mean_firing``) makes each strength a multiple
-    of that feature's typical activation instead of an absolute activation.
+    of that latent's typical activation instead of an absolute activation.
     """
     if isinstance(target, SAE):
-        if not features:
-            raise ConfigError("steering with an SAE needs features={index: strength}, e.g. {12: 8.0}")
-        index = check_features(features, target.cfg.d_sae)
+        if not latents:
+            raise ConfigError("steering with an SAE needs latents={index: strength}, e.g. {12: 8.0}")
+        index = check_latents(latents, target.cfg.d_sae)
         with torch.no_grad():
-            s = torch.tensor([float(features[f]) for f in index], device=target.W_dec.device)
+            s = torch.tensor([float(latents[i]) for i in index], device=target.W_dec.device)
             if relative_to is not None:
                 s = s * relative_to.to(s.device, torch.float32)[index]
             W = target.W_dec[index].float() / target.act_scale
             return s @ W
     if isinstance(target, Tensor):
-        if features:
-            raise ConfigError("features= applies to an SAE; for a raw direction pass strength= only")
+        if latents:
+            raise ConfigError("latents= applies to an SAE; for a raw direction pass strength= only")
         if target.ndim != 1:
             raise ConfigError(f"a steering direction must be (d_in,), got shape {tuple(target.shape)}")
         return strength * target.detach().float()
     raise ConfigError(f"steer() takes an SAE or a (d_in,) tensor, not {type(target).__name__}")
 
 
+@renamed_kwargs(features="latents")
 @contextmanager
-def steer(model, layer: int, target, features: Mapping[int, float] | None = None, *, strength: float = 1.0,
+def steer(model, layer: int, target, latents: Mapping[int, float] | None = None, *, strength: float = 1.0,
           where=None, relative_to: Tensor | None = None, site: str = "resid_post") -> Iterator[Tensor]:
     """Add decoder directions (or a raw vector) at ``where`` positions on every forward inside the block.
 
@@ -211,7 +217,7 @@ def steer(model, layer: int, target, features: Mapping[int, float] | None = None
     check_sites(info, [(layer, site)])
     if isinstance(target, SAE):
         check_sae(target, info, layer, site)
-    vector = steering_vector(target, features, strength=strength, relative_to=relative_to)
+    vector = steering_vector(target, latents, strength=strength, relative_to=relative_to)
     if vector.shape[0] != info.d_model:
         raise ConfigError(f"a steering vector of width {vector.shape[0]} does not fit d_model={info.d_model}")
     kinds = where_kinds(where, info)
@@ -225,14 +231,14 @@ def steer(model, layer: int, target, features: Mapping[int, float] | None = None
 
 
 class LatentStats(NamedTuple):
-    """Per-feature statistics over a dataset, each ``(d_sae,)``."""
+    """Per-latent statistics over a dataset, each ``(d_sae,)``."""
 
     mean: Tensor
-    """Mean activation over all selected tokens (what mean-ablation sets a feature to)."""
+    """Mean activation over all selected tokens (what mean-ablation sets a latent to)."""
     mean_firing: Tensor
-    """Mean activation over the tokens where the feature fires (its typical strength; 0 if it never does)."""
+    """Mean activation over the tokens where the latent fires (its typical strength; 0 if it never does)."""
     density: Tensor
-    """Fraction of selected tokens where the feature fires."""
+    """Fraction of selected tokens where the latent fires."""
 
 
 @torch.no_grad()

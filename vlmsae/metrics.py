@@ -4,7 +4,7 @@ The training metrics (`squared_error` to `dense_fraction`) return a 0-dim tensor
 device (no host synchronisation), so a training loop can accumulate them and read them out every
 N steps. Inputs are `(..., d_in)` activations / reconstructions and `(..., d_sae)` latents;
 leading dimensions are flattened into tokens. `kind_stats` reads the per-token-kind sums a
-splice keeps into a table; `auroc` scores features as detectors of a labelled set.
+splice keeps into a table; `auroc` scores latents as detectors of a labelled set.
 """
 
 from typing import NamedTuple
@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 
 def squared_error(x: Tensor, recon: Tensor) -> Tensor:
-    """Sum over tokens and features of (x - recon)^2, in float32 or wider."""
+    """Sum over tokens and dimensions of (x - recon)^2, in float32 or wider."""
     return (x.float() - recon.float()).pow(2).sum()
 
 
@@ -29,7 +29,7 @@ def total_variance(x: Tensor) -> Tensor:
 
 
 def mse(x: Tensor, recon: Tensor) -> Tensor:
-    """Mean squared error per element: mean over tokens and features of (x - recon)^2."""
+    """Mean squared error per element: mean over tokens and dimensions of (x - recon)^2."""
     return squared_error(x, recon) / x.numel()
 
 
@@ -99,15 +99,15 @@ def kind_stats(s: SpliceStats) -> pd.DataFrame:
 
 
 def auroc(pos: Tensor, neg: Tensor) -> Tensor:
-    """``(features,)`` AUROC of each column at ranking ``pos`` rows above ``neg`` rows, ties counting half.
+    """``(columns,)`` AUROC of each column at ranking ``pos`` rows above ``neg`` rows, ties counting half.
 
-    ``pos`` is ``(n_pos, features)``, ``neg`` is ``(n_neg, features)``: the Mann-Whitney statistic
+    ``pos`` is ``(n_pos, columns)``, ``neg`` is ``(n_neg, columns)``: the Mann-Whitney statistic
     ``P(pos > neg) + P(pos == neg) / 2``, computed with sorted negatives and binary search.
     """
     if pos.shape[0] == 0 or neg.shape[0] == 0:
         raise ConfigError(f"AUROC needs positives and negatives; got {pos.shape[0]} and {neg.shape[0]}")
-    neg_sorted = neg.T.contiguous().float().sort(dim=1).values  # (features, n_neg)
-    queries = pos.T.contiguous().float()  # (features, n_pos)
+    neg_sorted = neg.T.contiguous().float().sort(dim=1).values  # (columns, n_neg)
+    queries = pos.T.contiguous().float()  # (columns, n_pos)
     below = torch.searchsorted(neg_sorted, queries, right=False).float()
     not_above = torch.searchsorted(neg_sorted, queries, right=True).float()
     return ((below + not_above) / 2).mean(1) / neg.shape[0]

@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 
 from .adapters import Kind
 from .analysis import ImageQuestionGrid, Scan, TopExamples
+from .deprecation import renamed_kwargs
 from .errors import ConfigError
 
 HEAT = "Inferno"  # perceptually uniform and still readable over a photo at half opacity
@@ -37,17 +38,17 @@ def to_rgb(image) -> np.ndarray:
 
 
 def density_histogram(table: pd.DataFrame, bins: int = 40) -> go.Figure:
-    """Histogram of log10 firing density over the features that fired (``table`` from ``feature_table``)."""
+    """Histogram of log10 firing density over the latents that fired (``table`` from ``latent_table``)."""
     alive = table.loc[~table["dead"], "log10_density"]
-    fig = go.Figure(go.Histogram(x=alive, nbinsx=bins, name="features"))
+    fig = go.Figure(go.Histogram(x=alive, nbinsx=bins, name="latents"))
     fig.update_layout(title=f"Feature density ({int(table['dead'].sum())} dead of {len(table)}, "
                             f"{int(table['dense'].sum())} dense)",
-                      xaxis_title="log10 firing density", yaxis_title="features", bargap=0.05)
+                      xaxis_title="log10 firing density", yaxis_title="latents", bargap=0.05)
     return fig
 
 
 def l0_by_kind(scan: Scan) -> go.Figure:
-    """Distribution of L0 (features active at a position) for each token kind."""
+    """Distribution of L0 (latents active at a position) for each token kind."""
     counts = scan.l0_counts.cpu()
     fig = go.Figure()
     for kind in Kind:
@@ -60,7 +61,7 @@ def l0_by_kind(scan: Scan) -> go.Figure:
         mean = float((row * torch.arange(len(row))).sum()) / n
         fig.add_trace(go.Bar(x=l0.numpy(), y=(row[l0].double() / n).numpy(),
                              name=f"{kind.name.lower()} (mean {mean:.1f}, {n} tokens)"))
-    fig.update_layout(title="L0 per token kind", xaxis_title="L0 (features active at a position)",
+    fig.update_layout(title="L0 per token kind", xaxis_title="L0 (latents active at a position)",
                       yaxis_title="share of positions", barmode="group")
     return fig
 
@@ -96,17 +97,18 @@ def context_text(top: TopExamples, row: int, j: int, tokenizer=None, mark: str =
     return " ".join(words)
 
 
-def top_images(top: TopExamples, feature: int, images: Sequence, *, tokenizer=None, n: int = 6) -> go.Figure:
-    """The images where ``feature`` peaks, best first, with its patch heatmap over each (LLaVA / Qwen).
+@renamed_kwargs(feature="latent")
+def top_images(top: TopExamples, latent: int, images: Sequence, *, tokenizer=None, n: int = 6) -> go.Figure:
+    """The images where ``latent`` peaks, best first, with its patch heatmap over each (LLaVA / Qwen).
 
     ``images[i]`` is example ``i`` of the scanned data (PIL, array or tensor); titles show the
     peak activation and the tokens around the peak.
     """
-    row = top.row(feature)
+    row = top.row(latent)
     shown = [j for j in range(top.values.shape[1]) if top.example[row, j] >= 0 and top.values[row, j] > 0][:n]
     if not shown:
-        raise ConfigError(f"feature {feature} never fired on the scanned data; pick a live feature "
-                          "(feature_table(...).query('not dead'))")
+        raise ConfigError(f"latent {latent} never fired on the scanned data; pick a live latent "
+                          "(latent_table(...).query('not dead'))")
     titles = [f"#{int(top.example[row, j])} · {float(top.values[row, j]):.2f}<br>"
               f"<sub>{context_text(top, row, j, tokenizer)}</sub>" for j in shown]
     fig = make_subplots(rows=1, cols=len(shown), subplot_titles=titles, horizontal_spacing=0.02)
@@ -122,21 +124,22 @@ def top_images(top: TopExamples, feature: int, images: Sequence, *, tokenizer=No
                                      name="activation", colorbar=dict(title="activation")), row=1, col=col)
         fig.update_xaxes(title_text="x (pixels)", showticklabels=False, row=1, col=col)
         fig.update_yaxes(title_text="y (pixels)" if col == 1 else None, showticklabels=False, row=1, col=col)
-    fig.update_layout(title=f"Feature {feature}: top examples", height=320)
+    fig.update_layout(title=f"Latent {latent}: top examples", height=320)
     return fig
 
 
-def image_question_grid(grid: ImageQuestionGrid, feature: int, *, image_labels: Sequence[str] | None = None,
+@renamed_kwargs(feature="latent")
+def image_question_grid(grid: ImageQuestionGrid, latent: int, *, image_labels: Sequence[str] | None = None,
                         ) -> go.Figure:
-    """A feature's activation for every image (rows) and question (columns)."""
-    if feature not in grid.features:
-        raise ConfigError(f"feature {feature} is not on the grid; it holds {grid.features}")
-    values = grid.values[grid.features.index(feature)].numpy()
+    """A latent's activation for every image (rows) and question (columns)."""
+    if latent not in grid.latents:
+        raise ConfigError(f"latent {latent} is not on the grid; it holds {grid.latents}")
+    values = grid.values[grid.latents.index(latent)].numpy()
     labels = list(image_labels) if image_labels is not None else [f"image {i}" for i in range(values.shape[0])]
-    share = grid.dependence().loc[feature]
+    share = grid.dependence().loc[latent]
     fig = go.Figure(go.Heatmap(z=values, x=grid.questions, y=labels, colorscale="Viridis",
-                               colorbar=dict(title="activation"), name=f"feature {feature}"))
-    fig.update_layout(title=f"Feature {feature}: image share {share['image_share']:.2f}, "
+                               colorbar=dict(title="activation"), name=f"latent {latent}"))
+    fig.update_layout(title=f"Latent {latent}: image share {share['image_share']:.2f}, "
                             f"question share {share['question_share']:.2f}",
                       xaxis_title="question", yaxis_title="image", yaxis_autorange="reversed")
     return fig
@@ -174,17 +177,18 @@ def steering(before: Sequence[str], after: Sequence[str], words: Sequence[str]) 
     return fig
 
 
-def auroc_matrix(aurocs: pd.DataFrame, features: Sequence[int] | None = None) -> go.Figure:
-    """AUROC of features (columns) for concept values (rows); by default each value's best feature."""
-    if features is None:
+@renamed_kwargs(features="latents")
+def auroc_matrix(aurocs: pd.DataFrame, latents: Sequence[int] | None = None) -> go.Figure:
+    """AUROC of latents (columns) for concept values (rows); by default each value's best latent."""
+    if latents is None:
         best = aurocs.to_numpy().argmax(1)
-        features = list(dict.fromkeys(int(aurocs.columns[i]) for i in best))
+        latents = list(dict.fromkeys(int(aurocs.columns[i]) for i in best))
     names = ["=".join(map(str, key)) if isinstance(key, tuple) else str(key) for key in aurocs.index]
-    z = aurocs.loc[:, list(features)].to_numpy()
-    fig = go.Figure(go.Heatmap(z=z, x=[str(f) for f in features], y=names, zmin=0.5, zmax=1.0, colorscale="Viridis",
+    z = aurocs.loc[:, list(latents)].to_numpy()
+    fig = go.Figure(go.Heatmap(z=z, x=[str(i) for i in latents], y=names, zmin=0.5, zmax=1.0, colorscale="Viridis",
                                text=np.round(z, 2), texttemplate="%{text}", colorbar=dict(title="AUROC"),
                                name="AUROC"))
-    fig.update_layout(title="Concept AUROC of the best features", xaxis_title="feature", yaxis_title="concept",
+    fig.update_layout(title="Concept AUROC of the best latents", xaxis_title="latent", yaxis_title="concept",
                       xaxis_type="category", yaxis_autorange="reversed")
     return fig
 

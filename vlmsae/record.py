@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 
 from .adapters import layers as adapter_info
+from .deprecation import warn_renamed
 from .hooks import Forward, attach, check_sites
 
 Sink = Callable[[int, torch.Tensor, Forward], None]
@@ -15,7 +16,7 @@ Sink = Callable[[int, torch.Tensor, Forward], None]
 
 
 class Recording:
-    """Residuals captured inside a :func:`record` block, with the token kind mask alongside.
+    """Residuals captured inside a :func:`record` block, with the token kind of each position (``rec.kinds(L)``).
 
     ``rec[L]`` is ``(batch, seq, d_model)``: the captures of every forward joined along the sequence.
     Under ``generate()`` the first forward holds the prompt and each later one the token fed back
@@ -59,10 +60,20 @@ class Recording:
         steps = self._check(layer)
         return steps[0][1] if len(steps) == 1 else torch.cat([r for _, r in steps], dim=1)
 
-    def mask(self, layer: int) -> torch.Tensor:
-        """``(batch, seq)`` int8 :class:`~vlmsae.Kind` of each position of ``rec[layer]``."""
+    def kinds(self, layer: int) -> torch.Tensor:
+        """``(batch, seq)`` int8 :class:`~vlmsae.Kind` of each position of ``rec[layer]``.
+
+        Raises:
+            KeyError: ``layer`` was not recorded.
+            ValueError: nothing was recorded, or the forwards cannot be joined (see ``steps``).
+        """
         steps = self._check(layer)
         return torch.cat([fwd.kinds for fwd, _ in steps], dim=1)
+
+    def mask(self, layer: int) -> torch.Tensor:
+        """Deprecated name of :meth:`kinds` (it returns kinds, not a mask)."""
+        warn_renamed("Recording.mask(layer)", "Recording.kinds(layer)")
+        return self.kinds(layer)
 
     def __repr__(self) -> str:
         shapes = {layer: tuple(self[layer].shape) for layer in self.layers if self._steps[layer]}

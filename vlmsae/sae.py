@@ -1,9 +1,9 @@
-"""The sparse autoencoder: one module for the kinds researchers train today.
+"""The sparse autoencoder: one module for the architectures researchers train today.
 
     x (..., d_in)
       u       = x * act_scale - b_dec                 (b_dec only if apply_b_dec_to_input)
       pre     = u @ W_enc + b_enc                     (..., d_sae)
-      latents = activation[kind](pre)                 (..., d_sae), sparse
+      latents = activation[arch](pre)                 (..., d_sae), sparse
       recon   = (latents @ W_dec + b_dec) / act_scale (..., d_in), the model's own units
 
 Kinds: `topk` (Gao et al. 2024), `batchtopk` (Bussmann et al. 2024), `relu`
@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from vlmsae import saefile
 from vlmsae.errors import ConfigError
-from vlmsae.saeconfig import DTYPES, KINDS, SAEConfig  # noqa: F401  (KINDS: callers find the kinds here)
+from vlmsae.deprecation import renamed_attributes, warn_renamed
+from vlmsae.saeconfig import ARCHITECTURES, DTYPES, SAEConfig  # noqa: F401  (ARCHITECTURES: callers find them here)
 
 
 class SAEOutput(NamedTuple):
@@ -40,13 +41,16 @@ class SAEOutput(NamedTuple):
 class SAE(nn.Module):
     """A sparse autoencoder over `(..., d_in)` activations.
 
-    `SAE(d_in=768, d_sae=24576, k=32)` builds a TopK SAE; pass `kind=` for the
+    `SAE(d_in=768, d_sae=24576, k=32)` builds a TopK SAE; pass `architecture=` for the
     others, or a ready `SAEConfig`. `SAE.load(folder)` opens SAELens and
     EleutherAI sparsify folders; `sae.save(folder)` writes the SAELens layout.
     """
 
     def __init__(self, cfg: SAEConfig | None = None, *, device: torch.device | str | None = None, **fields: Any):
         if cfg is None:
+            if "kind" in fields and "architecture" not in fields:
+                warn_renamed("SAE(kind=...)", "architecture=")
+                fields["architecture"] = fields.pop("kind")
             cfg = SAEConfig(**fields)
         elif fields:
             raise ConfigError(f"pass either an SAEConfig or its fields, not both (got cfg and {sorted(fields)})")
@@ -55,10 +59,10 @@ class SAE(nn.Module):
         d_in, d_sae, dtype = cfg.d_in, cfg.d_sae, DTYPES[cfg.dtype]
         # Decoder rows start as random directions and the encoder as their
         # transpose (Gao et al. 2024). ReLU rows start at norm 0.1
-        # (Anthropic, April 2024 update); the other kinds keep unit rows.
+        # (Anthropic, April 2024 update); the other architectures keep unit rows.
         W_dec = torch.randn(d_sae, d_in, device=device, dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        if cfg.kind == "relu":
+        if cfg.architecture == "relu":
             W_dec *= 0.1
         W_dec = W_dec.to(dtype)
         self.W_dec = nn.Parameter(W_dec)
@@ -68,9 +72,9 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec.clone().T)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
-        if cfg.kind == "jumprelu":
+        if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.full((d_sae,), cfg.jumprelu_init_threshold, device=device, dtype=dtype))
-        elif cfg.kind == "batchtopk":
+        elif cfg.architecture == "batchtopk":
             # Learned from training batches, used at inference (eval mode).
             self.register_buffer("threshold", torch.zeros(d_sae, device=device, dtype=dtype))
         # A power of two, so that folding it into the saved weights is exact.
@@ -83,8 +87,8 @@ class SAE(nn.Module):
 
     @property
     def unit_norm_decoder(self) -> bool:
-        """Whether training keeps decoder rows at unit norm (all kinds but relu, which penalises the norm instead)."""
-        return self.cfg.kind != "relu"
+        """Whether training keeps decoder rows at unit norm (all architectures but relu, which penalises the norm instead)."""
+        return self.cfg.architecture != "relu"
 
     def center(self, x: Tensor) -> Tensor:
         """(..., d_in) model activations -> the encoder's input u = x * act_scale - b_dec."""
@@ -96,14 +100,14 @@ class SAE(nn.Module):
         return self.center(x) @ self.W_enc + self.b_enc
 
     def activate(self, pre: Tensor) -> Tensor:
-        """(..., d_sae) pre-activations -> sparse latents, by kind."""
-        kind = self.cfg.kind
-        if kind == "topk" or (kind == "batchtopk" and self.training):
-            keep = self.cfg.k if kind == "topk" else self.cfg.k * pre[..., 0].numel()
-            flat = pre if kind == "topk" else pre.reshape(-1)
+        """(..., d_sae) pre-activations -> sparse latents, by architecture."""
+        arch = self.cfg.architecture
+        if arch == "topk" or (arch == "batchtopk" and self.training):
+            keep = self.cfg.k if arch == "topk" else self.cfg.k * pre[..., 0].numel()
+            flat = pre if arch == "topk" else pre.reshape(-1)
             values, indices = flat.topk(keep, dim=-1, sorted=False)
             return torch.zeros_like(flat).scatter(-1, indices, values.relu()).reshape(pre.shape)
-        if kind == "relu":
+        if arch == "relu":
             return pre.relu()
         # jumprelu, and batchtopk at inference: a per-latent threshold.
         return pre.relu() * (pre > self.threshold)
@@ -166,7 +170,7 @@ class SAE(nn.Module):
             sae = cls(cfg)
         shapes = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
         if set(tensors) != set(shapes):
-            raise ConfigError(f"a {cfg.kind} SAE holds tensors {sorted(shapes)}, not {sorted(tensors)}")
+            raise ConfigError(f"a {cfg.architecture} SAE holds tensors {sorted(shapes)}, not {sorted(tensors)}")
         for name, shape in shapes.items():
             if tuple(tensors[name].shape) != shape:
                 raise ConfigError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}; an SAE with "
@@ -176,9 +180,9 @@ class SAE(nn.Module):
         sae.b_enc = nn.Parameter(tensors["b_enc"].contiguous())
         sae.W_dec = nn.Parameter(tensors["W_dec"].contiguous())
         sae.b_dec = nn.Parameter(tensors["b_dec"].contiguous())
-        if cfg.kind == "jumprelu":
+        if cfg.architecture == "jumprelu":
             sae.threshold = nn.Parameter(tensors["threshold"].contiguous())
-        elif cfg.kind == "batchtopk":
+        elif cfg.architecture == "batchtopk":
             sae.threshold = tensors["threshold"].contiguous()
         sae.act_scale = tensors["act_scale"]
         return sae
@@ -215,3 +219,5 @@ def geometric_median(points: Tensor, iters: int = 64, eps: float = 1e-8) -> Tens
         median = (weights[:, None] * points).sum(0) / weights.sum()
     return median
 
+
+__getattr__ = renamed_attributes(__name__, {"KINDS": "ARCHITECTURES"}, globals())

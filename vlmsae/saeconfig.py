@@ -1,4 +1,4 @@
-"""`SAEConfig`: the shape, kind and loss recipe of one SAE, and the checks a config and its metadata pass.
+"""`SAEConfig`: the shape, architecture and loss recipe of one SAE, and the checks a config and its metadata pass.
 
 Its own module so that the file code (`vlmsae.saefile`) reads and writes configs without the SAE
 class, and `vlmsae.sae` builds SAEs from them.
@@ -11,9 +11,12 @@ from typing import Any
 
 import torch
 
+from vlmsae.deprecation import renamed_attributes, renamed_kwargs, warn_renamed
 from vlmsae.errors import ConfigError
 
-KINDS = ("topk", "batchtopk", "relu", "jumprelu")
+ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+"""TopK (Gao et al. 2024), BatchTopK (Bussmann et al. 2024), ReLU with an L1 penalty (Bricken et al. 2023;
+SAELens' "standard") and JumpReLU (Rajamanoharan et al. 2024)."""
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -25,20 +28,20 @@ B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 @dataclass
 class SAEConfig:
-    """Shape, kind and loss recipe of one SAE. Checked on construction."""
+    """Shape, architecture and loss recipe of one SAE. Checked on construction (``ConfigError`` names the bad field)."""
 
     d_in: int
     """Width of the activations the SAE reads (the model's d_model)."""
     d_sae: int | None = None
     """Number of latents; None means 32 * d_in, the usual expansion."""
-    kind: str = "topk"
-    """Activation: topk, batchtopk, relu or jumprelu."""
+    architecture: str = "topk"
+    """How latents activate: topk, batchtopk, relu or jumprelu (see ``ARCHITECTURES``)."""
     k: int = 32
     """topk: latents kept per token; batchtopk: latents kept per token on average over a batch."""
     aux_k: int | None = None
-    """topk kinds: dead latents that model the residual in the AuxK loss; None means d_in // 2 (Gao et al. 2024 §A.2)."""
+    """topk architectures: dead latents that model the residual in the AuxK loss; None means d_in // 2 (Gao et al. 2024 §A.2)."""
     aux_coefficient: float = 1 / 32
-    """topk kinds: weight of the AuxK loss (Gao et al. 2024 §A.2)."""
+    """topk architectures: weight of the AuxK loss (Gao et al. 2024 §A.2)."""
     dead_tokens: int = 10_000_000
     """A latent that has not fired for this many training tokens counts as dead (Gao et al. 2024)."""
     batchtopk_threshold_lr: float = 0.01
@@ -67,10 +70,10 @@ class SAEConfig:
         if self.d_sae is None:
             self.d_sae = 32 * self.d_in
         _check_int("d_sae", self.d_sae, 1)
-        if self.kind not in KINDS:
-            raise ConfigError(f"kind={self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"architecture={self.architecture!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
         _check_int("k", self.k, 1)
-        if self.kind in ("topk", "batchtopk") and self.k > self.d_sae:
+        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ConfigError(f"k={self.k} must be in 1..d_sae={self.d_sae}; lower k or raise d_sae")
         if self.aux_k is None:
             self.aux_k = min(self.d_in // 2, self.d_sae)
@@ -92,6 +95,15 @@ class SAEConfig:
             raise ConfigError(f"dtype={self.dtype!r} is not a dtype name; use one of {', '.join(DTYPES)}")
         check_metadata(self.metadata)
 
+    @property
+    def kind(self) -> str:
+        """Deprecated name of :attr:`architecture`."""
+        warn_renamed("SAEConfig.kind", "SAEConfig.architecture")
+        return self.architecture
+
+
+SAEConfig.__init__ = renamed_kwargs(kind="architecture")(SAEConfig.__init__)
+
 
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -106,3 +118,6 @@ def check_metadata(metadata: Any) -> None:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"metadata must be JSON-serialisable ({err}); store plain strings, numbers and lists") from err
+
+
+__getattr__ = renamed_attributes(__name__, {"KINDS": "ARCHITECTURES"}, globals())

@@ -6,7 +6,7 @@ sparsify folder: cfg.json + sae.safetensors
     encoder.weight [d_sae, d_in], encoder.bias [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
 
 vlmsae writes the SAELens layout so that `sae_lens.SAE.load_from_disk` opens
-it; what SAELens has no key for (kind, loss recipe, input scale) goes into a
+it; what SAELens has no key for (architecture, loss recipe, input scale) goes into a
 top-level "vlmsae" section that SAELens ignores. The input scale is folded
 into the saved weights (SAELens' `normalize_activations: "none"` then holds);
 being a power of two, folding and unfolding are exact. BatchTopK is saved as
@@ -46,8 +46,9 @@ SAE_FILES = (CFG_FILE, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, "sparsity.safetensors"
 FORMAT_VERSION = 1
 # The layout version we follow; SAELens reads configs without it as pre-6.0.
 SAELENS_LAYOUT_VERSION = "6.0.0"
-ARCHITECTURES = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
-KINDS_BY_ARCHITECTURE = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
+# vlmsae architecture -> SAELens "architecture" (a BatchTopK SAE is a JumpReLU at inference), and back.
+SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
+FROM_SAELENS_ARCHITECTURE = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
 # Config fields SAELens has its own top-level keys for.
 SAELENS_KEYS = ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "metadata")
 SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
@@ -119,7 +120,7 @@ def read_sae(path: str | Path,
         cfg, act_scale, rescale = _config_from_saelens(raw, cfg_path)
         names = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
         transposed = set()
-        if cfg.kind in ("jumprelu", "batchtopk"):
+        if cfg.architecture in ("jumprelu", "batchtopk"):
             names["threshold"] = "threshold"
     elif (path / SPARSIFY_WEIGHTS).is_file():
         weights_path = path / SPARSIFY_WEIGHTS
@@ -152,7 +153,7 @@ def _saelens_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _saelens_cfg(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
     dtype = next(name for name, dt in DTYPES.items() if dt == tensors["W_dec"].dtype)
     out: dict[str, Any] = {
-        "architecture": ARCHITECTURES[cfg.kind],
+        "architecture": SAELENS_ARCHITECTURE[cfg.architecture],
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": dtype,
@@ -163,7 +164,7 @@ def _saelens_cfg(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> dict[str, Any
         "sae_lens_version": SAELENS_LAYOUT_VERSION,
         "metadata": dict(cfg.metadata),
     }
-    if cfg.kind == "topk":
+    if cfg.architecture == "topk":
         out["k"] = cfg.k
         out["rescale_acts_by_decoder_norm"] = False
     own = {name: value for name, value in asdict(cfg).items() if name not in SAELENS_KEYS}
@@ -210,16 +211,16 @@ def _make_config(fields_: dict[str, Any], cfg_path: Path) -> SAEConfig:
 def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, bool]:
     """SAEConfig, input scale, and whether to fold decoder norms (SAELens' rescale_acts_by_decoder_norm)."""
     architecture = _need(raw, "architecture", cfg_path, str)
-    if architecture not in KINDS_BY_ARCHITECTURE:
+    if architecture not in FROM_SAELENS_ARCHITECTURE:
         raise SAEFileError(
             f"{cfg_path}: key 'architecture' = {architecture!r} is not supported; "
-            f"vlmsae opens {', '.join(KINDS_BY_ARCHITECTURE)}"
+            f"vlmsae opens {', '.join(FROM_SAELENS_ARCHITECTURE)}"
         )
     fields_: dict[str, Any] = {
         "d_in": _need(raw, "d_in", cfg_path, int),
         "d_sae": _need(raw, "d_sae", cfg_path, int),
         "dtype": _dtype_name(_need(raw, "dtype", cfg_path, str), cfg_path),
-        "kind": KINDS_BY_ARCHITECTURE[architecture],
+        "architecture": FROM_SAELENS_ARCHITECTURE[architecture],
         "apply_b_dec_to_input": raw.get("apply_b_dec_to_input", True),
         "metadata": raw.get("metadata", {}),
     }
@@ -248,15 +249,17 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
         known = {f.name for f in fields(SAEConfig)} - set(SAELENS_KEYS)
         types = get_type_hints(SAEConfig)
         for key, value in own["config"].items():
+            key = "architecture" if key == "kind" else key  # its name in files written before 0.2
             if key not in known:
                 raise SAEFileError(f"{cfg_path}: key 'vlmsae.config.{key}' is unknown to this vlmsae version")
             fields_[key] = _typed(f"vlmsae.config.{key}", value, types[key], cfg_path)
         act_scale = _typed("vlmsae.act_scale", own.get("act_scale", 1.0), float, cfg_path)
         if act_scale <= 0 or math.frexp(act_scale)[0] != 0.5:
             raise SAEFileError(f"{cfg_path}: key 'vlmsae.act_scale' = {act_scale!r} must be a positive power of two")
-        if ARCHITECTURES.get(fields_.get("kind")) != architecture:
+        if SAELENS_ARCHITECTURE.get(fields_.get("architecture")) != architecture:
             raise SAEFileError(
-                f"{cfg_path}: key 'vlmsae.config.kind' = {fields_.get('kind')!r} disagrees with 'architecture' = {architecture!r}"
+                f"{cfg_path}: key 'vlmsae.config.architecture' = {fields_.get('architecture')!r} disagrees with "
+                f"'architecture' = {architecture!r}"
             )
         if architecture == "topk" and fields_["k"] != raw["k"]:
             raise SAEFileError(f"{cfg_path}: key 'vlmsae.config.k' = {fields_['k']!r} disagrees with 'k' = {raw['k']!r}")
@@ -276,7 +279,7 @@ def _config_from_sparsify(raw: dict, cfg_path: Path, folder_name: str) -> SAECon
     if match:
         metadata["hook_name"] = f"blocks.{match.group(1)}.hook_resid_post"
     # The dtype is set from the tensors once the header is read.
-    return _make_config({"d_in": d_in, "d_sae": d_sae, "k": k, "kind": "topk", "metadata": metadata}, cfg_path)
+    return _make_config({"d_in": d_in, "d_sae": d_sae, "k": k, "architecture": "topk", "metadata": metadata}, cfg_path)
 
 
 def _read_tensors(
@@ -332,6 +335,6 @@ def _unfolded(cfg: SAEConfig, tensors: dict[str, Tensor], act_scale: float, resc
     scale = torch.tensor(act_scale, dtype=tensors["W_dec"].dtype, device=device)
     own = {"W_enc": tensors["W_enc"] / scale, "b_enc": tensors["b_enc"], "W_dec": tensors["W_dec"] * scale,
            "b_dec": tensors["b_dec"] * scale, "act_scale": torch.tensor(act_scale, dtype=torch.float32, device=device)}
-    if cfg.kind in ("jumprelu", "batchtopk"):
+    if cfg.architecture in ("jumprelu", "batchtopk"):
         own["threshold"] = tensors["threshold"]
     return own

@@ -276,7 +276,7 @@ class OnlineRun:
             self.guard_finite()
         for L, r in zip(self.saes, rows):
             for i, s in enumerate(self.saes[L]):
-                k = k_at(step, self.targets[(L, i)], cfg, s.cfg.d_sae) if s.cfg.kind in ("topk", "batchtopk") \
+                k = k_at(step, self.targets[(L, i)], cfg, s.cfg.d_sae) if s.cfg.architecture in ("topk", "batchtopk") \
                     else None
                 try:
                     self.trainers[(L, i)].step(r.acts, k=k)

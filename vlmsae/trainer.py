@@ -132,7 +132,7 @@ class SAETrainer:
             self.initialized = True
         sae.train()
         self.stored.train()
-        kind = sae.cfg.kind
+        kind = sae.cfg.architecture
         # Under a caller's no_grad (a notebook, a benchmark) the SAE still needs its graph.
         with torch.enable_grad():
             if kind in ("topk", "batchtopk"):
@@ -215,7 +215,7 @@ class SAETrainer:
         aux_k = cfg.aux_k if self.aux_active and cfg.aux_coefficient > 0 else 0
         x_n = x * sae.act_scale.to(x.dtype)
         u = sae.center(x)
-        if cfg.kind == "topk":
+        if cfg.architecture == "topk":
             (values, latents), (aux_values, aux_latents) = self._select_topk(u, dead, aux_k, k)
             main_code = SparseCode.from_topk(latents).with_latent_order(d_sae)
         else:
@@ -239,7 +239,7 @@ class SAETrainer:
             pre = gather_pre_acts(u, sae.W_enc.T, sae.b_enc, both, torch.cat([values.reshape(-1), aux_values.reshape(-1)])[order])
             pre = torch.empty_like(pre).index_copy(0, order, pre)  # back to [main entries, aux entries]
             acts, aux_acts = pre[:n_main].relu(), pre[n_main:].relu()
-        if cfg.kind == "batchtopk":
+        if cfg.architecture == "batchtopk":
             self._update_threshold(acts.detach())
         recon_n = sparse_decode(acts, sae.W_dec, main_code) + sae.b_dec
         loss = metrics.mse(x_n, recon_n)
@@ -280,7 +280,7 @@ class SAETrainer:
         x_n = x * sae.act_scale.to(x.dtype)
         with self._autocast(x):
             pre = sae.pre_acts(x).float()
-        if cfg.kind == "relu":
+        if cfg.architecture == "relu":
             latents = pre.relu()
             # L1 weighted by decoder norms, so shrinking W_enc while growing
             # W_dec cannot dodge the penalty (Anthropic, April 2024 update).

@@ -31,7 +31,7 @@ if not PYTHON.exists():
 
 def our_sae(kind: str, x: torch.Tensor) -> SAE:
     torch.manual_seed(0)
-    sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, kind=kind, normalize_activations=True,
+    sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, architecture=kind, normalize_activations=True,
               metadata={"hook_name": "blocks.9.hook_resid_post", "model_name": "tiny"})
     sae.init_from_batch(x * 5)  # a non-unit input scale, folded into the file
     with torch.no_grad():
@@ -86,6 +86,6 @@ def test_vlmsae_opens_saelens_folders(exchange, architecture):
 def test_vlmsae_opens_sparsify_folders(exchange):
     root, x = exchange
     sae = SAE.load(root / "layers.3")
-    assert (sae.cfg.kind, sae.cfg.k, sae.cfg.d_sae) == ("topk", K, D_SAE)
+    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.d_sae) == ("topk", K, D_SAE)
     assert sae.metadata["hook_name"] == "blocks.3.hook_resid_post"
     assert_same_outputs(sae, x, load_file(root / "sparsify.out"))

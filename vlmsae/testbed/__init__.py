@@ -1,11 +1,11 @@
 """The Shapes testbed: synthetic images whose every concept is known, small VLMs trained on them, and
-concept metrics for SAE features. The library core and the analysis layer never import it.
+concept metrics for SAE latents. The library core and the analysis layer never import it.
 
 - :mod:`vlmsae.testbed.shapes`: images with their captions, answers and labels, deterministic from a seed;
 - :mod:`vlmsae.testbed.models`: train, load and run the captioner and the QA model shipped in ``checkpoints/``
   (``python -m vlmsae.testbed train|eval``);
 - :mod:`vlmsae.testbed.data`: ``ShapesData``, batches of Shapes inputs;
-- :mod:`vlmsae.testbed.concepts`: concept AUROC of SAE features and steering success;
+- :mod:`vlmsae.testbed.concepts`: concept AUROC of SAE latents and steering success;
 - :mod:`vlmsae.testbed.demo`: ``vlmsae demo``.
 """
 

@@ -1,11 +1,11 @@
-"""Do SAE features mean something? Concept metrics on the Shapes testbed, where the truth is known.
+"""Do SAE latents mean something? Concept metrics on the Shapes testbed, where the truth is known.
 
 - :func:`concept_auroc`: for every concept value (each colour, shape, size, position) the single
-  feature that best detects it, and its AUROC, at the text positions that *predict* the concept
-  word (so a feature must carry what the image shows, not echo a word already written).
+  latent that best detects it, and its AUROC, at the text positions that *predict* the concept
+  word (so a latent must carry what the image shows, not echo a word already written).
 - :func:`patch_auroc` (models with image tokens): the same, scored on image positions against
   the patches each object covers.
-- :func:`steering_success`: amplify a concept value's feature at the positions that predict
+- :func:`steering_success`: amplify a concept value's latent at the positions that predict
   that concept while captioning images without it; count captions that switch to the value
   with the rest of the caption intact.
 """
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import Kind, layers as adapter_info
+from ..deprecation import renamed_attributes, renamed_kwargs
 from ..errors import ConfigError
 from ..interventions import steer
 from ..metrics import auroc
@@ -57,8 +58,8 @@ def site_latents(model, layer: int, sae: SAE, tokenizer, samples: Sequence[shape
     return torch.cat(latents), pd.DataFrame(rows, columns=["sample", "object", "concept", "value"])
 
 
-def best_features(latents: Tensor, labels: pd.Series, groups: pd.Series | None = None) -> pd.DataFrame:
-    """For each value in ``labels``: the feature with the highest AUROC at telling its rows from the
+def best_latents(latents: Tensor, labels: pd.Series, groups: pd.Series | None = None) -> pd.DataFrame:
+    """For each value in ``labels``: the latent with the highest AUROC at telling its rows from the
     other rows of the same group (e.g. red against the other colours), with that AUROC."""
     groups = groups if groups is not None else pd.Series(["all"] * len(labels), index=labels.index)
     out = []
@@ -70,21 +71,21 @@ def best_features(latents: Tensor, labels: pd.Series, groups: pd.Series | None =
             if not is_pos.any() or not is_neg.any():
                 continue
             scores = auroc(latents[is_pos], latents[is_neg])
-            feature = int(scores.argmax())
-            out.append({"concept": group, "value": value, "feature": feature, "auroc": float(scores[feature]),
+            latent = int(scores.argmax())
+            out.append({"concept": group, "value": value, "latent": latent, "auroc": float(scores[latent]),
                         "positives": int(is_pos.sum()), "negatives": int(is_neg.sum())})
     return pd.DataFrame(out).set_index(["concept", "value"])
 
 
 def concept_auroc(model, layer: int, sae: SAE, tokenizer, samples: Sequence[shapes.Sample], *,
                   question: str | None = None) -> pd.DataFrame:
-    """Best single feature and its AUROC for every concept value, at the positions predicting its word.
+    """Best single latent and its AUROC for every concept value, at the positions predicting its word.
 
-    Rows ``(concept, value)``; columns ``feature``, ``auroc``, ``positives``, ``negatives``. Each
+    Rows ``(concept, value)``; columns ``latent``, ``auroc``, ``positives``, ``negatives``. Each
     value is scored against the other values of the same concept.
     """
     latents, sites = site_latents(model, layer, sae, tokenizer, samples, question=question)
-    return best_features(latents, sites["value"], sites["concept"])
+    return best_latents(latents, sites["value"], sites["concept"])
 
 
 @torch.no_grad()
@@ -105,7 +106,7 @@ def patch_latents(model, layer: int, sae: SAE, tokenizer, samples: Sequence[shap
         inputs = shapes.qa_inputs(chunk, tokenizer, question, labels=False)
         with record(model, [layer], stop=True) as rec:
             model(**inputs)
-        image = rec.mask(layer) == Kind.IMAGE
+        image = rec.kinds(layer) == Kind.IMAGE
         x = rec[layer][image]  # (batch * N_PATCHES, d), row-major over the patch grid
         latents.append(sae.encode(x.to(sae.W_dec.device)).float().cpu())
         for i, sample in enumerate(chunk):
@@ -118,7 +119,7 @@ def patch_latents(model, layer: int, sae: SAE, tokenizer, samples: Sequence[shap
 
 
 def patch_auroc(model, layer: int, sae: SAE, tokenizer, samples: Sequence[shapes.Sample]) -> pd.DataFrame:
-    """Best feature and AUROC per concept value at firing on the patches of objects with that value,
+    """Best latent and AUROC per concept value at firing on the patches of objects with that value,
     against every other patch (other objects and background)."""
     latents, patches = patch_latents(model, layer, sae, tokenizer, samples)
     out = []
@@ -128,8 +129,8 @@ def patch_auroc(model, layer: int, sae: SAE, tokenizer, samples: Sequence[shapes
             if not is_pos.any():
                 continue
             scores = auroc(latents[is_pos], latents[~is_pos])
-            feature = int(scores.argmax())
-            out.append({"concept": concept, "value": value, "feature": feature, "auroc": float(scores[feature]),
+            latent = int(scores.argmax())
+            out.append({"concept": concept, "value": value, "latent": latent, "auroc": float(scores[latent]),
                         "positives": int(is_pos.sum()), "negatives": int((~is_pos).sum())})
     return pd.DataFrame(out).set_index(["concept", "value"])
 
@@ -145,11 +146,12 @@ PREDICTED_AFTER = {"color": shapes.SIZES, "shape": shapes.COLORS}
 
 
 @torch.no_grad()
+@renamed_kwargs(features="latents")
 def steering_success(model, tokenizer, layer: int, sae: SAE, samples: Sequence[shapes.Sample], *, concept: str,
-                     value: str, features: Sequence[int], strength: float) -> tuple[float, pd.DataFrame]:
+                     value: str, latents: Sequence[int], strength: float) -> tuple[float, pd.DataFrame]:
     """Fraction of captions of images *without* ``value`` that switch to it, the rest of the caption intact.
 
-    The decoder directions of ``features`` are added with ``strength`` (in latent units) only at
+    The decoder directions of ``latents`` are added with ``strength`` (in latent units) only at
     the positions that predict ``concept`` (the word before it in the grammar), at every decode step.
     Returns the success rate and a table of clean and steered captions.
     """
@@ -164,9 +166,12 @@ def steering_success(model, tokenizer, layer: int, sae: SAE, samples: Sequence[s
     def where(fwd):
         return torch.isin(fwd.ids, trigger.to(fwd.ids.device))
 
-    with steer(model, layer, sae, {int(f): strength for f in features}, where=where):
+    with steer(model, layer, sae, {int(f): strength for f in latents}, where=where):
         after = caption(model, tokenizer, chosen)
     wanted = [_with_value(b, concept, value) for b in before]
     table = pd.DataFrame({"before": before, "after": after, "wanted": wanted})
     table["success"] = table["after"] == table["wanted"]
     return float(table["success"].mean()), table
+
+
+__getattr__ = renamed_attributes(__name__, {"best_features": "best_latents"}, globals())

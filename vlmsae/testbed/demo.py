@@ -2,14 +2,14 @@
 
 With no arguments: the shipped Shapes captioner (a ViT-GPT2 trained by ``vlmsae.testbed.models``). SAEs
 train online on a middle decoder layer and on the last one, both from the same forwards, while the
-model reads Shapes images; each is evaluated (FVU, L0, dead fraction, loss recovered), its features
-are named by concept AUROC, colour features steer captions, and SAE folders plus a self-contained
+model reads Shapes images; each is evaluated (FVU, L0, dead fraction, loss recovered), its latents
+are named by concept AUROC, colour latents steer captions, and SAE folders plus a self-contained
 HTML report are written.
 
-Why two layers: in the captioner a concept becomes one feature late. At the middle layer the
-colour about to be written is often carried by the absence of the other colours' features, so the
-best single feature for one colour measured AUROC 0.83-0.94 in 9 of 13 SAE seeds and settings; at
-the last layer every colour and shape had a feature at >= 0.977 in every run (benchmarks/RESULTS.md).
+Why two layers: in the captioner a concept becomes one latent late. At the middle layer the
+colour about to be written is often carried by the absence of the other colours' latents, so the
+best single latent for one colour measured AUROC 0.83-0.94 in 9 of 13 SAE seeds and settings; at
+the last layer every colour and shape had a latent at >= 0.977 in every run (benchmarks/RESULTS.md).
 
 With ``--model`` and ``--images`` the same pipeline runs on your model and data (no ground truth,
 so no concept naming or steering score).
@@ -54,7 +54,7 @@ class DemoConfig:
     buffer_size: int = 16384
     """Rows of the ring buffer."""
     expansion: int = 4
-    """d_sae / d_model (8 split colours and shapes between more features than 4 in a trial)."""
+    """d_sae / d_model (8 split colours and shapes between more latents than 4 in a trial)."""
     k: int = 8
     """Latents per token (TopK)."""
     layers: tuple[int, ...] | None = None
@@ -68,7 +68,7 @@ class DemoConfig:
     steer_samples: int = 64
     """Fresh images per colour for steering success (after calibrating on as many others)."""
     strengths: tuple[float, ...] = (4.0, 8.0, 16.0)
-    """Steering strengths to calibrate over, as multiples of the feature's typical activation."""
+    """Steering strengths to calibrate over, as multiples of the latent's typical activation."""
     seed: int = 0
 
     @classmethod
@@ -112,7 +112,7 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
                "dead_fraction": float((stats.density == 0).float().mean()),
                "loss_recovered": table.loc["all", "loss_recovered"], "kl": table.loc["all", "kl"]}
         if samples is not None:
-            print(f"layer {L}: naming features by concept AUROC, steering captions with colour features")
+            print(f"layer {L}: naming latents by concept AUROC, steering captions with colour latents")
             concepts[L] = concept_auroc(model, L, sae, tokenizer, samples)
             row["concepts_above_0.9"] = float((concepts[L]["auroc"] > 0.9).mean())
             for concept in ("color", "shape"):
@@ -130,7 +130,7 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
     print(pd.Series(summary).to_string())
     print(table.to_string(float_format="{:.4f}".format))
     for L in concepts:
-        print(f"\nlayer {L}: best feature per concept value\n{concepts[L].to_string()}")
+        print(f"\nlayer {L}: best latent per concept value\n{concepts[L].to_string()}")
         print(f"\nlayer {L}: steering toward each colour\n{steering[L].to_string()}")
     if example is not None:
         print(f"\nlayer {example['layer']}, steered toward {example['value']!r}:\n  before: {example['before']}\n"
@@ -140,21 +140,21 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
 
 
 def _steer_colours(model, tokenizer, layer, sae, concepts, cfg):
-    """Per colour: its best feature, a strength calibrated on some images, success on fresh ones."""
+    """Per colour: its best latent, a strength calibrated on some images, success on fresh ones."""
     calib = shapes.make_samples(cfg.steer_samples, CALIBRATE_SEED)
     fresh = shapes.make_samples(cfg.steer_samples, STEER_SEED)
     latents, sites = site_latents(model, layer, sae, tokenizer, calib)
     rows, example = [], None
     for value in shapes.COLORS:
-        feature = int(concepts.loc[("color", value), "feature"])
-        on = latents[torch.tensor((sites["value"] == value).to_numpy()), feature]
+        latent = int(concepts.loc[("color", value), "latent"])
+        on = latents[torch.tensor((sites["value"] == value).to_numpy()), latent]
         typical = float(on[on > 0].mean()) if (on > 0).any() else 1.0
         best = max(cfg.strengths, key=lambda m: steering_success(
-            model, tokenizer, layer, sae, calib, concept="color", value=value, features=[feature],
+            model, tokenizer, layer, sae, calib, concept="color", value=value, latents=[latent],
             strength=m * typical)[0])
         success, table = steering_success(model, tokenizer, layer, sae, fresh, concept="color", value=value,
-                                          features=[feature], strength=best * typical)
-        rows.append({"value": value, "feature": feature, "strength": best * typical, "multiple": best,
+                                          latents=[latent], strength=best * typical)
+        rows.append({"value": value, "latent": latent, "strength": best * typical, "multiple": best,
                      "success": success, "images": len(table)})
         if example is None and len(table):
             example = {"value": value, "before": table["before"].iloc[0], "after": table["after"].iloc[0]}
@@ -176,9 +176,9 @@ def _write_report(path: Path, summary, table, history, concepts, steering, examp
         for L, c in concepts.items():
             c = c.reset_index()
             bars.append(go.Bar(x=c["concept"] + ": " + c["value"], y=c["auroc"], name=f"layer {L}",
-                               text=[f"#{f}" for f in c["feature"]]))
+                               text=[f"#{f}" for f in c["latent"]]))
         fig = go.Figure(bars)
-        fig.update_layout(title="best feature per concept value", xaxis_title="concept value",
+        fig.update_layout(title="best latent per concept value", xaxis_title="concept value",
                           yaxis_title="AUROC", yaxis_range=[0.5, 1])
         figures.append(fig)
     if steering:
