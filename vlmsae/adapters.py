@@ -15,6 +15,10 @@ from torch import nn
 
 from .errors import UnsupportedModelError
 
+Model = nn.Module
+"""What every entry point's ``model`` is: a transformers VLM of a supported family (:func:`supported`),
+or an nnsight ``NNsight`` wrapping one."""
+
 
 class Kind(enum.IntEnum):
     """What a position in the decoder stream holds."""
@@ -87,6 +91,7 @@ FAMILIES = (
 
 
 def supported() -> str:
+    """The supported families and their ``model_type`` values, for error messages."""
     return ", ".join(f"{f.name} (model_type {'/'.join(f.model_types)})" for f in FAMILIES)
 
 
@@ -149,8 +154,13 @@ def any_equal(x: torch.Tensor, values) -> torch.Tensor:
     return mask
 
 
-def unwrap(model) -> nn.Module:
-    """The ``nn.Module`` to hook: the model itself, or the one an nnsight ``NNsight`` wraps."""
+def unwrap(model: Model) -> nn.Module:
+    """The ``nn.Module`` to hook: the model itself, or the one an nnsight ``NNsight`` wraps.
+
+    Raises:
+        UnsupportedModelError: a ``torch.compile`` wrapper (its graph does not run Python hooks), or an
+            object that is neither a module nor an nnsight wrapper of one.
+    """
     if isinstance(model, nn.Module):
         if hasattr(model, "_orig_mod"):
             raise UnsupportedModelError(
@@ -184,8 +194,13 @@ def _family(model: nn.Module) -> Family:
         f"{supported()}")
 
 
-def layers(model) -> ModelInfo:
-    """Adapter info of a supported VLM: family, decoder layers, ``n_layers``, ``d_model``, token ids."""
+def layers(model: Model) -> ModelInfo:
+    """Adapter info of a supported VLM: family, decoder layers, ``n_layers``, ``d_model``, token ids.
+
+    Raises:
+        UnsupportedModelError: the model's ``config.model_type`` is not a supported family, or its
+            decoder layers are not where the family keeps them.
+    """
     module = unwrap(model)
     family = _family(module)
     for path in family.layer_paths:
@@ -218,7 +233,12 @@ def layers(model) -> ModelInfo:
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a supported VLM with ``from_pretrained`` from a local folder (or a hub id when online), in eval mode."""
+    """Load a supported VLM with ``from_pretrained`` from a local folder (or a hub id when online), in eval mode.
+
+    ``dtype`` ``None`` keeps the checkpoint's own. Raises:
+        UnsupportedModelError: the config cannot be read (a hub id offline, a folder without
+            ``config.json``), or its ``model_type`` is not a supported family.
+    """
     import transformers
     from transformers import AutoConfig
 

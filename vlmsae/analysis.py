@@ -25,13 +25,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters import Kind, layers
+from .adapters import Kind, Model, layers
 from .checks import check_latents, check_sae
 from .deprecation import renamed_attributes, renamed_kwargs, warn_renamed
 from .errors import ConfigError
 from .hooks import check_sites
 from .metrics import auroc
-from .positions import where_kinds, where_mask
+from .positions import Where, where_kinds, where_mask
 from .record import record
 from .sae import SAE
 
@@ -54,8 +54,12 @@ class PatchLayout:
         return (self.grid[0] // self.merge) * (self.grid[1] // self.merge)
 
 
-def patch_layout(model, batch: dict) -> PatchLayout | None:
-    """The patch layout of the images in ``batch``; ``None`` for families without image tokens."""
+def patch_layout(model: Model, batch: dict) -> PatchLayout | None:
+    """The patch layout of the images in ``batch``; ``None`` for families without image tokens.
+
+    Raises:
+        ConfigError: a Qwen-VL batch without ``image_grid_thw``, or with images of several sizes or frames.
+    """
     info = layers(model)
     if not info.has_image_tokens:
         return None
@@ -73,7 +77,13 @@ def patch_layout(model, batch: dict) -> PatchLayout | None:
 
 
 def patch_grid(acts: Tensor, layout: PatchLayout) -> Tensor:
-    """``(..., n_tokens)`` activations at image tokens, in stream order -> ``(..., rows, cols)`` per patch."""
+    """``(..., n_tokens)`` activations at image tokens, in stream order -> ``(..., rows, cols)`` per patch.
+
+    A merged token's value fills its ``merge x merge`` block (Qwen-VL's spatial merge).
+
+    Raises:
+        ConfigError: ``n_tokens`` does not tile the layout's grid.
+    """
     if acts.shape[-1] != layout.n_tokens:
         raise ConfigError(f"{acts.shape[-1]} image tokens do not tile a {layout.grid} patch grid merged "
                           f"{layout.merge}x{layout.merge} ({layout.n_tokens} tokens)")
@@ -174,14 +184,25 @@ def _merge_top(top: tuple[Tensor, ...], new: tuple[Tensor, ...], n: int) -> tupl
 
 @renamed_kwargs(k="n_examples", features="latents")
 @torch.no_grad()
-def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples: int = 8,
-         latents: Iterable[int] | None = None, where=DEFAULT_WHERE, context: int = 4, site: str = "resid_post") -> Scan:
+def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples: int = 8,
+         latents: Iterable[int] | None = None, where: Where = DEFAULT_WHERE, context: int = 4,
+         site: str = "resid_post") -> Scan:
     """One pass over ``data`` (batches of model inputs): latent statistics and each latent's top ``n_examples``.
 
     ``latents`` limits the top examples (not the statistics) to some latents: their memory is
     ``F x n_examples x (image tokens + 2 context + 1)`` on the SAE's device, which for a large SAE on a
     model with hundreds of image tokens is worth limiting. ``where`` chooses the positions read
     (kind names as in :func:`vlmsae.steer`). Examples are numbered across batches in order.
+    Activations are in the SAE's latent units; counts in positions.
+
+    Raises:
+        ConfigError: ``n_examples < 1``, ``context < 0``, a bad latent index, ``data`` yields nothing,
+            the SAE's ``d_in`` is not the model's ``d_model``, or (models with image tokens) an example
+            without exactly one image, or images of several sizes.
+        LayerIndexError, SiteError, UnsupportedModelError: as :func:`vlmsae.record`.
+
+    Warns:
+        HookNameWarning: the SAE's ``hook_name`` metadata names another site.
     """
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
         raise ConfigError(f"n_examples={n_examples!r} must be an integer >= 1 (examples kept per latent)")
@@ -278,7 +299,9 @@ def latent_table(scan: Scan, *, tokenizer=None, aurocs: pd.DataFrame | None = No
     ``top_tokens``: the commonest tokens at the peak of the latent's top examples (``<image>``
     where it peaks on image tokens), decoded with ``tokenizer`` if given. ``aurocs``: a concept x
     latent table (:func:`concept_aurocs`) adds the concept each latent detects best (``color=red``)
-    and its AUROC. ``dead``: never fired on the data; ``dense``: fired on more than ``dense`` of positions.
+    and its AUROC. ``dead``: never fired on the scanned positions (a window of ``scan.tokens`` tokens);
+    ``dense``: fired on more than ``dense`` of them. Densities are fractions of positions read;
+    ``mean`` / ``mean_firing`` / ``max`` are activations in latent units.
     """
     fired = scan.fired.double().cpu()
     n = max(scan.tokens, 1)
@@ -319,6 +342,10 @@ def concept_aurocs(latents: Tensor, values: pd.Series, groups: pd.Series | None 
     ``values`` ``(n,)`` names each row's value (``red``); ``groups`` ``(n,)`` its concept (``color``):
     a value's rows are scored against the other rows of its group, so red is told from the other
     colours. Rows are ``(group, value)``; without ``groups`` every row is in one group ``all``.
+    AUROC ties count half (Mann-Whitney); 0.5 is chance.
+
+    Raises:
+        ConfigError: ``values`` or ``groups`` do not have one entry per row of ``latents``.
     """
     values = pd.Series(values).reset_index(drop=True)
     groups = pd.Series(["all"] * len(values)) if groups is None else pd.Series(groups).reset_index(drop=True)
@@ -377,15 +404,20 @@ class ImageQuestionGrid:
 
 @renamed_kwargs(features="latents")
 @torch.no_grad()
-def image_question_grid(model, layer: int, sae: SAE, images: Sequence, questions: Sequence[str],
-                        inputs: Callable[[Sequence, str], dict], *, latents: Iterable[int], where="text",
+def image_question_grid(model: Model, layer: int, sae: SAE, images: Sequence, questions: Sequence[str],
+                        inputs: Callable[[Sequence, str], dict], *, latents: Iterable[int], where: Where = "text",
                         reduce: str = "max", batch_size: int = 64, site: str = "resid_post") -> ImageQuestionGrid:
     """Record ``latents`` for every pair of ``images`` and ``questions``.
 
     ``inputs(images, question)`` builds one batch of model inputs asking ``question`` about each
     image (e.g. ``lambda s, q: shapes.qa_inputs(s, tokenizer, q, labels=False)``). Each pair's
     value is the latent's ``reduce`` (``max``, ``mean``, or ``last``: the last selected position,
-    which predicts the answer) over the ``where`` positions.
+    which predicts the answer) over the ``where`` positions. ``values`` is ``(F, n_images, n_questions)``.
+
+    Raises:
+        ConfigError: an unknown ``reduce``, no latents or a bad index, a question whose ``where`` selects
+            no position in some example, or the SAE's ``d_in`` is not the model's ``d_model``.
+        LayerIndexError, SiteError, UnsupportedModelError: as :func:`vlmsae.record`.
     """
     if reduce not in ("max", "mean", "last"):
         raise ConfigError(f"reduce={reduce!r} is unknown; use 'max', 'mean' or 'last'")

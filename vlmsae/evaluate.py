@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters import Kind, layers
+from .adapters import Kind, Model, layers
 from .checks import check_sae
 from .errors import ConfigError, HookNameWarning
 from .hooks import attach, check_sites
@@ -37,25 +37,36 @@ def loss_positions(kinds: Tensor) -> Tensor:
 
 
 def token_losses(logits: Tensor, ids: Tensor) -> Tensor:
-    """``(batch, seq - 1)`` next-token cross-entropy, in float32."""
+    """``(batch, seq - 1)`` next-token cross-entropy in nats, float32; ``logits`` ``(batch, seq, vocab)``."""
     return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
 
 
 def token_kl(clean: Tensor, other: Tensor) -> Tensor:
-    """``(batch, seq - 1)`` KL(clean || other) of the next-token distributions."""
+    """``(batch, seq - 1)`` KL(clean || other) of the next-token distributions, in nats, float32."""
     p = clean[:, :-1].float().log_softmax(-1)
     q = other[:, :-1].float().log_softmax(-1)
     return (p.exp() * (p - q)).sum(-1)
 
 
 @torch.no_grad()
-def evaluate(model, layer: int, sae: SAE, data: Iterable[dict], *, where=None, site: str = "resid_post",
-             ablations: bool = True) -> pd.DataFrame:
+def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where: str | Iterable[str] | None = None,
+             site: str = "resid_post", ablations: bool = True) -> pd.DataFrame:
     """Cross-entropy clean / spliced / zero- and mean-ablated, loss recovered, KL, FVU and L0.
 
     One row per choice of spliced positions: ``where`` is a list of kind names (default: ``all``,
     plus ``image`` and ``text`` for families with image tokens). The mean ablation replaces the
     residual at the spliced positions by its mean over those positions in the same batch.
+    Cross-entropy and KL are in nats per predicted token, averaged over the non-pad positions whose
+    next token is text or generated (whatever is spliced; ``loss_tokens`` counts them); ``loss_recovered`` is
+    ``(ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (SAELens / SAEBench); FVU and L0 are over the
+    spliced positions, overall and per token kind.
+
+    Raises:
+        LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
+        SiteError: ``site`` is not one of ``vlmsae.SITES``.
+        ConfigError: the SAE's ``d_in`` is not the model's ``d_model``, a ``where`` selects no token, or
+            ``data`` yields no batch.
+        UnsupportedModelError: the model is not a supported family.
     """
     info = layers(model)
     check_sites(info, [(layer, site)])

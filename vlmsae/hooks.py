@@ -25,7 +25,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .adapters import Kind, ModelInfo, layers
+from .adapters import Kind, Model, ModelInfo, layers
 from .errors import LayerIndexError, SiteError, UnsupportedModelError
 
 SITES = ("resid_pre", "resid_post")
@@ -90,7 +90,12 @@ class StopForward(Exception):
 
 
 def check_sites(info: ModelInfo, sites) -> list[tuple[int, str]]:
-    """Validate ``(layer, site)`` pairs against the model; the error names the bad value and what is valid."""
+    """Validate ``(layer, site)`` pairs against the model; the error names the bad value and what is valid.
+
+    Raises:
+        SiteError: a site not in ``SITES``, or a pair listed twice.
+        LayerIndexError: a layer outside ``0..n_layers - 1`` (or not an int).
+    """
     sites = list(sites)
     for layer, site in sites:
         if site not in SITES:
@@ -114,6 +119,7 @@ def _replace(new: torch.Tensor, resid: torch.Tensor, key) -> torch.Tensor:
 
 
 def execution_device(layer: nn.Module) -> torch.device | None:
+    """The device a layer computes on: accelerate's execution device if dispatched, else its parameters'."""
     # accelerate's dispatch hook knows where the layer runs (its weights may be offloaded to "meta").
     hook = getattr(layer, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
@@ -164,7 +170,7 @@ def _patch(module: nn.Module, name: str, replacement) -> Callable[[], None]:
 
 
 @contextmanager
-def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
+def attach(model: Model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
            special_ids=None) -> Iterator[ModelInfo]:
     """Run ``fns[(layer, site)](resid, fwd)`` at each site on every forward inside the block.
 
@@ -179,9 +185,16 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
     as SPECIAL (e.g. a tokenizer's ``all_special_ids``).
     Validates everything before registering anything; removes every hook in ``finally``.
 
-    Raises :class:`~vlmsae.errors.SiteError` / :class:`~vlmsae.errors.LayerIndexError` for bad
-    sites, and :class:`~vlmsae.errors.UnsupportedModelError` when a decode step of ``generate()``
-    cannot be placed in the sequence (no ``Cache`` found among the forward's arguments).
+    ``fns[(layer, site)](resid, fwd)`` gets ``resid`` ``(batch, seq, d_model)`` in the model's dtype on the
+    layer's device and returns ``None`` (no change) or a tensor of the same shape.
+
+    Raises:
+        SiteError: an unknown site, a ``(layer, site)`` listed twice, no sites, or a hook that returns
+            another shape.
+        LayerIndexError: a layer outside ``0..n_layers - 1``.
+        UnsupportedModelError: not a supported family; a second stopping context on one model; or, during
+            a forward, a decode step of ``generate()`` that cannot be placed in the sequence (no ``Cache``
+            among the forward's arguments).
     """
     info = layers(model)
     sites = check_sites(info, fns)
@@ -192,18 +205,49 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
         raise UnsupportedModelError("a stopping vlmsae context is already open on this model; nest none in another")
     order = {"resid_pre": 0, "resid_post": 1}
     deepest = max(sites, key=lambda s: (s[0], order[s[1]])) if stop else None
-    extra = frozenset(int(i) for i in (special_ids or ()))
-    state = _ThreadState()
-    count = itertools.count()
+    tracker = _Tracker(info, special_ids)
+    handles, restores = [], []
+    try:
+        handles.append(root.register_forward_pre_hook(tracker.begin, with_kwargs=True))
+        handles.append(root.register_forward_hook(tracker.end, with_kwargs=True, always_call=True))
+        for key in sites:
+            layer_index, site = key
+            layer = info.layers[layer_index]
+            if site == "resid_post":
+                handles.append(layer.register_forward_hook(_post_hook(key, fns[key], tracker, key == deepest)))
+            else:
+                hook = _pre_hook(key, fns[key], tracker, key == deepest, execution_device(layer))
+                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if callable(getattr(root, "generate", None)):
+            restores.append(_patch(root, "generate", tracker.generating(root.generate)))
+        if stop:
+            restores.append(_patch(root, "forward", _stopping(root.forward)))
+        yield info
+    finally:
+        for handle in handles:
+            handle.remove()
+        for restore in reversed(restores):
+            restore()
 
-    def on_forward(module, args, kwargs):
+
+class _Tracker:
+    """The :class:`Forward` that every hook of one model call shares, per thread, and the running ``generate()``."""
+
+    def __init__(self, info: ModelInfo, special_ids):
+        self.info = info
+        self.extra = frozenset(int(i) for i in (special_ids or ()))
+        self.state = _ThreadState()
+        self.count = itertools.count()
+
+    def begin(self, module, args, kwargs) -> None:
+        """Forward pre-hook of the model: classify the call (fresh, decode step, inside ``generate()``)."""
+        info, generation = self.info, self.state.generation
         if args:  # positional inputs: name them as the forward's signature does
             kwargs = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
         ids = kwargs.get(info.ids_key)
         cache = find_cache(kwargs.values())
         past = int(cache.get_seq_length()) if cache is not None else 0
         generated_from = past if past > 0 else None
-        generation = state.generation
         if generation is not None and ids is not None:
             total = past + ids.shape[1]
             if generation.prompt_len is None:
@@ -217,77 +261,64 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
                     "prompt; report your transformers version to vlmsae, or generate with use_cache=False")
             generation.steps += 1
             generated_from = generation.prompt_len
-        state.forward = Forward(info, next(count), ids, kwargs.get(info.mask_key), past, extra, generated_from)
+        self.state.forward = Forward(info, next(self.count), ids, kwargs.get(info.mask_key), past, self.extra,
+                                     generated_from)
 
-    def on_forward_end(module, args, kwargs, output):
-        state.forward = None  # a submodule called directly later must not inherit this call's kinds
+    def end(self, module, args, kwargs, output) -> None:
+        """Forward hook of the model (always called): a submodule called directly later must not inherit this call."""
+        self.state.forward = None
 
-    def current() -> Forward:
-        return state.forward or Forward(info, next(count), None, None, 0, extra, direct=True)
+    def current(self) -> Forward:
+        """The running call's :class:`Forward`, or a ``direct`` one for a submodule called on its own."""
+        return self.state.forward or Forward(self.info, next(self.count), None, None, 0, self.extra, direct=True)
 
-    def post(key, fn):
-        def hook(module, args, output):
-            resid = output[0] if isinstance(output, tuple) else output
-            new = fn(resid, current())
-            if new is not None:
-                new = _replace(new, resid, key)
-                output = (new, *output[1:]) if isinstance(output, tuple) else new
-            if key == deepest:
-                raise StopForward
-            return output if new is not None else None
-        return hook
-
-    def pre(key, fn, device):
-        def hook(module, args, kwargs):
-            resid = args[0] if args else kwargs["hidden_states"]
-            if device is not None and resid.device != device:
-                resid = resid.to(device)  # what the layer itself will compute on
-            new = fn(resid, current())
-            if key == deepest:
-                raise StopForward
-            if new is None:
-                return None
-            new = _replace(new, resid, key)
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-        return hook
-
-    def generating(inner):
+    def generating(self, inner):
+        """``generate`` wrapped so that its forwards know they belong to one generation."""
         def generate(*args, **kwargs):
-            outer, state.generation = state.generation, _Generation()
+            outer, self.state.generation = self.state.generation, _Generation()
             try:
                 return inner(*args, **kwargs)
             finally:
-                state.generation = outer
+                self.state.generation = outer
         return generate
 
-    def stopping(inner):
-        def forward(*args, **kwargs):
-            try:
-                return inner(*args, **kwargs)
-            except StopForward:
-                return None
-        forward.__wrapped_by_vlmsae__ = True
-        return forward
 
-    handles, restores = [], []
-    try:
-        handles.append(root.register_forward_pre_hook(on_forward, with_kwargs=True))
-        handles.append(root.register_forward_hook(on_forward_end, with_kwargs=True, always_call=True))
-        for key in sites:
-            layer_index, site = key
-            layer = info.layers[layer_index]
-            if site == "resid_post":
-                handles.append(layer.register_forward_hook(post(key, fns[key])))
-            else:
-                handles.append(layer.register_forward_pre_hook(pre(key, fns[key], execution_device(layer)),
-                                                               with_kwargs=True))
-        if callable(getattr(root, "generate", None)):
-            restores.append(_patch(root, "generate", generating(root.generate)))
-        if stop:
-            restores.append(_patch(root, "forward", stopping(root.forward)))
-        yield info
-    finally:
-        for handle in handles:
-            handle.remove()
-        for restore in reversed(restores):
-            restore()
+def _post_hook(key, fn: HookFn, tracker: _Tracker, stop_here: bool):
+    """A forward hook on a layer: ``fn`` sees (and may replace) the layer's output."""
+    def hook(module, args, output):
+        resid = output[0] if isinstance(output, tuple) else output
+        new = fn(resid, tracker.current())
+        if new is not None:
+            new = _replace(new, resid, key)
+            output = (new, *output[1:]) if isinstance(output, tuple) else new
+        if stop_here:
+            raise StopForward
+        return output if new is not None else None
+    return hook
+
+
+def _pre_hook(key, fn: HookFn, tracker: _Tracker, stop_here: bool, device: torch.device | None):
+    """A forward pre-hook on a layer: ``fn`` sees (and may replace) the layer's input, on the layer's device."""
+    def hook(module, args, kwargs):
+        resid = args[0] if args else kwargs["hidden_states"]
+        if device is not None and resid.device != device:
+            resid = resid.to(device)  # what the layer itself will compute on
+        new = fn(resid, tracker.current())
+        if stop_here:
+            raise StopForward
+        if new is None:
+            return None
+        new = _replace(new, resid, key)
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+    return hook
+
+
+def _stopping(inner):
+    """The model's forward, returning ``None`` when the deepest site ends it early."""
+    def forward(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        except StopForward:
+            return None
+    forward.__wrapped_by_vlmsae__ = True
+    return forward

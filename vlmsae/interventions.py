@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters import Kind, layers
+from .adapters import Kind, Model, layers
 from .checks import check_latents, check_sae
 from .deprecation import renamed_kwargs
 from .errors import ConfigError, SiteError
 from .hooks import Forward, attach, check_sites
 from .metrics import SpliceStats, kind_stats
-from .positions import where_kinds, where_mask
+from .positions import Where, where_kinds, where_mask
 from .record import record
 from .sae import SAE
 
@@ -49,9 +49,13 @@ def reconstruct(resid: Tensor, sae: SAE, *, use_error_term: bool = False, edit: 
                 mask: Tensor | None = None) -> Tensor:
     """What a splice puts back, in ``resid``'s dtype and device: for an nnsight trace or a hook of your own.
 
-    ``edit(latents) -> latents`` changes latents; ``use_error_term=True`` keeps the SAE's error term;
-    ``mask`` ``(batch, seq)`` bool limits the change to some positions (a splice leaves padding alone:
-    pass ``vlmsae.layers(model).kinds(ids, attention_mask) != Kind.PAD`` to do the same).
+    ``resid`` is ``(..., d_in)``; ``edit(latents) -> latents`` changes the ``(..., d_sae)`` latents;
+    ``use_error_term=True`` keeps the SAE's error term (``x + decode(edited) - decode(latents)``, SAELens'
+    ``use_error_term``); ``mask`` ``(batch, seq)`` bool limits the change to some positions (a splice
+    leaves padding alone: pass ``vlmsae.layers(model).kinds(ids, attention_mask) != Kind.PAD`` to do the same).
+
+    Raises:
+        ConfigError: ``resid``'s last dimension is not the SAE's ``d_in``.
     """
     if resid.shape[-1] != sae.cfg.d_in:
         raise ConfigError(
@@ -107,13 +111,25 @@ _ACTIVE: set[tuple[int, int, str, int]] = set()  # (id(model), layer, site, id(s
 
 @renamed_kwargs(error="use_error_term")
 @contextmanager
-def splice(model, layer: int, sae: SAE, *, use_error_term: bool = False, where=None, site: str = "resid_post",
-           edit: Callable[[Tensor, Forward], Tensor] | None = None) -> Iterator[Splice]:
+def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, where: Where = None,
+           site: str = "resid_post", edit: Callable[[Tensor, Forward], Tensor] | None = None) -> Iterator[Splice]:
     """Replace the residual at ``layer`` by the SAE's reconstruction on every forward inside the block.
 
-    ``use_error_term=True`` keeps the error term, so downstream sees the original residual except for what
-    ``edit(latents, fwd) -> latents`` changes. ``where`` restricts the splice to some positions.
-    The SAE runs in its own dtype and device; the result goes back in the model's.
+    ``use_error_term=True`` keeps the error term (SAELens' name), so downstream sees the original residual
+    except for what ``edit(latents, fwd) -> latents`` changes (latents ``(batch, seq, d_sae)``). ``where``
+    restricts the splice to some positions. The SAE runs in its own dtype and device; the result goes
+    back in the model's. Yields a :class:`Splice`: ``s.latents`` of the last forward, ``s.stats()`` FVU
+    and L0 per token kind.
+
+    Raises:
+        LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
+        SiteError: ``site`` is not one of ``vlmsae.SITES``.
+        ConfigError: the SAE's ``d_in`` is not the model's ``d_model``, or ``where`` selects no token.
+        SiteError: this SAE is already spliced at this site of this model.
+        UnsupportedModelError: the model is not a supported family.
+
+    Warns:
+        HookNameWarning: the SAE's ``hook_name`` metadata names another site.
     """
     info = layers(model)
     check_sites(info, [(layer, site)])
@@ -149,12 +165,16 @@ def splice(model, layer: int, sae: SAE, *, use_error_term: bool = False, where=N
 
 @renamed_kwargs(features="latents")
 @contextmanager
-def ablate(model, layer: int, sae: SAE, latents: Iterable[int], *, mode: str = "zero",
-           means: Tensor | None = None, where=None, site: str = "resid_post") -> Iterator[Splice]:
+def ablate(model: Model, layer: int, sae: SAE, latents: Iterable[int], *, mode: str = "zero",
+           means: Tensor | None = None, where: Where = None, site: str = "resid_post") -> Iterator[Splice]:
     """Set ``latents`` to zero (or to their mean activation, ``mode="mean"``) with the error term kept.
 
     Only those latents change: the residual moves by ``(new - activation) * W_dec[i]`` per latent ``i``.
     ``means`` is ``(d_sae,)``, e.g. ``latent_stats(model, layer, sae, data).mean``.
+
+    Raises:
+        ConfigError: a latent index outside ``0..d_sae - 1``, an unknown ``mode``, or ``mode="mean"``
+            without ``means`` of shape ``(d_sae,)``; and everything :func:`splice` raises.
     """
     chosen = check_latents(latents, sae.cfg.d_sae)
     if mode not in ("zero", "mean"):
@@ -180,10 +200,15 @@ def ablate(model, layer: int, sae: SAE, latents: Iterable[int], *, mode: str = "
 @renamed_kwargs(features="latents")
 def steering_vector(target, latents: Mapping[int, float] | None = None, *, strength: float = 1.0,
                     relative_to: Tensor | None = None) -> Tensor:
-    """``(d_in,)`` vector to add: ``sum_f strength_f * W_dec[f]`` in the model's units, or ``strength * target``.
+    """``(d_in,)`` float32 vector to add: ``sum_i strength_i * W_dec[i]`` in the model's units, or ``strength * target``.
 
-    ``relative_to`` (``(d_sae,)``, e.g. ``latent_stats(...).mean_firing``) makes each strength a multiple
-    of that latent's typical activation instead of an absolute activation.
+    ``latents`` maps latent index -> strength in latent activation units. ``relative_to`` (``(d_sae,)``,
+    e.g. ``latent_stats(...).mean_firing``) makes each strength a multiple of that latent's typical
+    activation instead of an absolute activation.
+
+    Raises:
+        ConfigError: an SAE without ``latents``, a bad latent index, ``latents`` with a raw direction,
+            a direction that is not ``(d_in,)``, or a ``target`` that is neither an SAE nor a tensor.
     """
     if isinstance(target, SAE):
         if not latents:
@@ -206,12 +231,21 @@ def steering_vector(target, latents: Mapping[int, float] | None = None, *, stren
 
 @renamed_kwargs(features="latents")
 @contextmanager
-def steer(model, layer: int, target, latents: Mapping[int, float] | None = None, *, strength: float = 1.0,
-          where=None, relative_to: Tensor | None = None, site: str = "resid_post") -> Iterator[Tensor]:
+def steer(model: Model, layer: int, target: SAE | Tensor, latents: Mapping[int, float] | None = None, *,
+          strength: float = 1.0, where: Where = None, relative_to: Tensor | None = None,
+          site: str = "resid_post") -> Iterator[Tensor]:
     """Add decoder directions (or a raw vector) at ``where`` positions on every forward inside the block.
 
-    Under ``generate()`` the vector is added to the new position at every decode step, not only to the
-    prompt. Yields the ``(d_in,)`` vector added.
+    ``target`` is an SAE (with ``latents={index: strength}``) or a ``(d_model,)`` direction (with
+    ``strength``); see :func:`steering_vector`. Under ``generate()`` the vector is added to the new
+    position at every decode step, not only to the prompt. Yields the ``(d_in,)`` vector added.
+
+    Raises:
+        LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
+        SiteError: ``site`` is not one of ``vlmsae.SITES``.
+        ConfigError: the vector's width is not the model's ``d_model``, ``where`` selects no token, or
+            anything :func:`steering_vector` rejects.
+        UnsupportedModelError: the model is not a supported family.
     """
     info = layers(model)
     check_sites(info, [(layer, site)])
@@ -242,9 +276,18 @@ class LatentStats(NamedTuple):
 
 
 @torch.no_grad()
-def latent_stats(model, layer: int, sae: SAE, data: Iterable[dict], *, where=None,
+def latent_stats(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where: Where = None,
                  site: str = "resid_post") -> LatentStats:
-    """Mean, mean-when-firing and firing density of every latent over ``data`` (batches of model inputs)."""
+    """Mean, mean-when-firing and firing density of every latent over ``data`` (batches of model inputs).
+
+    Each field is ``(d_sae,)`` float64 on the SAE's device, in latent activation units (density: a fraction).
+
+    Raises:
+        LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
+        SiteError: ``site`` is not one of ``vlmsae.SITES``.
+        ConfigError: the SAE's ``d_in`` is not the model's ``d_model``, or ``where`` selects no token.
+        UnsupportedModelError: the model is not a supported family.
+    """
     info = layers(model)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)

@@ -11,11 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from collections.abc import Callable, Iterable
+
 from .adapters import Kind, ModelInfo, any_equal
 from .errors import ConfigError
 from .hooks import Forward
 
-Where = "None | str | Kind | Iterable[str | Kind] | Callable[[Forward], Tensor]"
+Where = None | str | Kind | Iterable[str | Kind] | Callable[[Forward], Tensor]
+"""What ``where=`` accepts: ``None``, kind names or :class:`Kind` values (one or a list), or a callable
+``fwd -> (batch, seq) bool``."""
 WHERE_NAMES = ("all", "image", "text", "special", "generated", "prompt")
 _KINDS_OF = {
     "all": (Kind.SPECIAL, Kind.IMAGE, Kind.TEXT, Kind.GENERATED),
@@ -24,8 +28,13 @@ _KINDS_OF = {
 }
 
 
-def where_kinds(where, info: ModelInfo) -> tuple[Kind, ...] | None:
-    """The kinds a ``where`` selects (``None`` for a callable); raises if it can select no token."""
+def where_kinds(where: Where, info: ModelInfo) -> tuple[Kind, ...] | None:
+    """The kinds a ``where`` selects (``None`` for a callable).
+
+    Raises:
+        ConfigError: an unknown kind name, ``where=[]``, or a choice that can select no token in this
+            model (``"image"`` in a ViT-GPT2 decoder, only padding).
+    """
     if callable(where) and not isinstance(where, (str, Kind)):
         return None
     names = ["all"] if where is None else [where] if isinstance(where, (str, Kind)) else list(where)
@@ -50,10 +59,11 @@ def where_kinds(where, info: ModelInfo) -> tuple[Kind, ...] | None:
     return tuple(sorted(kinds))
 
 
-def where_mask(where, kinds: tuple[Kind, ...] | None, fwd: Forward) -> Tensor:
+def where_mask(where: Where, kinds: tuple[Kind, ...] | None, fwd: Forward) -> Tensor:
     """``(batch, seq)`` bool: the positions of this forward that ``where`` selects; never padding.
 
-    Raises ``ConfigError`` when a callable ``where`` returns anything but a ``(batch, seq)`` bool tensor.
+    Raises:
+        ConfigError: a callable ``where`` returned anything but a ``(batch, seq)`` bool tensor.
     """
     if kinds is not None:
         return any_equal(fwd.kinds, kinds)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import layers as adapter_info
+from .adapters import Model, layers as adapter_info
 from .deprecation import warn_renamed
 from .hooks import Forward, attach, check_sites
 
@@ -81,14 +81,22 @@ class Recording:
 
 
 @contextmanager
-def record(model, layers: int | Iterable[int], *, site: str = "resid_post", stop: bool = False,
+def record(model: Model, layers: int | Iterable[int], *, site: str = "resid_post", stop: bool = False,
            sink: Sink | None = None, special_ids: Iterable[int] | None = None) -> Iterator[Recording]:
     """Capture the residual at ``site`` of each of ``layers`` on every forward inside the block.
 
+    ``rec[L]`` is ``(batch, seq, d_model)``, equal to the model's ``output_hidden_states[L + 1]`` for
+    ``resid_post`` (``[L]`` for ``resid_pre``); ``rec.kinds(L)`` is ``(batch, seq)`` int8 :class:`Kind`.
     ``stop=True`` ends each forward right after the deepest recorded layer (the model call returns
     ``None``): no compute is spent on layers nobody reads. ``sink`` receives every capture
     ``sink(layer, resid, fwd)`` instead of the recording keeping it. Captures are the model's own
-    tensors, detached, in its dtype and on the layer's device.
+    tensors, detached, in its dtype and on the layer's device. ``special_ids`` are token ids counted as
+    SPECIAL besides the model's own (e.g. a chat template's control tokens).
+
+    Raises:
+        LayerIndexError: a layer outside ``0..n_layers - 1``.
+        SiteError: ``site`` is not one of ``vlmsae.SITES``, or a layer is listed twice.
+        UnsupportedModelError: the model is not a supported family (see :func:`vlmsae.layers`).
     """
     layers = [layers] if isinstance(layers, int) else list(layers)
     rec = Recording(layers, site)

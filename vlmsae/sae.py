@@ -100,7 +100,12 @@ class SAE(nn.Module):
         return self.center(x) @ self.W_enc + self.b_enc
 
     def activate(self, pre: Tensor) -> Tensor:
-        """(..., d_sae) pre-activations -> sparse latents, by architecture."""
+        """(..., d_sae) pre-activations -> sparse latents, by architecture.
+
+        topk: the k largest per token, ReLU'd (Gao et al. 2024); batchtopk: the k * n_tokens largest over
+        the batch in training, a learned per-latent threshold at inference (Bussmann et al. 2024); relu
+        (Bricken et al. 2023); jumprelu: ReLU above a learned per-latent threshold (Rajamanoharan et al. 2024).
+        """
         arch = self.cfg.architecture
         if arch == "topk" or (arch == "batchtopk" and self.training):
             keep = self.cfg.k if arch == "topk" else self.cfg.k * pre[..., 0].numel()
@@ -122,6 +127,7 @@ class SAE(nn.Module):
         return (latents @ self.W_dec + self.b_dec) / self.act_scale.to(self.W_dec.dtype)
 
     def forward(self, x: Tensor) -> SAEOutput:
+        """(..., d_in) -> reconstruction (..., d_in), latents and pre-activations (..., d_sae)."""
         pre = self.pre_acts(x)
         latents = self.activate(pre)
         return SAEOutput(self.decode(latents), latents, pre)
