@@ -33,6 +33,7 @@ from .metrics import auroc
 from .positions import where_kinds, where_mask
 from .record import record
 from .sae import SAE
+from .sites import parse_site
 
 DEFAULT_WHERE = ("image", "text", "generated")
 """Positions a scan reads by default: every content token, never padding or special tokens (BOS
@@ -176,6 +177,7 @@ def scan(model, layer: int, sae: SAE, data: Iterable[dict], *, k: int = 8, featu
     if context < 0:
         raise ConfigError(f"context={context} must be >= 0 (tokens shown either side of the peak)")
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)
     kinds_read = where_kinds(where, info)
@@ -371,6 +373,7 @@ def image_question_grid(model, layer: int, sae: SAE, images: Sequence, questions
     if reduce not in ("max", "mean", "last"):
         raise ConfigError(f"reduce={reduce!r} is unknown; use 'max', 'mean' or 'last'")
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)
     kinds_read = where_kinds(where, info)

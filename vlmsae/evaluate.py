@@ -28,6 +28,7 @@ from .metrics import SpliceStats, kind_stats
 from .positions import where_kinds, where_mask
 from .record import record
 from .sae import SAE
+from .sites import parse_site
 
 
 def loss_positions(kinds: Tensor) -> Tensor:
@@ -58,6 +59,7 @@ def evaluate(model, layer: int, sae: SAE, data: Iterable[dict], *, where=None, s
     residual at the spliced positions by its mean over those positions in the same batch.
     """
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)
     if where is None:

@@ -6,7 +6,8 @@ included, where ``resid`` holds only the new positions) and may return a replace
 (normal, an exception in the block, or an exception in a hook) every handle is removed in
 ``finally``, so the model is exactly as it was.
 
-Sites, named as TransformerLens names them:
+Sites, named as TransformerLens names them (:mod:`vlmsae.sites`; a key may also be the hook name,
+``"blocks.9.hook_resid_post"``):
 
 - ``resid_pre``: the input of decoder layer L;
 - ``resid_post``: the output of decoder layer L.
@@ -27,8 +28,7 @@ from torch import nn
 
 from .adapters import Kind, ModelInfo, layers
 from .errors import LayerIndexError, SiteError, UnsupportedModelError
-
-SITES = ("resid_pre", "resid_post")
+from .sites import LENS_HOOKS, SITES, parse_site
 
 
 @dataclass(eq=False)
@@ -90,11 +90,18 @@ class StopForward(Exception):
 
 
 def check_sites(info: ModelInfo, sites) -> list[tuple[int, str]]:
-    """Validate ``(layer, site)`` pairs against the model; the error names the bad value and what is valid."""
+    """Validate ``(layer, site)`` pairs in vlmsae's spelling against the model; the error names the bad value and
+    what is valid (for a TransformerLens name, the pair it stands for: :func:`vlmsae.sites.parse_site` turns one
+    into the other)."""
     sites = list(sites)
     for layer, site in sites:
         if site not in SITES:
-            raise SiteError(f"site={site!r} is not a hook site; valid sites: {SITES}")
+            hint = f" ({site!r} is TransformerLens's name of {LENS_HOOKS[site]!r})" if site in LENS_HOOKS else ""
+            raise SiteError(f"site={site!r} is not a hook site; valid sites: {SITES}{hint}")
+        if isinstance(layer, str) and layer.startswith("blocks."):
+            index, named = parse_site(layer)  # a hook name vlmsae has no site for raises here
+            raise LayerIndexError(f"layer={layer!r} is a TransformerLens hook name, which this call does not read; "
+                                  f"pass layer={index}, site={named!r}")
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < info.n_layers:
             raise LayerIndexError(
                 f"layer={layer!r} is out of range for this {info.family} model with {info.n_layers} decoder "
@@ -168,6 +175,9 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
            special_ids=None) -> Iterator[ModelInfo]:
     """Run ``fns[(layer, site)](resid, fwd)`` at each site on every forward inside the block.
 
+    A key is ``(layer, site)`` or a TransformerLens hook name (``"blocks.9.hook_resid_post"``,
+    :func:`vlmsae.sites.parse_site`); two keys naming one site are an error.
+
     ``fwd`` (a :class:`Forward`) says which positions this forward computes and their token kinds.
     A decode step is known by the transformers ``Cache`` among the forward's arguments (whatever
     its keyword); inside ``generate()`` the prompt is the first forward's sequence, so positions
@@ -184,7 +194,9 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
     cannot be placed in the sequence (no ``Cache`` found among the forward's arguments).
     """
     info = layers(model)
-    sites = check_sites(info, fns)
+    named = [(parse_site(*key) if isinstance(key, tuple) else parse_site(key), fn) for key, fn in fns.items()]
+    sites = check_sites(info, [key for key, _ in named])  # two spellings of one site are caught here
+    fns = dict(named)
     if not sites:
         raise SiteError("attach() got no sites; pass at least one {(layer, site): fn}")
     root = info.model

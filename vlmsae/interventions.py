@@ -30,6 +30,7 @@ from .metrics import SpliceStats, kind_stats
 from .positions import where_kinds, where_mask
 from .record import record
 from .sae import SAE
+from .sites import parse_site
 
 
 def _put_back(x: Tensor, sae: SAE, latents: Tensor, edited: Tensor, recon: Tensor, error: bool) -> Tensor:
@@ -113,6 +114,7 @@ def splice(model, layer: int, sae: SAE, *, error: bool = False, where=None, site
     The SAE runs in its own dtype and device; the result goes back in the model's.
     """
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)
     kinds = where_kinds(where, info)
@@ -208,6 +210,7 @@ def steer(model, layer: int, target, features: Mapping[int, float] | None = None
     prompt. Yields the ``(d_in,)`` vector added.
     """
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     if isinstance(target, SAE):
         check_sae(target, info, layer, site)
@@ -240,6 +243,7 @@ def latent_stats(model, layer: int, sae: SAE, data: Iterable[dict], *, where=Non
                  site: str = "resid_post") -> LatentStats:
     """Mean, mean-when-firing and firing density of every latent over ``data`` (batches of model inputs)."""
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)
     kinds = where_kinds(where, info)

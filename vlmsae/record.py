@@ -8,7 +8,9 @@ from contextlib import contextmanager
 import torch
 
 from .adapters import layers as adapter_info
+from .errors import SiteError
 from .hooks import Forward, attach, check_sites
+from .sites import parse_site
 
 Sink = Callable[[int, torch.Tensor, Forward], None]
 """``sink(layer, resid, fwd)``: receives each capture instead of the recording (e.g. a ring buffer's writer)."""
@@ -77,9 +79,15 @@ def record(model, layers: int | Iterable[int], *, site: str = "resid_post", stop
     ``stop=True`` ends each forward right after the deepest recorded layer (the model call returns
     ``None``): no compute is spent on layers nobody reads. ``sink`` receives every capture
     ``sink(layer, resid, fwd)`` instead of the recording keeping it. Captures are the model's own
-    tensors, detached, in its dtype and on the layer's device.
+    tensors, detached, in its dtype and on the layer's device. ``layers`` may be TransformerLens hook
+    names (``"blocks.9.hook_resid_post"``): they give the site too, and ``rec[9]`` holds the capture.
     """
-    layers = [layers] if isinstance(layers, int) else list(layers)
+    layers = [layers] if isinstance(layers, (int, str)) else list(layers)
+    parsed = [parse_site(layer, site) for layer in layers]  # a hook name gives its layer and its site
+    sites = {s for _, s in parsed}
+    if len(sites) > 1:
+        raise SiteError(f"layers={layers!r} name sites {sorted(sites)}; record one site per record() block")
+    layers, site = [layer for layer, _ in parsed], sites.pop() if sites else site
     rec = Recording(layers, site)
 
     def capture(layer):
