@@ -141,7 +141,7 @@ def find_cache(values) -> object | None:
     return next((v for v in values if isinstance(v, Cache)), None)
 
 
-class _Generation:
+class Generation:
     """One running ``generate()`` call: its prompt is the first forward's whole sequence."""
 
     def __init__(self):
@@ -149,11 +149,43 @@ class _Generation:
         self.steps = 0
 
 
+def describe_forward(info: ModelInfo, module: nn.Module, args: tuple, kwargs: dict, *, index: int = 0,
+                     special_ids: frozenset[int] = frozenset(), generation: Generation | None = None) -> Forward:
+    """The :class:`Forward` of one call ``module(*args, **kwargs)`` of the model's own forward.
+
+    What :func:`attach` builds at each call, for a front end that sees the call's arguments itself
+    (an nnsight trace reads them as ``model.inputs``). ``generation`` is the running ``generate()``
+    call, or ``None``: then a forward after a KV cache's ``past`` positions (a decode step) counts
+    every position it feeds as generated, which is what ``generate()`` does under the KV cache.
+    Raises :class:`~vlmsae.errors.UnsupportedModelError` as :func:`attach` does.
+    """
+    if args:  # positional inputs: name them as the forward's signature does
+        kwargs = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
+    ids = kwargs.get(info.ids_key)
+    cache = find_cache(kwargs.values())
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    generated_from = past if past > 0 else None
+    if generation is not None and ids is not None:
+        total = past + ids.shape[1]
+        if generation.prompt_len is None:
+            generation.prompt_len = total
+        elif total <= generation.prompt_len:
+            names = ", ".join(f"{k}: {type(v).__name__}" for k, v in kwargs.items() if v is not None)
+            raise UnsupportedModelError(
+                f"decode step {generation.steps} of generate() on this {info.family} model feeds "
+                f"{ids.shape[1]} position(s) but vlmsae found no transformers Cache among the forward's "
+                f"arguments ({names}), so it cannot place them after the {generation.prompt_len}-position "
+                "prompt; report your transformers version to vlmsae, or generate with use_cache=False")
+        generation.steps += 1
+        generated_from = generation.prompt_len
+    return Forward(info, index, ids, kwargs.get(info.mask_key), past, special_ids, generated_from)
+
+
 class _ThreadState(threading.local):
     """Per thread, so that two threads calling one hooked model never see each other's forward."""
 
     forward: Forward | None = None
-    generation: _Generation | None = None
+    generation: Generation | None = None
 
 
 def _patch(module: nn.Module, name: str, replacement) -> Callable[[], None]:
@@ -209,27 +241,8 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
     count = itertools.count()
 
     def on_forward(module, args, kwargs):
-        if args:  # positional inputs: name them as the forward's signature does
-            kwargs = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
-        ids = kwargs.get(info.ids_key)
-        cache = find_cache(kwargs.values())
-        past = int(cache.get_seq_length()) if cache is not None else 0
-        generated_from = past if past > 0 else None
-        generation = state.generation
-        if generation is not None and ids is not None:
-            total = past + ids.shape[1]
-            if generation.prompt_len is None:
-                generation.prompt_len = total
-            elif total <= generation.prompt_len:
-                names = ", ".join(f"{k}: {type(v).__name__}" for k, v in kwargs.items() if v is not None)
-                raise UnsupportedModelError(
-                    f"decode step {generation.steps} of generate() on this {info.family} model feeds "
-                    f"{ids.shape[1]} position(s) but vlmsae found no transformers Cache among the forward's "
-                    f"arguments ({names}), so it cannot place them after the {generation.prompt_len}-position "
-                    "prompt; report your transformers version to vlmsae, or generate with use_cache=False")
-            generation.steps += 1
-            generated_from = generation.prompt_len
-        state.forward = Forward(info, next(count), ids, kwargs.get(info.mask_key), past, extra, generated_from)
+        state.forward = describe_forward(info, module, args, kwargs, index=next(count), special_ids=extra,
+                                         generation=state.generation)
 
     def on_forward_end(module, args, kwargs, output):
         state.forward = None  # a submodule called directly later must not inherit this call's kinds
@@ -265,7 +278,7 @@ def attach(model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
 
     def generating(inner):
         def generate(*args, **kwargs):
-            outer, state.generation = state.generation, _Generation()
+            outer, state.generation = state.generation, Generation()
             try:
                 return inner(*args, **kwargs)
             finally:
