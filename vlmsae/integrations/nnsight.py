@@ -16,11 +16,14 @@ checks that both paths give the same logits, under ``generate()`` too::
 
     with traced.trace(**inputs, max_new_tokens=8, fn=model.generate) as tracer:
         for _ in tracer.iter[0:8]:          # bounded: code after an open-ended iter[:] never runs
-            vn.steer(traced, 9, sae, features={12: 8.0}, where="generated")
+            fwd = vn.forward(traced)        # read once per forward when several calls edit it
+            vn.steer(traced, 9, sae, features={12: 8.0}, where="generated", fwd=fwd)
+            vn.splice(traced, 12, sae12, error=True, fwd=fwd)
 
 nnsight 0.8 runs the body of a trace on real tensors as each module executes (nnsight docs,
 "Interleaving"), so within one forward a call must come after any read of an earlier module and
-before any read of a later one. Under ``generate()`` a forward after the KV cache's positions counts
+before any read of a later one, and a forward's inputs (which give its token kinds) can be read only
+once: :func:`forward` reads them, for several calls to share. Under ``generate()`` a forward after the KV cache's positions counts
 every position it feeds as generated, as :func:`vlmsae.attach` does under the KV cache; with
 ``use_cache=False`` each step recomputes the whole sequence and nothing is marked generated.
 """
@@ -43,24 +46,37 @@ from ..sites import parse_site
 from . import require
 
 
+def forward(model) -> Forward:
+    """Inside an nnsight trace: the :class:`~vlmsae.hooks.Forward` of the forward now running (its positions and
+    their token kinds), read from the model's own inputs (``model.inputs``, nnsight docs "Envoy").
+
+    nnsight lets a forward's inputs be read once, before its layers run: to edit several sites of one
+    forward, read it first and pass it to each call as ``fwd=``. Raises
+    :class:`~vlmsae.errors.MissingExtraError` without nnsight and
+    :class:`~vlmsae.errors.UnsupportedModelError` for a model that is not an nnsight object.
+    """
+    require("nnsight", "nnsight")
+    if isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a plain torch module; pass the nnsight object being traced "
+            "(nnsight.NNsight(model)), or use vlmsae.splice / ablate / steer on the model itself")
+    info = layers(model)
+    args, kwargs = model.inputs  # the root module's call: read before the layer runs
+    return describe_forward(info, info.model, args, kwargs)
+
+
 class _Site:
     """One site of the forward being traced: its model info, :class:`~vlmsae.hooks.Forward` and residual."""
 
-    def __init__(self, model, layer, site: str):
-        require("nnsight", "nnsight")
-        if isinstance(model, nn.Module):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} is a plain torch module; pass the nnsight object being traced "
-                "(nnsight.NNsight(model)), or use vlmsae.splice / ablate / steer on the model itself")
-        self.info: ModelInfo = layers(model)
+    def __init__(self, model, layer, site: str, fwd: Forward | None):
+        self.fwd: Forward = forward(model) if fwd is None else fwd
+        self.info: ModelInfo = self.fwd.info
         self.layer, self.site = parse_site(layer, site)
         check_sites(self.info, [(self.layer, self.site)])
         envoy = model
         for part in self.info.layer_path.split("."):  # the adapter's path, walked through nnsight's module tree
             envoy = getattr(envoy, part)
         self.envoy = envoy[self.layer]
-        args, kwargs = model.inputs  # the root module's call: read before the layer runs
-        self.fwd: Forward = describe_forward(self.info, self.info.model, args, kwargs)
         if self.site == "resid_post":
             self.output = self.envoy.output
             self.resid: Tensor = self.output[0] if isinstance(self.output, tuple) else self.output
@@ -78,7 +94,7 @@ class _Site:
 
 
 def splice(model, layer: int | str, sae: SAE, *, error: bool = False, where=None, site: str = "resid_post",
-           edit: Callable[[Tensor, Forward], Tensor] | None = None) -> Tensor:
+           edit: Callable[[Tensor, Forward], Tensor] | None = None, fwd: Forward | None = None) -> Tensor:
     """Inside an nnsight trace: replace the residual at ``layer`` by the SAE's reconstruction, as
     :func:`vlmsae.splice` does.
 
@@ -86,14 +102,15 @@ def splice(model, layer: int | str, sae: SAE, *, error: bool = False, where=None
     TransformerLens hook name (``"blocks.9.hook_resid_post"``). ``error=True`` keeps the error term;
     ``edit(latents, fwd) -> latents`` changes latents; ``where`` limits the change to some positions
     (:mod:`vlmsae.positions`). Returns the ``(batch, seq, d_sae)`` latents of this forward at every
-    position (call ``.save()`` on them to keep them after the trace).
+    position (call ``.save()`` on them to keep them after the trace). ``fwd`` is this forward's
+    :func:`forward`, read once when several calls edit one forward (read here when ``None``).
 
     Raises :class:`~vlmsae.errors.MissingExtraError` without nnsight,
     :class:`~vlmsae.errors.UnsupportedModelError` for a model that is not an nnsight object,
     :class:`~vlmsae.errors.LayerIndexError` / :class:`~vlmsae.errors.SiteError` for a bad site and
     :class:`~vlmsae.errors.ConfigError` for an SAE of another width or a ``where`` that selects nothing.
     """
-    at = _Site(model, layer, site)
+    at = _Site(model, layer, site, fwd)
     check_sae(sae, at.info, at.layer, at.site)
     kinds = where_kinds(where, at.info)
     mask = where_mask(where, kinds, at.fwd)
@@ -108,10 +125,10 @@ def splice(model, layer: int | str, sae: SAE, *, error: bool = False, where=None
 
 
 def ablate(model, layer: int | str, sae: SAE, features: Iterable[int], *, mode: str = "zero",
-           means: Tensor | None = None, where=None, site: str = "resid_post") -> Tensor:
+           means: Tensor | None = None, where=None, site: str = "resid_post", fwd: Forward | None = None) -> Tensor:
     """Inside an nnsight trace: set ``features`` to zero (or to ``means``, ``mode="mean"``) with the error term
     kept, as :func:`vlmsae.ablate` does. ``means`` is ``(d_sae,)``. Returns the ``(batch, seq, d_sae)`` latents
-    before the ablation. Raises as :func:`splice`, and :class:`~vlmsae.errors.ConfigError` for a feature index
+    before the ablation; ``fwd`` as for :func:`splice`. Raises as :func:`splice`, and :class:`~vlmsae.errors.ConfigError` for a feature index
     out of range or a ``mode`` / ``means`` that do not fit."""
     features = check_features(features, sae.cfg.d_sae)
     if mode not in ("zero", "mean"):
@@ -126,19 +143,19 @@ def ablate(model, layer: int | str, sae: SAE, features: Iterable[int], *, mode: 
         latents[..., index] = 0 if mode == "zero" else means.to(latents)[index]
         return latents
 
-    return splice(model, layer, sae, error=True, where=where, site=site, edit=edit if features else None)
+    return splice(model, layer, sae, error=True, where=where, site=site, edit=edit if features else None, fwd=fwd)
 
 
 def steer(model, layer: int | str, target, features: Mapping[int, float] | None = None, *, strength: float = 1.0,
-          where=None, relative_to: Tensor | None = None, site: str = "resid_post") -> Tensor:
+          where=None, relative_to: Tensor | None = None, site: str = "resid_post", fwd: Forward | None = None) -> Tensor:
     """Inside an nnsight trace: add decoder directions of an SAE (``features={index: strength}``) or a raw
     ``(d_in,)`` direction (``strength * target``) at ``where`` positions, as :func:`vlmsae.steer` does.
 
     Strengths are latent activations (multiples of ``relative_to[f]`` when given, ``(d_sae,)``). Under
     ``generate()`` call it at every step (``for _ in tracer.iter[0:n]``). Returns the ``(d_in,)`` vector
-    added. Raises as :func:`splice`, and :class:`~vlmsae.errors.ConfigError` for a vector of another width.
+    added; ``fwd`` as for :func:`splice`. Raises as :func:`splice`, and :class:`~vlmsae.errors.ConfigError` for a vector of another width.
     """
-    at = _Site(model, layer, site)
+    at = _Site(model, layer, site, fwd)
     if isinstance(target, SAE):
         check_sae(target, at.info, at.layer, at.site)
     vector = steering_vector(target, features, strength=strength, relative_to=relative_to)
