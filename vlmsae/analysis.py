@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from einops import repeat
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -77,9 +78,9 @@ def patch_grid(acts: Tensor, layout: PatchLayout) -> Tensor:
     if acts.shape[-1] != layout.n_tokens:
         raise ConfigError(f"{acts.shape[-1]} image tokens do not tile a {layout.grid} patch grid merged "
                           f"{layout.merge}x{layout.merge} ({layout.n_tokens} tokens)")
-    rows, cols = layout.grid[0] // layout.merge, layout.grid[1] // layout.merge
-    grid = acts.reshape(*acts.shape[:-1], rows, cols)
-    return grid.repeat_interleave(layout.merge, -2).repeat_interleave(layout.merge, -1)
+    # stream order is row-major over merged tokens; each covers merge x merge patches
+    return repeat(acts, "... (rows cols) -> ... (rows mr) (cols mc)", rows=layout.grid[0] // layout.merge,
+                  mr=layout.merge, mc=layout.merge)
 
 
 @dataclass
