@@ -1,7 +1,9 @@
-"""Every dependency of pyproject.toml (dev extra included) is installed at its lower bound, as .ci/oldest.txt pins it.
+"""Every dependency of pyproject.toml, every extra's included, is installed at its lower bound, as .ci/oldest.txt
+pins it.
 
-Run inside the oldest venv after `pip install -c .ci/oldest.txt -e ".[dev]"`: fails when a bound and its pin
-drift apart, or when a dependency gains a bound that oldest.txt does not pin.
+Run inside the oldest venv after `pip install -c .ci/oldest.txt -e ".[dev]"` (dev pulls in every other extra):
+fails when a bound and its pin drift apart, when a dependency gains a bound that oldest.txt does not pin, or when
+an extra is not reached from dev (its bounds would go untested).
 """
 
 import sys
@@ -22,8 +24,30 @@ for line in (root / ".ci" / "oldest.txt").read_text().splitlines():
         (spec,) = req.specifier
         pins[req.name.lower().replace("_", "-")] = Version(spec.version)
 
+extras = project["optional-dependencies"]
 problems = []
-for line in project["dependencies"] + project["optional-dependencies"]["dev"]:
+
+
+def expand(extra: str, seen: frozenset = frozenset()) -> list[str]:
+    """The requirement lines vlmsae[extra] installs, through the vlmsae[...] extras it names."""
+    if extra not in extras:
+        problems.append(f"vlmsae[{extra}] is named in pyproject.toml but is not one of its extras {sorted(extras)}")
+        return []
+    lines = []
+    for line in extras[extra]:
+        req = Requirement(line)
+        if req.name.lower() != project["name"]:
+            lines.append(line)
+        else:  # a self-reference such as vlmsae[nnsight,lens]; seen stops a cycle of them
+            lines += [x for e in sorted(req.extras - seen - {extra}) for x in expand(e, seen | {extra})]
+    return lines
+
+
+dev = expand("dev")
+problems += [f"vlmsae[{extra}] needs {sorted(set(expand(extra)) - set(dev))}, which vlmsae[dev] does not install; "
+             "add the extra to dev's vlmsae[...]" for extra in sorted(extras) if not set(expand(extra)) <= set(dev)]
+lines = project["dependencies"] + dev
+for line in lines:
     req = Requirement(line)
     name = req.name.lower().replace("_", "-")
     lows = [Version(s.version) for s in req.specifier if s.operator == ">="]

@@ -1,5 +1,6 @@
-"""The package's shape (issue 12): `import vlmsae` loads no testbed module, the modules form a DAG, imports
-flow one way (core <- analysis <- testbed), and no module uses another module's private names.
+"""The package's shape (issue 12): `import vlmsae` loads no testbed module and no optional peer library, the
+modules form a DAG, imports flow one way (core <- analysis <- testbed, and vlmsae.integrations on top), and no
+module uses another module's private names.
 
 The import graph is read from the source (the AST of every module under vlmsae/), not from a running
 interpreter, so an import inside a function counts as much as one at the top: a lazy import hides a
@@ -21,6 +22,7 @@ import vlmsae
 PACKAGE = Path(vlmsae.__file__).parent
 ANALYSIS = {"vlmsae.analysis", "vlmsae.probes", "vlmsae.plots", "vlmsae.dashboard"}
 TOP = {"vlmsae", "vlmsae.__main__", "vlmsae.cli"}  # the API and the command sit on all three layers
+PEERS = ("nnsight", "transformer_lens", "accelerate")  # optional extras: only vlmsae.integrations may import them
 SHIMS = {"vlmsae.shapes", "vlmsae.concepts", "vlmsae.demo"}  # old paths of testbed modules, for one release
 # Edges against the flow, each with its reason (remove the entry with the reason).
 AGAINST_THE_FLOW = {("vlmsae.data", "vlmsae.testbed.data")}  # vlmsae.data.ShapesData's deprecation __getattr__
@@ -90,7 +92,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def layer(module: str) -> int:
-    if module in TOP:
+    if module in TOP or module.startswith("vlmsae.integrations"):
         return 3
     if module.startswith("vlmsae.testbed") or module in SHIMS:
         return 2
@@ -167,6 +169,22 @@ def test_import_vlmsae_loads_no_testbed_module():
     loaded = fresh_python(f"import sys, vlmsae\nprint(sorted(m for m in sys.modules "
                           f"if m.startswith('vlmsae.testbed') or m in {sorted(SHIMS)}))")
     assert loaded == "[]", f"import vlmsae loaded {loaded}"
+
+
+def test_import_vlmsae_loads_no_optional_peer():
+    """In a fresh interpreter: `import vlmsae` imports none of the libraries of its extras (nnsight, TransformerLens,
+    accelerate), so a user without them can use everything but the integrations."""
+    loaded = fresh_python(f"import sys, vlmsae\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {PEERS}))")
+    assert loaded == "[]", f"import vlmsae loaded {loaded}"
+
+
+def test_only_the_integrations_import_the_extras():
+    """An extra's library is imported (at the top or lazily) by vlmsae.integrations alone, and nothing but the
+    integrations imports vlmsae.integrations: the core and analysis work without any extra."""
+    peers = {(m, target) for m in MODULES for target, _, _ in imports(m) if target.split(".")[0] in PEERS}
+    assert peers and all(m.startswith("vlmsae.integrations") for m, _ in peers), sorted(peers)
+    users = {a for a, targets in GRAPH.items() for b in targets if b.startswith("vlmsae.integrations")}
+    assert all(a.startswith("vlmsae.integrations") for a in users), sorted(users)
 
 
 def test_the_graph_sees_imports_at_every_level():

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .sites import hook_name
 
 Model = nn.Module
 """What every entry point's ``model`` is: a transformers VLM of a supported family (:func:`supported`),
@@ -120,7 +121,7 @@ class ModelInfo:
 
     def hook_name(self, layer: int, site: str = "resid_post") -> str:
         """The TransformerLens-style name of a site, as SAELens stores it: ``blocks.9.hook_resid_post``."""
-        return f"blocks.{layer}.hook_{site}"
+        return hook_name(layer, site)
 
     def kinds(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               special_ids: frozenset[int] | None = None) -> torch.Tensor:

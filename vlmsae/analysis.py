@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from einops import repeat
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -34,6 +35,7 @@ from .metrics import auroc
 from .positions import Where, where_kinds, where_mask
 from .record import record
 from .sae import SAE
+from .sites import parse_site
 
 DEFAULT_WHERE = ("image", "text", "generated")
 """Positions a scan reads by default: every content token, never padding or special tokens (BOS
@@ -87,9 +89,9 @@ def patch_grid(acts: Tensor, layout: PatchLayout) -> Tensor:
     if acts.shape[-1] != layout.n_tokens:
         raise ConfigError(f"{acts.shape[-1]} image tokens do not tile a {layout.grid} patch grid merged "
                           f"{layout.merge}x{layout.merge} ({layout.n_tokens} tokens)")
-    rows, cols = layout.grid[0] // layout.merge, layout.grid[1] // layout.merge
-    grid = acts.reshape(*acts.shape[:-1], rows, cols)
-    return grid.repeat_interleave(layout.merge, -2).repeat_interleave(layout.merge, -1)
+    # stream order is row-major over merged tokens; each covers merge x merge patches
+    return repeat(acts, "... (rows cols) -> ... (rows mr) (cols mc)", rows=layout.grid[0] // layout.merge,
+                  mr=layout.merge, mc=layout.merge)
 
 
 @dataclass
@@ -209,6 +211,7 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
     if context < 0:
         raise ConfigError(f"context={context} must be >= 0 (tokens shown either side of the peak)")
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)
     kinds_read = where_kinds(where, info)
@@ -422,6 +425,7 @@ def image_question_grid(model: Model, layer: int, sae: SAE, images: Sequence, qu
     if reduce not in ("max", "mean", "last"):
         raise ConfigError(f"reduce={reduce!r} is unknown; use 'max', 'mean' or 'last'")
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)
     kinds_read = where_kinds(where, info)

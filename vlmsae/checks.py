@@ -7,8 +7,9 @@ import warnings
 from collections.abc import Iterable
 
 from .adapters import ModelInfo
-from .errors import ConfigError, HookNameWarning
+from .errors import ConfigError, HookNameWarning, SiteError
 from .sae import SAE
+from .sites import parse_site
 
 
 def check_sae(sae: SAE, info: ModelInfo, layer: int, site: str) -> None:
@@ -22,11 +23,19 @@ def check_sae(sae: SAE, info: ModelInfo, layer: int, site: str) -> None:
             f"the SAE reads d_in={sae.cfg.d_in} but this {info.family} model's residual has d_model={info.d_model}; "
             "use an SAE trained on this model (or one of the same width)")
     trained_at, used_at = sae.metadata.get("hook_name"), info.hook_name(layer, site)
-    if trained_at is not None and trained_at != used_at:
+    if trained_at is not None and _same_site(trained_at) != (layer, site):
         warnings.warn(
             f"this SAE was trained at {trained_at!r} (hook_name in its metadata) but is used at {used_at!r}; "
             f"pass the layer and site it was trained at, or set sae.metadata['hook_name'] = {used_at!r} if its "
             "metadata is wrong", HookNameWarning, stacklevel=3)
+
+
+def _same_site(name) -> tuple:
+    """The ``(layer, site)`` a ``hook_name`` stands for, in either TransformerLens spelling (hook_out is hook_resid_post)."""
+    try:
+        return parse_site(name)
+    except SiteError:
+        return (name,)
 
 
 def check_latents(latents: Iterable[int], d_sae: int) -> list[int]:

@@ -31,3 +31,7 @@ class NonFiniteError(VlmsaeError, FloatingPointError):
 
 class HookNameWarning(UserWarning):
     """An SAE used at a site other than the ``hook_name`` its metadata says it was trained at."""
+
+
+class MissingExtraError(VlmsaeError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install "vlmsae[extra]"`` that adds it."""

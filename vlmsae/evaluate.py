@@ -28,6 +28,7 @@ from .metrics import SpliceStats, kind_stats
 from .positions import where_kinds, where_mask
 from .record import record
 from .sae import SAE
+from .sites import parse_site
 
 
 def loss_positions(kinds: Tensor) -> Tensor:
@@ -69,6 +70,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
         UnsupportedModelError: the model is not a supported family.
     """
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)
     if where is None:

@@ -6,7 +6,8 @@ included, where ``resid`` holds only the new positions) and may return a replace
 (normal, an exception in the block, or an exception in a hook) every handle is removed in
 ``finally``, so the model is exactly as it was.
 
-Sites, named as TransformerLens names them:
+Sites, named as TransformerLens names them (:mod:`vlmsae.sites`; a key may also be the hook name,
+``"blocks.9.hook_resid_post"``):
 
 - ``resid_pre``: the input of decoder layer L;
 - ``resid_post``: the output of decoder layer L.
@@ -27,8 +28,7 @@ from torch import nn
 
 from .adapters import Kind, Model, ModelInfo, layers
 from .errors import LayerIndexError, SiteError, UnsupportedModelError
-
-SITES = ("resid_pre", "resid_post")
+from .sites import LENS_HOOKS, SITES, parse_site
 
 
 @dataclass(eq=False)
@@ -90,16 +90,23 @@ class StopForward(Exception):
 
 
 def check_sites(info: ModelInfo, sites) -> list[tuple[int, str]]:
-    """Validate ``(layer, site)`` pairs against the model; the error names the bad value and what is valid.
+    """Validate ``(layer, site)`` pairs in vlmsae's spelling against the model; the error names the bad value and
+    what is valid (for a TransformerLens name, the pair it stands for: :func:`vlmsae.sites.parse_site` turns one
+    into the other).
 
     Raises:
         SiteError: a site not in ``SITES``, or a pair listed twice.
-        LayerIndexError: a layer outside ``0..n_layers - 1`` (or not an int).
+        LayerIndexError: a layer outside ``0..n_layers - 1`` (or not an int, or a hook name).
     """
     sites = list(sites)
     for layer, site in sites:
         if site not in SITES:
-            raise SiteError(f"site={site!r} is not a hook site; valid sites: {SITES}")
+            hint = f" ({site!r} is TransformerLens's name of {LENS_HOOKS[site]!r})" if site in LENS_HOOKS else ""
+            raise SiteError(f"site={site!r} is not a hook site; valid sites: {SITES}{hint}")
+        if isinstance(layer, str) and layer.startswith("blocks."):
+            index, named = parse_site(layer)  # a hook name vlmsae has no site for raises here
+            raise LayerIndexError(f"layer={layer!r} is a TransformerLens hook name, which this call does not read; "
+                                  f"pass layer={index}, site={named!r}")
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < info.n_layers:
             raise LayerIndexError(
                 f"layer={layer!r} is out of range for this {info.family} model with {info.n_layers} decoder "
@@ -140,7 +147,7 @@ def find_cache(values) -> object | None:
     return next((v for v in values if isinstance(v, Cache)), None)
 
 
-class _Generation:
+class Generation:
     """One running ``generate()`` call: its prompt is the first forward's whole sequence."""
 
     def __init__(self):
@@ -148,11 +155,43 @@ class _Generation:
         self.steps = 0
 
 
+def describe_forward(info: ModelInfo, module: nn.Module, args: tuple, kwargs: dict, *, index: int = 0,
+                     special_ids: frozenset[int] = frozenset(), generation: Generation | None = None) -> Forward:
+    """The :class:`Forward` of one call ``module(*args, **kwargs)`` of the model's own forward.
+
+    What :func:`attach` builds at each call, for a front end that sees the call's arguments itself
+    (an nnsight trace reads them as ``model.inputs``). ``generation`` is the running ``generate()``
+    call, or ``None``: then a forward after a KV cache's ``past`` positions (a decode step) counts
+    every position it feeds as generated, which is what ``generate()`` does under the KV cache.
+    Raises :class:`~vlmsae.errors.UnsupportedModelError` as :func:`attach` does.
+    """
+    if args:  # positional inputs: name them as the forward's signature does
+        kwargs = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
+    ids = kwargs.get(info.ids_key)
+    cache = find_cache(kwargs.values())
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    generated_from = past if past > 0 else None
+    if generation is not None and ids is not None:
+        total = past + ids.shape[1]
+        if generation.prompt_len is None:
+            generation.prompt_len = total
+        elif total <= generation.prompt_len:
+            names = ", ".join(f"{k}: {type(v).__name__}" for k, v in kwargs.items() if v is not None)
+            raise UnsupportedModelError(
+                f"decode step {generation.steps} of generate() on this {info.family} model feeds "
+                f"{ids.shape[1]} position(s) but vlmsae found no transformers Cache among the forward's "
+                f"arguments ({names}), so it cannot place them after the {generation.prompt_len}-position "
+                "prompt; report your transformers version to vlmsae, or generate with use_cache=False")
+        generation.steps += 1
+        generated_from = generation.prompt_len
+    return Forward(info, index, ids, kwargs.get(info.mask_key), past, special_ids, generated_from)
+
+
 class _ThreadState(threading.local):
     """Per thread, so that two threads calling one hooked model never see each other's forward."""
 
     forward: Forward | None = None
-    generation: _Generation | None = None
+    generation: Generation | None = None
 
 
 def _patch(module: nn.Module, name: str, replacement) -> Callable[[], None]:
@@ -173,6 +212,9 @@ def _patch(module: nn.Module, name: str, replacement) -> Callable[[], None]:
 def attach(model: Model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = False,
            special_ids=None) -> Iterator[ModelInfo]:
     """Run ``fns[(layer, site)](resid, fwd)`` at each site on every forward inside the block.
+
+    A key is ``(layer, site)`` or a TransformerLens hook name (``"blocks.9.hook_resid_post"``,
+    :func:`vlmsae.sites.parse_site`); two keys naming one site are an error.
 
     ``fwd`` (a :class:`Forward`) says which positions this forward computes and their token kinds.
     A decode step is known by the transformers ``Cache`` among the forward's arguments (whatever
@@ -197,7 +239,9 @@ def attach(model: Model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = 
             among the forward's arguments).
     """
     info = layers(model)
-    sites = check_sites(info, fns)
+    named = [(parse_site(*key) if isinstance(key, tuple) else parse_site(key), fn) for key, fn in fns.items()]
+    sites = check_sites(info, [key for key, _ in named])  # two spellings of one site are caught here
+    fns = dict(named)
     if not sites:
         raise SiteError("attach() got no sites; pass at least one {(layer, site): fn}")
     root = info.model
@@ -241,28 +285,8 @@ class _Tracker:
 
     def begin(self, module, args, kwargs) -> None:
         """Forward pre-hook of the model: classify the call (fresh, decode step, inside ``generate()``)."""
-        info, generation = self.info, self.state.generation
-        if args:  # positional inputs: name them as the forward's signature does
-            kwargs = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
-        ids = kwargs.get(info.ids_key)
-        cache = find_cache(kwargs.values())
-        past = int(cache.get_seq_length()) if cache is not None else 0
-        generated_from = past if past > 0 else None
-        if generation is not None and ids is not None:
-            total = past + ids.shape[1]
-            if generation.prompt_len is None:
-                generation.prompt_len = total
-            elif total <= generation.prompt_len:
-                names = ", ".join(f"{k}: {type(v).__name__}" for k, v in kwargs.items() if v is not None)
-                raise UnsupportedModelError(
-                    f"decode step {generation.steps} of generate() on this {info.family} model feeds "
-                    f"{ids.shape[1]} position(s) but vlmsae found no transformers Cache among the forward's "
-                    f"arguments ({names}), so it cannot place them after the {generation.prompt_len}-position "
-                    "prompt; report your transformers version to vlmsae, or generate with use_cache=False")
-            generation.steps += 1
-            generated_from = generation.prompt_len
-        self.state.forward = Forward(info, next(self.count), ids, kwargs.get(info.mask_key), past, self.extra,
-                                     generated_from)
+        self.state.forward = describe_forward(self.info, module, args, kwargs, index=next(self.count),
+                                              special_ids=self.extra, generation=self.state.generation)
 
     def end(self, module, args, kwargs, output) -> None:
         """Forward hook of the model (always called): a submodule called directly later must not inherit this call."""
@@ -275,7 +299,7 @@ class _Tracker:
     def generating(self, inner):
         """``generate`` wrapped so that its forwards know they belong to one generation."""
         def generate(*args, **kwargs):
-            outer, self.state.generation = self.state.generation, _Generation()
+            outer, self.state.generation = self.state.generation, Generation()
             try:
                 return inner(*args, **kwargs)
             finally:

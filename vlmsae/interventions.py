@@ -31,6 +31,7 @@ from .metrics import SpliceStats, kind_stats
 from .positions import Where, where_kinds, where_mask
 from .record import record
 from .sae import SAE
+from .sites import parse_site
 
 
 def _put_back(x: Tensor, sae: SAE, latents: Tensor, edited: Tensor, recon: Tensor, use_error_term: bool) -> Tensor:
@@ -132,6 +133,7 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
         HookNameWarning: the SAE's ``hook_name`` metadata names another site.
     """
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)
     kinds = where_kinds(where, info)
@@ -248,6 +250,7 @@ def steer(model: Model, layer: int, target: SAE | Tensor, latents: Mapping[int, 
         UnsupportedModelError: the model is not a supported family.
     """
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     if isinstance(target, SAE):
         check_sae(target, info, layer, site)
@@ -289,6 +292,7 @@ def latent_stats(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, wh
         UnsupportedModelError: the model is not a supported family.
     """
     info = layers(model)
+    layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     check_sae(sae, info, layer, site)
     kinds = where_kinds(where, info)

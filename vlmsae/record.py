@@ -9,7 +9,9 @@ import torch
 
 from .adapters import Model, layers as adapter_info
 from .deprecation import warn_renamed
+from .errors import SiteError
 from .hooks import Forward, attach, check_sites
+from .sites import parse_site
 
 Sink = Callable[[int, torch.Tensor, Forward], None]
 """``sink(layer, resid, fwd)``: receives each capture instead of the recording (e.g. a ring buffer's writer)."""
@@ -91,14 +93,22 @@ def record(model: Model, layers: int | Iterable[int], *, site: str = "resid_post
     ``None``): no compute is spent on layers nobody reads. ``sink`` receives every capture
     ``sink(layer, resid, fwd)`` instead of the recording keeping it. Captures are the model's own
     tensors, detached, in its dtype and on the layer's device. ``special_ids`` are token ids counted as
-    SPECIAL besides the model's own (e.g. a chat template's control tokens).
+    SPECIAL besides the model's own (e.g. a chat template's control tokens). ``layers`` may be
+    TransformerLens hook names (``"blocks.9.hook_resid_post"``): they give the site too, and ``rec[9]``
+    holds the capture.
 
     Raises:
         LayerIndexError: a layer outside ``0..n_layers - 1``.
-        SiteError: ``site`` is not one of ``vlmsae.SITES``, or a layer is listed twice.
+        SiteError: ``site`` is not one of ``vlmsae.SITES``, a layer is listed twice, or hook names of
+            several sites.
         UnsupportedModelError: the model is not a supported family (see :func:`vlmsae.layers`).
     """
-    layers = [layers] if isinstance(layers, int) else list(layers)
+    layers = [layers] if isinstance(layers, (int, str)) else list(layers)
+    parsed = [parse_site(layer, site) for layer in layers]  # a hook name gives its layer and its site
+    sites = {s for _, s in parsed}
+    if len(sites) > 1:
+        raise SiteError(f"layers={layers!r} name sites {sorted(sites)}; record one site per record() block")
+    layers, site = [layer for layer, _ in parsed], sites.pop() if sites else site
     rec = Recording(layers, site)
 
     def capture(layer):

@@ -14,6 +14,7 @@ All families share one small vocabulary layout so that tests can reason about id
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from transformers import (
     CLIPVisionConfig,
     GPT2Config,
@@ -171,10 +172,9 @@ def qwen_patchify(images: torch.Tensor, patch: int = QWEN_PATCH, merge: int = QW
     n, c, h, w = images.shape
     gh, gw = h // patch, w // patch
     x = images.unsqueeze(1).expand(n, temporal, c, h, w)  # (n, t, C, H, W)
-    x = x.reshape(n, 1, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
-    # -> (n, grid_t, gh/m, gw/m, m, m, C, t, P, P)
-    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
-    flat = x.reshape(n * gh * gw, c * temporal * patch * patch)
+    # one row per patch, merge x merge blocks of patches in a row; each row is (C, t, P, P) flattened
+    flat = rearrange(x, "n t c (bh mh ph) (bw mw pw) -> (n bh bw mh mw) (c t ph pw)", mh=merge, ph=patch, mw=merge,
+                     pw=patch)
     grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.long)
     return flat, grid
 
