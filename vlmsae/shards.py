@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapters import Kind, layers as adapter_info
-from .buffer import Rows, _kinds, outliers, tag_rows
+from .buffer import Rows, outliers, parse_kinds, tag_rows
 from .errors import ConfigError, NonFiniteError, SAEFileError
 from .files import write_atomic, write_text_atomic
 from .hooks import check_sites
@@ -40,7 +40,7 @@ def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str |
     info = adapter_info(model)
     layers = [layers] if isinstance(layers, int) else sorted(layers)
     check_sites(info, [(L, site) for L in layers])
-    admitted = torch.tensor([int(k) for k in _kinds(kinds, "kinds")], dtype=torch.int8)
+    admitted = torch.tensor([int(k) for k in parse_kinds(kinds, "kinds")], dtype=torch.int8)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pending = {L: [] for L in layers}
