@@ -284,8 +284,9 @@ class OnlineRun:
     distributed run (rank, world size) would all-reduce metrics and token counts.
     """
 
-    def __init__(self, model, layer, data, sae, cfg: OnlineRunConfig, trainer_cfg: SAETrainerConfig,
+    def __init__(self, model, layer, data, sae, cfg: OnlineRunConfig, trainer_cfg: SAETrainerConfig | None,
                  out: str | os.PathLike | None, history: list | None):
+        trainer_cfg = trainer_config(cfg, trainer_cfg, {})  # one readout cadence for the run and its trainers
         self.cfg, self.trainer_cfg = cfg, trainer_cfg
         self.history = history if history is not None else []
         self.out = Path(out) if out is not None else None
