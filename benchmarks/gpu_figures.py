@@ -422,7 +422,7 @@ def section_train(args, device, now, report: Report) -> dict:
                    f"{train_rate:,.0f}")
         report.save_partial("online_train", out)
         last = history[-1] if history else {}
-        finite = all(bool(torch.isfinite(p).all()) for p in trained.parameters())
+        finite = all(bool(torch.isfinite(p).all()) for p in trained.sae.parameters())
         check(out["checks"], "trained SAE finite, 0 < l0 <= k", finite and math.isfinite(last.get("fvu", math.nan))
               and 0 < last.get("l0", 0) <= args.k + 0.5, f"last readout: step {last.get('step')}, "
               f"fvu {last.get('fvu', math.nan):.3f}, l0 {last.get('l0', math.nan):.2f}")

@@ -214,7 +214,7 @@ def test_heatmaps_put_the_hot_patch_on_the_object():
 
     sae = vlmsae.train(model, layer, batches(100), vlmsae.SAE(d_in=info.d_model, d_sae=4 * info.d_model, k=8),
                        steps=60, batch_size=256, buffer_size=4096, kinds=("image",), warmup_steps=10,
-                       progress=False)
+                       progress=False).sae
     samples = shapes.make_samples(128, seed=7)
     data = [shapes.qa_inputs(samples[i:i + 32], tokenizer, "color", labels=False) for i in range(0, 128, 32)]
     latents, colors = [], []

@@ -27,7 +27,7 @@ SHIMS = {"vlmsae.shapes", "vlmsae.concepts", "vlmsae.demo"}  # old paths of test
 # Edges against the flow, each with its reason (remove the entry with the reason).
 AGAINST_THE_FLOW = {("vlmsae.data", "vlmsae.testbed.data")}  # vlmsae.data.ShapesData's deprecation __getattr__
 # Private names still used across modules, each with its reason (remove the entry with the reason).
-PRIVATE_USES = {("vlmsae.shards", "vlmsae.buffer._kinds")}  # buffer / shards: being refactored (issue 12, item 3)
+PRIVATE_USES: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -53,7 +53,7 @@ def data():
 
 
 def resume(out: Path, steps: int = 24, **fields_) -> SAE:
-    return train(_model(), LAYER, data(), make_sae(), out=out, resume=True, **dict(RUN, steps=steps, **fields_))
+    return train(_model(), LAYER, data(), make_sae(), out=out, resume=True, **dict(RUN, steps=steps, **fields_)).sae
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Strings that reach an HTML page (feature labels, tokens, captions, settings) are text there: none of them
+"""Strings that reach an HTML page (latent labels, tokens, captions, settings) are text there: none of them
 can add an element, end a <script> block or comment out the rest of the page (issue 11, item 5).
 
 Each page is built twice, once with hostile strings and once with plain ones of the same shape; parsed,
@@ -104,7 +104,7 @@ def test_dashboard_shows_hostile_labels_as_text(scanned, tmp_path):
     assert "".join(hostile.text).count("".join(HOSTILE)) == 2
     # the labels and tokens reach the page's script verbatim, as JSON strings (it shows them with textContent)
     [data] = [i for i, (attrs, _) in enumerate(hostile.scripts) if attrs.get("id") == "data"]
-    shown = json.loads(hostile.script(data))["features"]
+    shown = json.loads(hostile.script(data))["latents"]
     assert {f["top_tokens"] for f in shown} == set(HOSTILE)
     assert {f["stats"]["concept"] for f in shown} == set(HOSTILE)
     tokens = {t for f in shown for x in f["examples"] for t in x["tokens"] if t is not None}

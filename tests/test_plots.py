@@ -54,7 +54,7 @@ def test_density_histogram():
     fig = plots.density_histogram(latent_table(found))
     assert trace_types(fig) == ["histogram"]
     assert len(fig.data[0].x) == int((found.fired > 0).sum())
-    assert axis_titles(fig) == {"log10 firing density", "features"}
+    assert axis_titles(fig) == {"log10 firing density", "latents"}
 
 
 def test_l0_by_kind():
@@ -65,7 +65,7 @@ def test_l0_by_kind():
     assert trace_types(fig) == ["bar"] * 3
     for trace in fig.data:
         assert abs(sum(trace.y) - 1) < 1e-9
-    assert axis_titles(fig) == {"L0 (features active at a position)", "share of positions"}
+    assert axis_titles(fig) == {"L0 (latents active at a position)", "share of positions"}
 
 
 def test_training_curves():

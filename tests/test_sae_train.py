@@ -9,7 +9,7 @@ from vlmsae import metrics
 from vlmsae.errors import ConfigError, NonFiniteError
 from vlmsae.sae import ARCHITECTURES, SAE
 from vlmsae.sparse import SparseCode, gather_pre_acts, sparse_decode
-from vlmsae.trainer import SAETrainer, TrainerConfig
+from vlmsae.trainer import SAETrainer, SAETrainerConfig
 
 
 @pytest.fixture
@@ -250,11 +250,11 @@ def test_jumprelu_threshold_never_goes_below_zero():
 
 def test_trainer_config_checks():
     with pytest.raises(ConfigError, match="lr=2"):
-        TrainerConfig(lr=2)
+        SAETrainerConfig(lr=2)
     with pytest.raises(ConfigError, match="sync_every=0"):
-        TrainerConfig(sync_every=0)
+        SAETrainerConfig(sync_every=0)
     with pytest.raises(ConfigError, match="compute_dtype='fp8'"):
-        TrainerConfig(compute_dtype="fp8")
+        SAETrainerConfig(compute_dtype="fp8")
 
 
 def test_bf16_compute_keeps_fp32_weights():

@@ -89,7 +89,7 @@ def test_qa_labels_are_exactly_the_answer_and_eos(qa, question):
 
 
 def test_training_is_deterministic(tmp_path):
-    cfg = models.TrainConfig(steps=3, warmup=1, batch=4, d_model=32, n_layers=1, vision_layers=1, threads=1)
+    cfg = models.TestbedModelConfig(steps=3, warmup=1, batch=4, d_model=32, n_layers=1, vision_layers=1, threads=1)
     a, _ = models.train_captioner(tmp_path / "a", cfg)
     b, _ = models.train_captioner(None, cfg)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):

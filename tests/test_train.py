@@ -10,7 +10,7 @@ import torch
 import vlmsae
 from vlmsae import SAE, Kind, metrics, zoo
 from vlmsae.shards import Shards, harvest
-from vlmsae.train import TrainConfig, latest_checkpoint, train
+from vlmsae.train import OnlineRunConfig, TrainResult, latest_checkpoint, train
 from vlmsae.trainer import SAETrainer
 from vlmsae.zoo import tiny_inputs
 
@@ -69,7 +69,7 @@ def spy_on_steps(monkeypatch, before_step=None):
 
 
 def test_online_training_lowers_fvu_and_printed_metrics_hold_out(model):
-    sae = train(model, LAYER, batches(model, 12), make_sae(), steps=150, **FAST)
+    sae = train(model, LAYER, batches(model, 12), make_sae(), steps=150, **FAST).sae
     assert isinstance(sae, SAE) and not sae.training
     x = held_out(model, LAYER)
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_printed_metrics_match_recomputed(capsys, monkeypatch):
 
     spy_on_steps(monkeypatch, record_by_hand)
     history = []
-    trained = train(model, LAYER, data, sae, steps=steps, history=history, **dict(FAST, progress=True))
+    trained = train(model, LAYER, data, sae, steps=steps, history=history, **dict(FAST, progress=True)).sae
     err = capsys.readouterr().err
     final = [line for line in re.split(r"[\r\n]", err) if f"{steps}/{steps}" in line][-1]
     printed = re.search(r"L1 fvu (\S+) l0 (\S+) dead (\S+) \| image (\S+)/(\d+) \| text (\S+)/(\d+)", final)
@@ -148,7 +148,7 @@ def test_interrupt_resume_equals_uninterrupted(tmp_path):
     data = batches(model, 10)
     cfg = dict(FAST, steps=96, checkpoint_every=16)
     ref_history, resumed_history = [], []
-    ref = train(model, LAYER, data, make_sae(), out=tmp_path / "ref", history=ref_history, **cfg)
+    ref = train(model, LAYER, data, make_sae(), out=tmp_path / "ref", history=ref_history, **cfg).sae
 
     class Interrupt(Exception):
         pass
@@ -167,7 +167,7 @@ def test_interrupt_resume_equals_uninterrupted(tmp_path):
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt is not None and 0 < json.loads((ckpt / "state.json").read_text())["step"] < 96
     resumed = train(model, LAYER, data, make_sae(seed=123), out=tmp_path / "run", resume=True,
-                    history=resumed_history, **cfg)
+                    history=resumed_history, **cfg).sae
     for name, tensor in ref.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
     assert resumed_history[-1] == ref_history[-1]  # the printed metrics continue exactly too
@@ -179,12 +179,12 @@ def test_two_layers_from_one_forward_equal_each_alone():
 
     model = tiny_model("llava")
     data = batches(model, 10)
-    both = train(model, [0, 2], data, {0: make_sae(0), 2: make_sae(2)}, steps=40, **FAST)
-    alone0 = train(model, 0, data, make_sae(0), steps=40, **FAST)
-    alone2 = train(model, 2, data, make_sae(2), steps=40, **FAST)
+    both = train(model, [0, 2], data, {0: make_sae(0), 2: make_sae(2)}, steps=40, **FAST).saes
+    alone0 = train(model, 0, data, make_sae(0), steps=40, **FAST).sae
+    alone2 = train(model, 2, data, make_sae(2), steps=40, **FAST).sae
     for layer, alone in ((0, alone0), (2, alone2)):
         for name, tensor in alone.state_dict().items():
-            assert torch.equal(both[layer].state_dict()[name], tensor), (layer, name)
+            assert torch.equal(both[layer][0].state_dict()[name], tensor), (layer, name)
 
 
 def test_several_saes_on_one_layer_and_quota(monkeypatch):
@@ -202,7 +202,7 @@ def test_several_saes_on_one_layer_and_quota(monkeypatch):
     fed = spy_on_steps(monkeypatch)
     history = []
     trained = train(model, LAYER, data, saes, steps=30, quota={"image": 0.5, "text": 0.5}, history=history,
-                    **FAST)
+                    **FAST).saes[LAYER]
     assert [s.cfg.d_sae for s in trained] == [256, 128]
     assert trained[0].metadata["token_kinds"] == ["image", "text"]
     first, second = ([x for s, x in fed if s is sae] for sae in trained)
@@ -239,17 +239,76 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
 
 
-def test_one_readout_cadence_even_with_a_trainer_config():
-    """A TrainerConfig with its own sync_every cannot move the trainers' readout off TrainConfig's steps
-    (the input NaN check is placed just before them)."""
-    from vlmsae.trainer import TrainerConfig
+def test_one_readout_cadence_set_on_the_trainer_config():
+    """SAETrainerConfig owns sync_every: the run reads out (and checks its inputs for NaN) at the trainers'
+    readout steps, so every readout reaches the history."""
+    from vlmsae.trainer import SAETrainerConfig
     from vlmsae.zoo import tiny_model
 
     model = tiny_model("llava")
     history = []
-    train(model, LAYER, batches(model, 6), make_sae(), trainer_cfg=TrainerConfig(sync_every=7), history=history,
-          **dict(FAST, steps=60, sync_every=20))
+    fast = {k: v for k, v in FAST.items() if k != "sync_every"}
+    result = train(model, LAYER, batches(model, 6), make_sae(), trainer_cfg=SAETrainerConfig(sync_every=20),
+                   history=history, **dict(fast, steps=60))
     assert [h["step"] for h in history] == [20, 40, 60]
+    assert result.history == history and isinstance(result, TrainResult)
+
+
+def test_lr_and_sync_every_set_twice_must_agree():
+    """lr and sync_every belong to SAETrainerConfig; the deprecated OnlineRunConfig fields still work, with a
+    DeprecationWarning, and two values that disagree raise a ConfigError naming both."""
+    from vlmsae.train import RUN_SYNC_EVERY, trainer_config
+    from vlmsae.trainer import SAETrainerConfig
+
+    with pytest.warns(DeprecationWarning, match="SAETrainerConfig"):
+        old = OnlineRunConfig(lr=1e-3, sync_every=20)
+    assert (trainer_config(old, None, {}).lr, trainer_config(old, None, {}).sync_every) == (1e-3, 20)
+    assert trainer_config(old, SAETrainerConfig(lr=1e-3), {}).sync_every == 20  # equal values agree
+    assert trainer_config(OnlineRunConfig(), None, {}).sync_every == RUN_SYNC_EVERY == 25
+    assert trainer_config(OnlineRunConfig(), None, {"sync_every": 5}).sync_every == 5
+    with pytest.raises(vlmsae.ConfigError, match=r"OnlineRunConfig sync_every=20 .* SAETrainerConfig sync_every=7"):
+        trainer_config(old, SAETrainerConfig(sync_every=7), {})
+    with pytest.raises(vlmsae.ConfigError, match=r"OnlineRunConfig lr=0.001 .* SAETrainerConfig lr=0.002"):
+        trainer_config(old, SAETrainerConfig(lr=2e-3), {})
+    with pytest.raises(vlmsae.ConfigError, match=r"sync_every=20 disagrees with trainer_cfg's sync_every=7"):
+        train(None, LAYER, [], make_sae(), trainer_cfg=SAETrainerConfig(sync_every=7), **FAST | {"sync_every": 20})
+    with pytest.warns(DeprecationWarning), pytest.raises(vlmsae.ConfigError, match="sync_every=0"):
+        OnlineRunConfig(sync_every=0)
+
+
+def test_renamed_configs_keep_their_old_names_for_a_release():
+    import importlib
+
+    from vlmsae.testbed.models import TestbedModelConfig
+    from vlmsae.trainer import SAETrainerConfig
+
+    old_names = [(vlmsae, "TrainConfig", OnlineRunConfig), (vlmsae, "TrainerConfig", SAETrainerConfig),
+                 (importlib.import_module("vlmsae.train"), "TrainConfig", OnlineRunConfig),
+                 (importlib.import_module("vlmsae.trainer"), "TrainerConfig", SAETrainerConfig),
+                 (importlib.import_module("vlmsae.testbed.models"), "TrainConfig", TestbedModelConfig)]
+    for module, name, new in old_names:
+        with pytest.warns(DeprecationWarning, match=new.__name__):
+            assert getattr(module, name) is new
+    assert len({OnlineRunConfig, SAETrainerConfig, TestbedModelConfig}) == 3
+
+
+def test_train_result_keeps_the_old_return_shapes_for_a_release():
+    """One return type, TrainResult; used as the old SAE / dict it still works, with a DeprecationWarning."""
+    a, b = make_sae(0), make_sae(1)
+    one = TrainResult({LAYER: [a]}, [], None, a)
+    assert one.sae is a and one.saes == {LAYER: [a]}
+    x = torch.randn(3, 64)
+    with pytest.warns(DeprecationWarning, match=r"\.sae"):
+        assert one.W_dec is a.W_dec
+    with pytest.warns(DeprecationWarning):
+        assert torch.equal(one(x).recon, a(x).recon)
+    many = TrainResult({0: [a], 2: [b]}, [], None, {0: a, 2: b})
+    with pytest.warns(DeprecationWarning):
+        assert many[2] is b and list(many) == [0, 2] and len(many) == 2 and 0 in many
+    with pytest.warns(DeprecationWarning):
+        assert dict(many.items()) == {0: a, 2: b}
+    with pytest.raises(vlmsae.ConfigError, match="trained 2 SAEs"):
+        many.sae
 
 
 def test_train_from_shards(tmp_path):
@@ -259,7 +318,7 @@ def test_train_from_shards(tmp_path):
     folder = harvest(model, [0, LAYER], batches(model, 8), tmp_path / "shards", shard_rows=300)
     shards = Shards(folder, chunk_rows=128)
     assert shards.layers == [0, LAYER] and len(shards.manifest["shards"]["1"]) >= 2
-    sae = train(None, LAYER, shards, make_sae(), steps=100, **FAST)
+    sae = train(None, LAYER, shards, make_sae(), steps=100, **FAST).sae
     x = held_out(model, LAYER)
     with torch.no_grad():
         assert metrics.fvu(x, sae(x).recon).item() < 0.7
@@ -273,7 +332,7 @@ def test_bad_train_settings(tmp_path):
 
     model = tiny_model("llava", n_layers=2)
     with pytest.raises(vlmsae.ConfigError, match="buffer_size=100 must be at least 2 x batch_size=64"):
-        TrainConfig(batch_size=64, buffer_size=100)
+        OnlineRunConfig(batch_size=64, buffer_size=100)
     with pytest.raises(vlmsae.ConfigError, match="d_in=32.*d_model=64"):
         train(model, 0, [], make_sae(d_in=32), **FAST)
     with pytest.raises(vlmsae.LayerIndexError, match="layer=5"):

@@ -152,7 +152,7 @@ def test_half_precision_sae_trains_online(llava, kind):
     sae = make_sae(kind).to(torch.bfloat16)  # .to() as well as dtype=
     start = sae.W_dec.detach().clone()
     history = []
-    out = train(llava, LAYER, batches(llava, 6), sae, steps=8, history=history, **FAST)
+    out = train(llava, LAYER, batches(llava, 6), sae, steps=8, history=history, **FAST).sae
     assert out is sae and sae.W_dec.dtype == torch.bfloat16 and not torch.equal(sae.W_dec, start)
     assert all(torch.isfinite(p).all() for p in sae.parameters())
     assert [h["step"] for h in history] == [4, 8]
@@ -161,17 +161,17 @@ def test_half_precision_sae_trains_online(llava, kind):
 # --- training under no_grad ---------------------------------------------------------------------
 
 def test_train_under_no_grad(llava):
-    reference = train(llava, LAYER, batches(llava, 6), make_sae(), steps=8, **FAST)
+    reference = train(llava, LAYER, batches(llava, 6), make_sae(), steps=8, **FAST).sae
     with torch.no_grad():
-        quiet = train(llava, LAYER, batches(llava, 6), make_sae(), steps=8, **FAST)
+        quiet = train(llava, LAYER, batches(llava, 6), make_sae(), steps=8, **FAST).sae
     assert torch.equal(quiet.W_dec, reference.W_dec)
 
 
 def test_train_after_set_grad_enabled_false(llava):
-    reference = train(llava, LAYER, batches(llava, 6), make_sae(), steps=8, **FAST)
+    reference = train(llava, LAYER, batches(llava, 6), make_sae(), steps=8, **FAST).sae
     torch.set_grad_enabled(False)
     try:
-        quiet = train(llava, LAYER, batches(llava, 6), make_sae(), steps=8, **FAST)
+        quiet = train(llava, LAYER, batches(llava, 6), make_sae(), steps=8, **FAST).sae
         assert not torch.is_grad_enabled()  # the caller's setting is left as it was
     finally:
         torch.set_grad_enabled(True)

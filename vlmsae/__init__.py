@@ -5,6 +5,7 @@ from .adapters import FAMILIES, Kind, ModelInfo, layers, load_model
 from .analysis import (ImageQuestionGrid, PatchLayout, Scan, TopExamples, concept_aurocs, latent_table,
                        image_question_grid, patch_grid, patch_layout, scan)
 from .buffer import RingBuffer
+from .deprecation import renamed_attributes
 from .dashboard import write_dashboard
 from .errors import (ConfigError, LayerIndexError, NonFiniteError, SAEFileError, SiteError, UnsupportedModelError,
                      VlmsaeError)
@@ -15,15 +16,15 @@ from .probes import compare_probes, probe_accuracy
 from .record import Recording, record
 from .sae import SAE, SAEConfig, SAEOutput
 from .shards import Shards, harvest
-from .train import TrainConfig, train
-from .trainer import SAETrainer, TrainerConfig, TrainMetrics
+from .train import OnlineRunConfig, TrainResult, train
+from .trainer import SAETrainer, SAETrainerConfig, TrainMetrics
 
 __all__ = [
     # models and hooks
     "FAMILIES", "Kind", "ModelInfo", "layers", "load_model", "SITES", "Forward", "attach", "Recording", "record",
     # SAEs and training
-    "SAE", "SAEConfig", "SAEOutput", "SAETrainer", "TrainerConfig", "TrainMetrics", "metrics",
-    "RingBuffer", "train", "TrainConfig", "harvest", "Shards",
+    "SAE", "SAEConfig", "SAEOutput", "SAETrainer", "SAETrainerConfig", "TrainMetrics", "metrics",
+    "RingBuffer", "train", "OnlineRunConfig", "TrainResult", "harvest", "Shards",
     # interventions and evaluation
     "splice", "ablate", "steer", "reconstruct", "evaluate", "latent_stats", "Splice", "LatentStats",
     # analysis
@@ -33,3 +34,7 @@ __all__ = [
     "VlmsaeError", "ConfigError", "LayerIndexError", "NonFiniteError", "SAEFileError", "SiteError",
     "UnsupportedModelError",
 ]
+
+# Old names that work until 0.3, with a DeprecationWarning (vlmsae/deprecation.py lists every rename).
+__getattr__ = renamed_attributes(__name__, {"TrainConfig": "OnlineRunConfig", "TrainerConfig": "SAETrainerConfig",
+                                            "feature_table": "latent_table"}, globals())

@@ -51,6 +51,57 @@ class _Segment:
         self.read = 0  # rows of `order` already read
 
 
+class Admission:
+    """Which rows may enter a ring buffer, and counters of those that did not (all on the device).
+
+    ``kinds``: token kinds that may enter (names: image, text, special, generated; padding never does).
+    ``quota``: optional ``{kind name: share}`` summing to 1, read by the buffer as its slot groups
+    (:attr:`groups`). ``outlier_factor``: rows whose norm exceeds this multiple of the forward's median
+    non-pad norm are left out (``None`` keeps them). Rows holding NaN or Inf are counted in
+    :attr:`nonfinite` before any filter and are not dropped as outliers (their norm is no measure).
+    Raises ``ConfigError`` for an unknown kind, a quota that does not sum to 1 or names a kind left
+    out of ``kinds``, or ``outlier_factor <= 1``.
+    """
+
+    def __init__(self, kinds, quota: Mapping[str, float] | None, outlier_factor: float | None, device):
+        if outlier_factor is not None and not outlier_factor > 1:
+            raise ConfigError(f"outlier_factor={outlier_factor!r} must be > 1 (a multiple of the median norm) or None")
+        self.kinds = parse_kinds(kinds, "kinds")
+        self.outlier_factor = outlier_factor
+        self.groups = quota_groups(self.kinds, quota)
+        zero = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
+        self.kept = zero()
+        self.left_out = {name: zero() for name in ("pad", "kind", "outlier", "full")}
+        self.nonfinite = zero()
+
+    def screen(self, rows: Rows) -> Tensor:
+        """``(n,)`` bool: the rows of one forward that are not padding and not outliers (counting the rest)."""
+        keep = rows.kind != Kind.PAD
+        self.left_out["pad"] += (~keep).sum()
+        finite = torch.isfinite(rows.acts).all(-1)
+        self.nonfinite += (keep & ~finite).sum()
+        if self.outlier_factor is not None:
+            outlier = keep & finite & outliers(rows.acts, keep & finite, self.outlier_factor)
+            self.left_out["outlier"] += outlier.sum()
+            keep &= ~outlier
+        return keep
+
+    def count_nonfinite(self, rows: Rows, keep: Tensor) -> None:
+        """Count the rows in ``keep`` holding NaN or Inf (rows that were screened elsewhere, e.g. shards)."""
+        device = self.nonfinite.device
+        self.nonfinite += (keep.to(device) & ~torch.isfinite(rows.acts.to(device)).all(-1)).sum()
+
+    def count_placed(self, wrong_kind: Tensor, written: Tensor) -> None:
+        """Count the rows of a write left out for their kind, and those written."""
+        self.left_out["kind"] += wrong_kind.sum()
+        self.kept += written.sum()
+
+    def counts(self) -> dict[str, int]:
+        """The counters on the host (one sync each): kept, left_out_{reason}, nonfinite."""
+        return {"kept": int(self.kept), **{f"left_out_{k}": int(v) for k, v in self.left_out.items()},
+                "nonfinite": int(self.nonfinite)}
+
+
 class RingBuffer:
     """Preallocated ``(capacity, d_model)`` rows on one device, filled by hooks, read as shuffled batches.
 
@@ -58,6 +109,9 @@ class RingBuffer:
     ``quota``: optional ``{kind name: share}`` summing to 1; each share gets its own slots and that
     share of every batch (e.g. ``{"image": 0.5, "text": 0.5}``). ``outlier_factor``: tokens whose norm
     exceeds this multiple of the forward's median token norm are left out (``None`` keeps them).
+    Those three are the buffer's :class:`Admission` (``buffer.admission``, with the counters of rows left
+    out); the buffer itself is storage: slots per quota share, written without a host sync, read shuffled.
+    Raises ``ConfigError`` for a bad setting (see :class:`Admission`), ``capacity < 2`` or a share too small.
     """
 
     def __init__(self, capacity: int, d_model: int, *, device="cpu", dtype: torch.dtype = torch.float32,
@@ -65,24 +119,11 @@ class RingBuffer:
                  outlier_factor: float | None = 10.0, seed: int = 0):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2:
             raise ConfigError(f"capacity={capacity!r} must be an integer >= 2 (rows of the buffer)")
-        if outlier_factor is not None and not outlier_factor > 1:
-            raise ConfigError(f"outlier_factor={outlier_factor!r} must be > 1 (a multiple of the median norm) or None")
-        kinds = _kinds(kinds, "kinds")
         self.capacity, self.d_model, self.device = capacity, d_model, torch.device(device)
-        self.outlier_factor = outlier_factor
-        if quota is None:
-            groups = [(kinds, 1.0)]
-        else:
-            shares = {name: float(v) for name, v in quota.items()}
-            if any(v <= 0 for v in shares.values()) or abs(sum(shares.values()) - 1) > 1e-6:
-                raise ConfigError(f"quota={dict(quota)!r} must give positive shares that sum to 1")
-            groups = [(_kinds([name], "quota"), share) for name, share in shares.items()]
-            missing = [k.name.lower() for group, _ in groups for k in group if k not in kinds]
-            if missing:
-                raise ConfigError(f"quota names {missing}, which kinds={[k.name.lower() for k in kinds]} leaves out")
+        self.admission = Admission(kinds, quota, outlier_factor, self.device)
         self.segments, start = [], 0
-        for i, (group, share) in enumerate(groups):
-            size = capacity - start if i == len(groups) - 1 else round(capacity * share)
+        for i, (group, share) in enumerate(self.admission.groups):
+            size = capacity - start if i == len(self.admission.groups) - 1 else round(capacity * share)
             if size < 2:
                 raise ConfigError(f"quota share {share} of capacity={capacity} leaves {size} rows; raise capacity")
             self.segments.append(_Segment(group, start, size, share, self.device))
@@ -94,14 +135,26 @@ class RingBuffer:
         self.token = torch.zeros(capacity + 1, dtype=torch.int32, device=self.device)
         self.sample = torch.zeros(capacity + 1, dtype=torch.int64, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        # Counts on the device (read them with `counts()`): rows kept, and rows left out by reason.
-        self.kept = torch.zeros((), dtype=torch.long, device=self.device)
-        self.left_out = {name: torch.zeros((), dtype=torch.long, device=self.device)
-                         for name in ("pad", "kind", "outlier", "full")}
-        # Non-pad rows written with NaN or Inf, counted before any filter; `vlmsae.train` reads it at its
-        # readouts and stops. Those rows are not filtered out as outliers (their norm is no measure).
-        self.nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
         self.samples = 0  # samples seen so far: sample ids of the next fresh forward start here
+
+    @property
+    def outlier_factor(self) -> float | None:
+        return self.admission.outlier_factor
+
+    @property
+    def kept(self) -> Tensor:
+        """Rows written so far (a device counter)."""
+        return self.admission.kept
+
+    @property
+    def left_out(self) -> dict[str, Tensor]:
+        """Rows left out so far by reason: pad, kind, outlier, full (device counters)."""
+        return self.admission.left_out
+
+    @property
+    def nonfinite(self) -> Tensor:
+        """Non-pad rows written with NaN or Inf, counted before any filter (a device counter)."""
+        return self.admission.nonfinite
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -112,20 +165,12 @@ class RingBuffer:
         if fwd.past == 0:  # a fresh forward brings new samples; a decode step continues the last ones
             self.samples += resid.shape[0]
         rows = tag_rows(resid, fwd, self.samples - resid.shape[0], self.device)
-        keep = rows.kind != Kind.PAD
-        self.left_out["pad"] += (~keep).sum()
-        finite = torch.isfinite(rows.acts).all(-1)
-        self.nonfinite += (keep & ~finite).sum()
-        if self.outlier_factor is not None:
-            outlier = keep & finite & outliers(rows.acts, keep & finite, self.outlier_factor)
-            self.left_out["outlier"] += outlier.sum()
-            keep &= ~outlier
-        self._place(rows, keep)
+        self._place(rows, self.admission.screen(rows))
 
     def write_rows(self, rows: Rows, keep: Tensor | None = None) -> None:
         """Copy tagged rows (those in ``keep``, of the admitted kinds) into free slots; the rest is counted."""
         keep = torch.ones_like(rows.kind, dtype=torch.bool) if keep is None else keep
-        self.nonfinite += (keep.to(self.device) & ~torch.isfinite(rows.acts.to(self.device)).all(-1)).sum()
+        self.admission.count_nonfinite(rows, keep)
         self._place(rows, keep)
 
     def _place(self, rows: Rows, keep: Tensor) -> None:
@@ -142,9 +187,8 @@ class RingBuffer:
             slots = seg.free[rank.clamp(0, max(seg.free.numel() - 1, 0))] if seg.free.numel() else dest
             dest = torch.where(fits, slots, dest)
             seg.filled += fits.sum()
-            self.left_out["full"] += (mine & ~fits).sum()
-        self.left_out["kind"] += (keep & ~wanted).sum()
-        self.kept += (dest < self.capacity).sum()
+            self.admission.left_out["full"] += (mine & ~fits).sum()
+        self.admission.count_placed(keep & ~wanted, dest < self.capacity)
         for name, value in zip(Rows._fields, rows):
             store = getattr(self, name)
             store.index_copy_(0, dest, value.to(self.device, store.dtype))
@@ -192,8 +236,7 @@ class RingBuffer:
 
     def counts(self) -> dict[str, int]:
         """Rows kept, rows left out by reason (pad, kind filter, outlier norm, buffer full), rows with NaN/Inf."""
-        return {"kept": int(self.kept), **{f"left_out_{k}": int(v) for k, v in self.left_out.items()},
-                "nonfinite": int(self.nonfinite)}
+        return self.admission.counts()
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -213,9 +256,9 @@ class RingBuffer:
             raise ConfigError(f"a buffer state of shape {tuple(state['acts'].shape)} does not fit this buffer "
                               f"{tuple(self.acts.shape)}; build the buffer with the saved capacity and d_model")
         for name in ("acts", "kind", "position", "token", "sample", "kept"):
-            getattr(self, name).copy_(state[name])
-        for k in self.left_out:
-            self.left_out[k].copy_(state[f"left_out.{k}"])
+            getattr(self, name).copy_(state[name])  # `kept` is the admission's counter, copied in place
+        for k, counter in self.left_out.items():
+            counter.copy_(state[f"left_out.{k}"])
         self.generator.set_state(state["generator"].cpu())
         self.samples = int(state["samples"])
         for i, seg in enumerate(self.segments):
@@ -241,7 +284,11 @@ def outliers(acts: Tensor, among: Tensor, factor: float) -> Tensor:
     return norms > factor * norms.masked_fill(~among, float("nan")).nanmedian()
 
 
-def _kinds(names, what: str) -> tuple[Kind, ...]:
+def parse_kinds(names, what: str) -> tuple[Kind, ...]:
+    """Token kinds from names (image, text, special, generated) or ``Kind`` values, sorted, without repeats.
+
+    ``what`` names the argument in errors. Raises ``ConfigError`` for an unknown name, padding, or none.
+    """
     names = [names] if isinstance(names, str) else list(names)
     out = []
     for name in names:
@@ -254,3 +301,20 @@ def _kinds(names, what: str) -> tuple[Kind, ...]:
     if not out:
         raise ConfigError(f"{what}=[] admits no token; name at least one of {sorted(KIND_NAMES)}")
     return tuple(sorted(set(out)))
+
+
+def quota_groups(kinds: tuple[Kind, ...], quota: Mapping[str, float] | None) -> list[tuple[tuple[Kind, ...], float]]:
+    """``[(kinds, share), ...]``: one group of all ``kinds`` without a quota, else one per quota entry.
+
+    Raises ``ConfigError`` unless the shares are positive and sum to 1 and every named kind is in ``kinds``.
+    """
+    if quota is None:
+        return [(kinds, 1.0)]
+    shares = {name: float(v) for name, v in quota.items()}
+    if any(v <= 0 for v in shares.values()) or abs(sum(shares.values()) - 1) > 1e-6:
+        raise ConfigError(f"quota={dict(quota)!r} must give positive shares that sum to 1")
+    groups = [(parse_kinds([name], "quota"), share) for name, share in shares.items()]
+    missing = [k.name.lower() for group, _ in groups for k in group if k not in kinds]
+    if missing:
+        raise ConfigError(f"quota names {missing}, which kinds={[k.name.lower() for k in kinds]} leaves out")
+    return groups

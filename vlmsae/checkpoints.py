@@ -27,7 +27,7 @@ STATE_FILE = "state.json"
 CHECKPOINT_NAME = re.compile(r"step-(0|[1-9][0-9]*)")
 
 
-def save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, buffers, cfg) -> Path:
+def save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, buffers, cfg, trainer_cfg=None) -> Path:
     """Write ``out/checkpoints/step-N`` as one folder swap, durable before it appears; then drop older ones.
 
     Raises OSError from the disk; the checkpoints already there are then as they were.
@@ -45,6 +45,8 @@ def save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, 
         for L, b in buffers.items():
             save_file({k: v.contiguous() for k, v in b.state_dict().items()}, str(folder / f"buffer-L{L}.safetensors"))
         state = {"step": step, "position": position, "config": asdict(cfg)}
+        if trainer_cfg is not None:  # the optimiser's settings (lr, sync_every), for the record
+            state["trainer_config"] = asdict(trainer_cfg)
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
     final = write_folder_atomic(root / f"step-{step}", write)

@@ -16,7 +16,8 @@ from .data import ImageTextFolder, hf_processor
 from .errors import VlmsaeError
 from .record import record
 from .sae import ARCHITECTURES, SAE
-from .train import TrainConfig, train
+from .train import OnlineRunConfig, train
+from .trainer import SAETrainerConfig
 
 
 def zoo_command(args: argparse.Namespace) -> None:
@@ -74,10 +75,11 @@ def train_command(args: argparse.Namespace) -> None:
         args.architecture = args.kind
     saes = {L: SAE(d_in=info.d_model, d_sae=args.expansion * info.d_model, k=args.k, architecture=args.architecture)
             for L in args.layer}
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, buffer_size=args.buffer_size,
-                      checkpoint_every=args.checkpoint_every, lr=args.lr, wandb=args.wandb, seed=args.seed,
-                      kinds=tuple(args.kinds))
-    train(model, args.layer, data, saes, cfg=cfg, out=args.out, resume=args.resume)
+    cfg = OnlineRunConfig(steps=args.steps, batch_size=args.batch_size, buffer_size=args.buffer_size,
+                          checkpoint_every=args.checkpoint_every, wandb=args.wandb, seed=args.seed,
+                          kinds=tuple(args.kinds))
+    train(model, args.layer, data, saes, cfg=cfg, trainer_cfg=SAETrainerConfig(lr=args.lr), out=args.out,
+          resume=args.resume)
     for L in args.layer:
         print(f"wrote {Path(args.out) / f'L{L}'}")
 

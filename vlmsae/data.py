@@ -19,6 +19,7 @@ from PIL import Image
 
 from .adapters import layers as adapter_info
 from .errors import ConfigError
+from .hooks import check_sites, execution_device
 from .record import record
 
 TABLE_NAMES = ("captions.parquet", "captions.jsonl", "questions.parquet", "questions.jsonl")
@@ -33,17 +34,44 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 class LiveSource:
-    """Fills ring buffers by running the model over data batches (re-iterated for more epochs).
+    """Fills ring buffers by running ``model`` over ``data`` batches (re-iterated for more epochs).
 
-    One forward per batch, stopped after the deepest layer, writes every layer's buffer through
-    its sink. ``used`` batches are skipped first (resuming). Raises ``ConfigError`` when the data
-    cannot be iterated again, or a batch with images holds no image token.
+    Before a run it says what the run needs to know of the model: ``d_model``, where each layer runs
+    (:meth:`device_of`), whether the hook site exists (:meth:`check`) and where an SAE belongs
+    (:meth:`describe`). :meth:`start` positions it; then each :meth:`fill` runs one forward per batch,
+    stopped after the deepest layer, writing every layer's buffer through its sink. Raises
+    ``UnsupportedModelError`` for a model without an adapter, ``ConfigError`` when the data cannot be
+    iterated again, or a batch with images holds no image token.
     """
 
-    def __init__(self, info, data: Iterable[dict], layers: list[int], site: str, used: int = 0):
-        self.info, self.data, self.layers, self.site, self.used = info, data, layers, site, 0
-        self.it = iter(data)
-        for _ in range(used):
+    def __init__(self, model, data: Iterable[dict], site: str):
+        self.info, self.data, self.site = adapter_info(model), data, site
+        self.d_model = self.info.d_model
+        self.layers, self.it, self.used = [], iter(()), 0
+
+    def device_of(self, layer: int, device: str | None = None) -> torch.device:
+        """Where a layer's buffer and SAEs live: ``device``, else where the layer runs (several devices
+        under accelerate), else the CPU."""
+        if device:
+            return torch.device(device)
+        return execution_device(self.info.layers[layer]) or torch.device("cpu")
+
+    def check(self, layers: list[int]) -> None:
+        """Raises ``SiteError`` / ``LayerIndexError`` unless every layer has the hook site."""
+        check_sites(self.info, [(L, self.site) for L in layers])
+
+    def describe(self, meta: dict, layer: int) -> None:
+        """Fill in the SAE metadata that says where it belongs (hook name, model, layer path) unless set."""
+        info = self.info
+        meta.setdefault("hook_name", info.hook_name(layer, self.site))
+        meta.setdefault("model_class_name", type(info.model).__name__)
+        meta.setdefault("model_name", getattr(info.model.config, "_name_or_path", "") or info.family)
+        meta.setdefault("hf_layer_path", f"{info.layer_path}.{layer}")
+
+    def start(self, layers: list[int], position: dict) -> None:
+        """Read for ``layers`` from the data's start, skipping the ``data_batches_used`` of a checkpoint's position."""
+        self.layers, self.it, self.used = layers, iter(self.data), 0
+        for _ in range(position.get("data_batches_used", 0)):
             self._next()
 
     def _next(self):

@@ -11,6 +11,11 @@ old                                         new
 ``scan(k=...)``                             ``scan(n_examples=...)`` (``k`` is the SAE's TopK)
 ``features`` (of an SAE)                    ``latents``: ``feature_table`` -> ``latent_table``,
                                             ``features=`` -> ``latents=``
+``TrainConfig`` (vlmsae.train)              ``OnlineRunConfig``
+``TrainerConfig`` (vlmsae.trainer)          ``SAETrainerConfig``
+``TrainConfig`` (vlmsae.testbed.models)     ``TestbedModelConfig``
+``OnlineRunConfig(lr=, sync_every=)``       ``SAETrainerConfig(lr=, sync_every=)``
+``vlmsae.train(...)`` as an SAE / list      ``vlmsae.train(...).sae`` / ``.saes`` (a ``TrainResult``)
 ==========================================  =====================================================
 """
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapters import Kind, layers as adapter_info
-from .buffer import Rows, _kinds, outliers, tag_rows
+from .buffer import Rows, outliers, parse_kinds, tag_rows
 from .errors import ConfigError, NonFiniteError, SAEFileError
 from .files import write_atomic, write_text_atomic
 from .hooks import check_sites
@@ -40,7 +40,7 @@ def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str |
     info = adapter_info(model)
     layers = [layers] if isinstance(layers, int) else sorted(layers)
     check_sites(info, [(L, site) for L in layers])
-    admitted = torch.tensor([int(k) for k in _kinds(kinds, "kinds")], dtype=torch.int8)
+    admitted = torch.tensor([int(k) for k in parse_kinds(kinds, "kinds")], dtype=torch.int8)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pending = {L: [] for L in layers}
@@ -130,11 +130,44 @@ class Shards:
 
 
 class ShardSource:
-    """Fills ring buffers from harvested shards, each layer from its own stream (``rows_used`` skipped first)."""
+    """Fills ring buffers from harvested shards, each layer from its own stream.
 
-    def __init__(self, shards: Shards, layers: list[int], rows_used: dict | None = None):
-        self.rows_used = {L: int((rows_used or {}).get(str(L), 0)) for L in layers}
-        self.streams = {L: shards.stream(L, skip_rows=self.rows_used[L]) for L in layers}
+    The same interface as :class:`vlmsae.data.LiveSource`: ``d_model``, :meth:`device_of`,
+    :meth:`check`, :meth:`describe`, :meth:`start` (skipping the ``shard_rows_used`` of a checkpoint's
+    position) and :meth:`fill`. Raises ``ConfigError`` when the shards hold another site than ``site``
+    or lack a layer, ``SAEFileError`` for an unreadable shard.
+    """
+
+    def __init__(self, shards: Shards, site: str):
+        if shards.site != site:
+            raise ConfigError(f"the shards hold site {shards.site!r} but site={site!r}; pass site={shards.site!r}")
+        self.shards, self.site, self.d_model = shards, site, shards.d_model
+        self.rows_used, self.streams = {}, {}
+
+    def device_of(self, layer: int, device: str | None = None) -> torch.device:
+        """Where a layer's buffer and SAEs live: ``device``, else the CPU."""
+        return torch.device(device or "cpu")
+
+    def check(self, layers: list[int]) -> None:
+        """Raises ``ConfigError`` unless every layer was harvested."""
+        for layer in layers:
+            if layer not in self.shards.layers:
+                raise ConfigError(f"layer={layer} was not harvested; {self.shards.folder} holds layers "
+                                  f"{self.shards.layers}")
+
+    def describe(self, meta: dict, layer: int) -> None:
+        """Fill in the SAE metadata that says where it belongs (hook name, model), from the manifest, unless set."""
+        manifest = self.shards.manifest
+        hook_name = manifest.get("hook_names", {}).get(str(layer))
+        meta.setdefault("hook_name", hook_name or f"blocks.{layer}.hook_{self.site}")
+        meta.setdefault("model_class_name", manifest.get("model_class_name", ""))
+        meta.setdefault("model_name", manifest.get("family", ""))
+
+    def start(self, layers: list[int], position: dict) -> None:
+        """Stream ``layers`` from their first rows, skipping the ``shard_rows_used`` of a checkpoint's position."""
+        rows_used = position.get("shard_rows_used") or {}
+        self.rows_used = {L: int(rows_used.get(str(L), 0)) for L in layers}
+        self.streams = {L: self.shards.stream(L, skip_rows=self.rows_used[L]) for L in layers}
 
     def fill(self, buffers: dict) -> None:
         """Reads rows until every buffer ``{layer: RingBuffer}`` has no free rows."""

@@ -16,28 +16,38 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields as dataclass_fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import Kind, layers as adapter_info
+from .adapters import Kind
 from .buffer import RingBuffer
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import LiveSource
+from .deprecation import renamed_attributes, warn_renamed
 from .errors import ConfigError, NonFiniteError
-from .hooks import check_sites, execution_device
 from .sae import SAE
 from .shards import ShardSource, Shards
-from .trainer import SAETrainer, TrainerConfig
+from .trainer import SAETrainer, SAETrainerConfig, TrainMetrics
 
-__all__ = ["TrainConfig", "OnlineRun", "train", "lr_factor", "k_at", "latest_checkpoint"]
+__all__ = ["OnlineRunConfig", "OnlineRun", "TrainResult", "train", "lr_factor", "k_at", "latest_checkpoint",
+           "RUN_SYNC_EVERY"]
+
+RUN_SYNC_EVERY = 25
+"""Readout cadence of ``vlmsae.train`` when SAETrainerConfig leaves ``sync_every`` unset (a lone trainer: 100)."""
+TRAINER_FIELDS = frozenset(f.name for f in dataclass_fields(SAETrainerConfig))
+MOVED_TO_TRAINER = ("lr", "sync_every")  # OnlineRunConfig fields whose owner is now SAETrainerConfig
 
 
 @dataclass
-class TrainConfig:
-    """How online training runs; the SAE's own recipe lives in SAEConfig, the optimiser's in TrainerConfig."""
+class OnlineRunConfig:
+    """How an online training run goes (steps, buffer, schedules, checkpoints, logging).
+
+    The SAE's own recipe lives in SAEConfig; the optimiser and the readout cadence (``lr``,
+    ``sync_every``) in SAETrainerConfig. Raises ``ConfigError`` for a bad value.
+    """
 
     steps: int = 1000
     """Optimiser steps per SAE."""
@@ -56,7 +66,7 @@ class TrainConfig:
     site: str = "resid_post"
     """Hook site of every trained layer."""
     lr: float | None = None
-    """Peak learning rate; None lets SAETrainer choose by d_sae."""
+    """Deprecated (one release): set ``lr`` on SAETrainerConfig, or pass ``lr=`` to ``vlmsae.train``."""
     warmup_steps: int = 50
     """Linear warmup from 0 to the peak learning rate."""
     decay_fraction: float = 0.2
@@ -65,8 +75,8 @@ class TrainConfig:
     """TopK kinds: start at this k and anneal linearly to the SAE's k (None: no annealing)."""
     k_anneal_fraction: float = 0.25
     """Fraction of the steps over which k anneals."""
-    sync_every: int = 25
-    """Steps between metric readouts (one host synchronisation each)."""
+    sync_every: int | None = None
+    """Deprecated (one release): set ``sync_every`` on SAETrainerConfig, or pass ``sync_every=`` to ``vlmsae.train``."""
     checkpoint_every: int | None = None
     """Write a checkpoint after at least this many steps (at the end of a read phase); None: never."""
     seed: int = 0
@@ -79,10 +89,16 @@ class TrainConfig:
     """Show a tqdm progress bar with live metrics."""
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "buffer_size", "sync_every"):
+        for name in ("steps", "batch_size", "buffer_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+        moved = [name for name in MOVED_TO_TRAINER if getattr(self, name) is not None]
+        if moved:
+            warn_renamed(f"OnlineRunConfig({', '.join(f'{n}=' for n in moved)}...)",
+                         "SAETrainerConfig's fields of the same names (pass them to vlmsae.train as before, or in "
+                         "trainer_cfg=)", stacklevel=4)
+            SAETrainerConfig(**{name: getattr(self, name) for name in moved})  # the same checks as there
         if self.buffer_size < 2 * self.batch_size:
             raise ConfigError(f"buffer_size={self.buffer_size} must be at least 2 x batch_size={self.batch_size} "
                               "(half the buffer is read between refills)")
@@ -96,7 +112,7 @@ class TrainConfig:
             raise ConfigError(f"buffer_dtype={self.buffer_dtype!r} must be float32, bfloat16 or float16")
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: OnlineRunConfig) -> float:
     """Learning-rate multiplier at ``step``: linear warmup, constant, linear decay to 0."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     decay_steps = int(cfg.decay_fraction * cfg.steps)
@@ -104,7 +120,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return warm * (min(1.0, left / decay_steps) if decay_steps else 1.0)
 
 
-def k_at(step: int, target: int, cfg: TrainConfig, d_sae: int) -> int:
+def k_at(step: int, target: int, cfg: OnlineRunConfig, d_sae: int) -> int:
     """k at ``step``: linear from ``k_start`` down (or up) to the SAE's own k over the anneal fraction."""
     if cfg.k_start is None:
         return target
@@ -137,28 +153,110 @@ def _saes_by_layer(d_model: int, layer, sae) -> dict[int, list[SAE]]:
     return given
 
 
-def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, cfg: TrainConfig | None = None,
-          trainer_cfg: TrainerConfig | None = None, out: str | os.PathLike | None = None, resume: bool = False,
-          history: list | None = None, **fields):
+def trainer_config(cfg: OnlineRunConfig, trainer_cfg: SAETrainerConfig | None, fields: dict) -> SAETrainerConfig:
+    """The one SAETrainerConfig of a run, from ``trainer_cfg``, SAETrainerConfig ``fields`` given to
+    ``vlmsae.train`` and the deprecated ``lr`` / ``sync_every`` of OnlineRunConfig; ``sync_every`` left
+    unset becomes ``RUN_SYNC_EVERY``. Raises ``ConfigError`` naming both values when two of them disagree.
+    """
+    if trainer_cfg is None:
+        trainer_cfg = SAETrainerConfig(**fields)
+    for name, value in fields.items():
+        if getattr(trainer_cfg, name) != value:
+            raise ConfigError(f"{name}={value!r} disagrees with trainer_cfg's {name}={getattr(trainer_cfg, name)!r}; "
+                              f"set {name} once")
+    for name in MOVED_TO_TRAINER:
+        old, new = getattr(cfg, name), getattr(trainer_cfg, name)
+        if old is not None and new is not None and old != new:
+            raise ConfigError(f"OnlineRunConfig {name}={old!r} disagrees with SAETrainerConfig {name}={new!r}; "
+                              f"set {name} once, on SAETrainerConfig (the OnlineRunConfig field is deprecated)")
+        if old is not None:
+            trainer_cfg = replace(trainer_cfg, **{name: old})
+    if trainer_cfg.sync_every is None:
+        trainer_cfg = replace(trainer_cfg, sync_every=RUN_SYNC_EVERY)
+    return trainer_cfg
+
+
+@dataclass
+class TrainResult:
+    """What ``vlmsae.train`` returns, whatever the shape of its ``sae=`` argument.
+
+    The SAEs are the objects that were passed in (or built, for ``sae=None``), trained in place and
+    in eval mode. For one release the result also behaves as the old return value (the SAE, a list of
+    SAEs, or a dict by layer, in the shape ``sae=`` was given): indexing it, iterating it, calling it or
+    reading an SAE attribute from it still works, with a DeprecationWarning.
+    """
+
+    saes: dict[int, list[SAE]]
+    """Every trained SAE: ``{layer: [SAE, ...]}``, in the order they were given."""
+    history: list[dict]
+    """One dict per SAE at every metric readout: ``layer``, ``sae`` (its index) and the TrainMetrics fields."""
+    checkpoint: Path | None
+    """The last checkpoint written (None without ``out=`` and ``checkpoint_every=``)."""
+    legacy: object = field(repr=False, compare=False)
+    """The old return value (deprecated; removed in 0.3 with the forwarding below)."""
+
+    @property
+    def sae(self) -> SAE:
+        """The only SAE of the run; raises ``ConfigError`` when it trained several (use ``saes``)."""
+        every = [s for group in self.saes.values() for s in group]
+        if len(every) != 1:
+            raise ConfigError(f"this run trained {len(every)} SAEs (layers {sorted(self.saes)}); "
+                              "read them from .saes[layer][i]")
+        return every[0]
+
+    def _old(self):
+        warn_renamed("using the result of vlmsae.train as an SAE, a list or a dict",
+                     ".sae (one SAE) or .saes ({layer: [SAE, ...]}) of the TrainResult", stacklevel=4)
+        return self.legacy
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "legacy":
+            raise AttributeError(name)
+        return getattr(self._old(), name)
+
+    def __getitem__(self, key):
+        return self._old()[key]
+
+    def __iter__(self):
+        return iter(self._old())
+
+    def __len__(self) -> int:
+        return len(self._old())
+
+    def __contains__(self, key) -> bool:
+        return key in self._old()
+
+    def __call__(self, *args, **kwargs):
+        return self._old()(*args, **kwargs)
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, cfg: OnlineRunConfig | None = None,
+          trainer_cfg: SAETrainerConfig | None = None, out: str | os.PathLike | None = None, resume: bool = False,
+          history: list | None = None, **fields) -> TrainResult:
     """Train SAEs on the residual of ``layer`` (one or many) from ``data`` (batches of model inputs).
 
     ``sae``: an SAE, a list of SAEs (one layer), a dict ``{layer: SAE or [SAE]}``, or None (TopK, 8x,
-    k=32 per layer). ``fields`` set TrainConfig fields (``steps=``, ``batch_size=``, ...). ``trainer_cfg``
-    sets the optimiser (its ``sync_every`` is taken from TrainConfig's). With ``out``
-    the final SAEs are written to ``out/L{layer}[-{i}]`` and checkpoints to ``out/checkpoints``.
-    ``history``, a list, receives one dict per SAE at every metric readout (``layer``, ``sae``, and
-    the fields of TrainMetrics: step, tokens, loss, mse, fvu, l0, aux_loss, dead and dense fractions).
+    k=32 per layer). ``fields`` set OnlineRunConfig fields (``steps=``, ``batch_size=``, ...) and
+    SAETrainerConfig fields (``lr=``, ``sync_every=``, ...); ``cfg`` and ``trainer_cfg`` pass whole
+    configs instead. ``sync_every`` (default 25 here) is the one readout cadence of the run and of its
+    trainers. With ``out`` the final SAEs are written to ``out/L{layer}[-{i}]`` and checkpoints to
+    ``out/checkpoints``. ``history``, a list, receives the records of ``TrainResult.history`` as they come.
     ``data`` may also be :class:`vlmsae.Shards` (then ``model`` is None).
-    Returns the SAE, or ``{layer: SAE}`` / ``{layer: [SAE, ...]}`` in the shape ``sae`` was given.
+    Returns a :class:`TrainResult` (``.sae``, ``.saes``, ``.history``, ``.checkpoint``).
 
-    Raises ``ConfigError`` for a bad setting, ``NonFiniteError`` on NaN/Inf in activations or
-    weights (naming the step, the layer and the last good checkpoint), ``SAEFileError`` for a
-    damaged checkpoint when resuming.
+    Raises ``ConfigError`` for a bad setting or two that disagree, ``NonFiniteError`` on NaN/Inf in
+    activations or weights (naming the step, the layer and the last good checkpoint),
+    ``SAEFileError`` for a damaged checkpoint when resuming.
     """
+    run_fields = {k: v for k, v in fields.items() if k not in TRAINER_FIELDS}
     if cfg is None:
-        cfg = TrainConfig(**fields)
-    elif fields:
-        raise ConfigError(f"pass either cfg= or TrainConfig fields, not both (got {sorted(fields)})")
+        cfg = OnlineRunConfig(**run_fields)
+    elif run_fields:
+        raise ConfigError(f"pass either cfg= or OnlineRunConfig fields, not both (got {sorted(run_fields)})")
+    trainer_cfg = trainer_config(cfg, trainer_cfg, {k: v for k, v in fields.items() if k in TRAINER_FIELDS})
     if resume and out is None:
         raise ConfigError("resume=True needs out= (the folder holding the checkpoints)")
     run = OnlineRun(model, layer, data, sae, cfg, trainer_cfg, out, history)
@@ -166,74 +264,80 @@ def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, 
         run.resume()
     run.run()
     if sae is None or isinstance(sae, Mapping) or not isinstance(layer, int):
-        return {L: group[0] if len(group) == 1 else group for L, group in run.saes.items()}
-    return run.saes[layer][0] if isinstance(sae, SAE) else run.saes[layer]
+        legacy = {L: group[0] if len(group) == 1 else group for L, group in run.saes.items()}
+    else:
+        legacy = run.saes[layer][0] if isinstance(sae, SAE) else run.saes[layer]
+    return TrainResult(run.saes, run.history, run.last_checkpoint, legacy)
 
 
 class OnlineRun:
     """One online training run: the SAEs, their trainers and schedulers, a ring buffer per layer, a source.
 
-    :meth:`run` reads top to bottom: fill the buffers, then for each batch of the read phase a
-    :meth:`step` of every SAE, a :meth:`readout` every ``sync_every`` steps, and at the end of
-    the phase :meth:`checkpoint_if_needed`. Host synchronisations happen in :meth:`guard_finite`
-    (one per readout), in the source's fill (one per forward) and in the trainers' readouts.
+    The source (:class:`vlmsae.data.LiveSource` over a model, :class:`vlmsae.shards.ShardSource` over
+    shards) says how wide the rows are and where each layer's buffer and SAEs live. :meth:`run` reads
+    top to bottom: fill the buffers, then for each batch of the read phase a :meth:`step` of every SAE,
+    a :meth:`readout` every ``sync_every`` steps, and at the end of the phase
+    :meth:`checkpoint_if_needed`. Host synchronisations happen in :meth:`guard_finite` (one per
+    readout), in the source's fill (one per forward) and in the trainers' readouts. Everything that
+    leaves the run's process at a readout passes :meth:`readout_metrics`, the one place where a
+    distributed run (rank, world size) would all-reduce metrics and token counts.
     """
 
-    def __init__(self, model, layer, data, sae, cfg: TrainConfig, trainer_cfg: TrainerConfig | None,
+    def __init__(self, model, layer, data, sae, cfg: OnlineRunConfig, trainer_cfg: SAETrainerConfig | None,
                  out: str | os.PathLike | None, history: list | None):
-        self.cfg, self.history = cfg, history
+        trainer_cfg = trainer_config(cfg, trainer_cfg, {})  # one readout cadence for the run and its trainers
+        self.cfg, self.trainer_cfg = cfg, trainer_cfg
+        self.history = history if history is not None else []
         self.out = Path(out) if out is not None else None
-        shards = data if isinstance(data, Shards) else None
-        if shards is not None:
-            if shards.site != cfg.site:
-                raise ConfigError(f"the shards hold site {shards.site!r} but site={cfg.site!r}; "
-                                  f"pass site={shards.site!r}")
-            width = shards.d_model
-            device_of = lambda L: torch.device(cfg.device or "cpu")  # noqa: E731
-        else:
-            info = adapter_info(model)
-            width = info.d_model
-            # each layer's buffer and SAEs live where that layer runs (several devices under accelerate)
-            device_of = lambda L: torch.device(cfg.device) if cfg.device else (  # noqa: E731
-                execution_device(info.layers[L]) or torch.device("cpu"))
-        self.saes = _saes_by_layer(width, layer, sae)
-        if shards is None:
-            check_sites(info, [(L, cfg.site) for L in self.saes])
+        self.source = ShardSource(data, cfg.site) if isinstance(data, Shards) else LiveSource(model, data, cfg.site)
+        self.saes = _saes_by_layer(self.source.d_model, layer, sae)
+        self.source.check(sorted(self.saes))
+        self.devices = {L: self.source.device_of(L, cfg.device) for L in self.saes}
         for L, group in self.saes.items():
             for s in group:
-                s.to(device_of(L))
-                _describe(s, L, cfg, shards, None if shards is not None else info)
+                s.to(self.devices[L])
+                self.describe(s, L)
         self.targets = {(L, i): s.cfg.k for L, group in self.saes.items() for i, s in enumerate(group)}
-        # One readout cadence: the input NaN check runs just before the trainers' readout steps.
-        trainer_cfg = replace(trainer_cfg or TrainerConfig(lr=cfg.lr), sync_every=cfg.sync_every)
         self.trainers = {(L, i): SAETrainer(s, trainer_cfg) for L, group in self.saes.items()
                          for i, s in enumerate(group)}
         self.schedulers = {key: torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda step: lr_factor(step, cfg))
                            for key, t in self.trainers.items()}
-        self.buffers = {L: RingBuffer(cfg.buffer_size, width, device=device_of(L),
-                                      dtype=getattr(torch, cfg.buffer_dtype), kinds=cfg.kinds, quota=cfg.quota,
-                                      outlier_factor=cfg.outlier_factor, seed=cfg.seed + L)
-                        for L in self.saes}
+        self.buffers = {L: self.make_buffer(L) for L in self.saes}
         self.step_count, self.since_checkpoint, self.last_checkpoint = 0, 0, None
-        self._make_source = lambda position: (
-            ShardSource(shards, sorted(self.saes), position.get("shard_rows_used")) if shards is not None
-            else LiveSource(info, data, sorted(self.saes), cfg.site, position.get("data_batches_used", 0)))
-        self.source = None
+        self.started = False  # the source is positioned by resume() or at the start of run()
         # per layer, the first step whose rows held NaN/Inf (-1: none), kept on the device until a readout
-        self.first_bad = {L: torch.full((), -1, dtype=torch.long, device=device_of(L)) for L in self.saes}
+        self.first_bad = {L: torch.full((), -1, dtype=torch.long, device=self.devices[L]) for L in self.saes}
+
+    def make_buffer(self, layer: int) -> RingBuffer:
+        """The ring buffer of one layer, on that layer's device, admitting what the config says."""
+        cfg = self.cfg
+        return RingBuffer(cfg.buffer_size, self.source.d_model, device=self.devices[layer],
+                          dtype=getattr(torch, cfg.buffer_dtype), kinds=cfg.kinds, quota=cfg.quota,
+                          outlier_factor=cfg.outlier_factor, seed=cfg.seed + layer)
+
+    def describe(self, sae: SAE, layer: int) -> None:
+        """Fill in where the SAE belongs (hook_name, model, layer path, token kinds) unless already set."""
+        self.source.describe(sae.cfg.metadata, layer)
+        cfg = self.cfg
+        sae.cfg.metadata.setdefault("token_kinds", list(cfg.kinds) if cfg.quota is None else sorted(cfg.quota))
+
+    def start(self, position: dict) -> None:
+        """Position the source: at the data's start, or where a checkpoint left it."""
+        self.source.start(sorted(self.saes), position)
+        self.started = True
 
     def resume(self) -> None:
         """Continue from the newest checkpoint in ``out`` (bitwise the uninterrupted run on CPU)."""
         self.step_count, position, self.last_checkpoint = load_checkpoint(
             self.out, self.trainers, self.schedulers, self.buffers)
-        self.source = self._make_source(position)
+        self.start(position)
 
     def run(self) -> None:
         """Fill, read, step, read out, checkpoint until ``cfg.steps``; then the SAEs in eval mode, saved to ``out``."""
         cfg = self.cfg
-        if self.source is None:
-            self.source = self._make_source({})
-        logger = _wandb(cfg)
+        if not self.started:
+            self.start({})
+        logger = _wandb(cfg, self.trainer_cfg)
         bar = tqdm(total=cfg.steps, initial=self.step_count, desc="train", disable=not cfg.progress,
                    dynamic_ncols=True)
         try:
@@ -244,7 +348,7 @@ class OnlineRun:
                         break
                     self.step(rows)
                     bar.update(1)
-                    if self.step_count % cfg.sync_every == 0 or self.step_count == cfg.steps:
+                    if self.step_count % self.trainer_cfg.sync_every == 0 or self.step_count == cfg.steps:
                         self.readout(rows, bar, logger)
                 self.checkpoint_if_needed()
         finally:
@@ -272,7 +376,7 @@ class OnlineRun:
         for L, r in zip(self.saes, rows):
             finite = torch.isfinite(r.acts).all()
             self.first_bad[L] = torch.where((self.first_bad[L] < 0) & ~finite, step, self.first_bad[L])
-        if (step + 1) % cfg.sync_every == 0:  # the trainers read out at this step: check inputs first
+        if (step + 1) % self.trainer_cfg.sync_every == 0:  # the trainers read out at this step: check inputs first
             self.guard_finite()
         for L, r in zip(self.saes, rows):
             for i, s in enumerate(self.saes[L]):
@@ -291,13 +395,21 @@ class OnlineRun:
         """After the trainers' readout: stop on NaN/Inf, show and hand out the metrics."""
         self.guard_finite()
         bar.set_postfix_str(_postfix(self.trainers, self.saes, rows), refresh=False)
-        latest = {key: t.history[-1] for key, t in self.trainers.items()
-                  if t.history and t.history[-1].step == self.step_count}
-        if self.history is not None:
-            self.history.extend({"layer": L, "sae": i, **asdict(m)} for (L, i), m in latest.items())
+        latest = self.readout_metrics()
+        self.history.extend({"layer": L, "sae": i, **asdict(m)} for (L, i), m in latest.items())
         if logger is not None:
             logger.log({f"L{L}.{i}/{k}": v for (L, i), m in latest.items() for k, v in asdict(m).items()},
                        step=self.step_count)
+
+    def readout_metrics(self) -> dict[tuple[int, int], TrainMetrics]:
+        """The metrics each trainer read out at this step, by (layer, SAE index).
+
+        On one process they are final. A distributed run (a later issue) reduces them here: token
+        counts and metric sums all-reduced over the world before they reach the bar, the history or
+        wandb, so that every rank reports (and stops on) the same numbers.
+        """
+        return {key: t.history[-1] for key, t in self.trainers.items()
+                if t.history and t.history[-1].step == self.step_count}
 
     def checkpoint_if_needed(self) -> None:
         """At the end of a read phase: a checkpoint once ``checkpoint_every`` steps have passed, and at the end."""
@@ -307,7 +419,7 @@ class OnlineRun:
         if self.since_checkpoint >= cfg.checkpoint_every or self.step_count >= cfg.steps:
             self.guard_finite()  # a bad state never becomes the last good checkpoint
             self.last_checkpoint = save_checkpoint(self.out, self.step_count, self.source.state(), self.trainers,
-                                                   self.schedulers, self.buffers, cfg)
+                                                   self.schedulers, self.buffers, cfg, self.trainer_cfg)
             self.since_checkpoint = 0
 
     def guard_finite(self) -> None:
@@ -316,22 +428,6 @@ class OnlineRun:
 
     def _all_saes(self):
         return (s for group in self.saes.values() for s in group)
-
-
-def _describe(sae: SAE, layer: int, cfg: TrainConfig, shards: Shards | None, info) -> None:
-    """Fill in where the SAE belongs (hook_name, model, layer path, token kinds) unless already set."""
-    meta = sae.cfg.metadata
-    if shards is not None:
-        hook_name = shards.manifest.get("hook_names", {}).get(str(layer))
-        meta.setdefault("hook_name", hook_name or f"blocks.{layer}.hook_{cfg.site}")
-        meta.setdefault("model_class_name", shards.manifest.get("model_class_name", ""))
-        meta.setdefault("model_name", shards.manifest.get("family", ""))
-    else:
-        meta.setdefault("hook_name", info.hook_name(layer, cfg.site))
-        meta.setdefault("model_class_name", type(info.model).__name__)
-        meta.setdefault("model_name", getattr(info.model.config, "_name_or_path", "") or info.family)
-        meta.setdefault("hf_layer_path", f"{info.layer_path}.{layer}")
-    meta.setdefault("token_kinds", list(cfg.kinds) if cfg.quota is None else sorted(cfg.quota))
 
 
 def _check_finite(first_bad, step, saes, last_checkpoint) -> None:
@@ -372,11 +468,14 @@ def _postfix(trainers, saes, rows) -> str:
     return " | ".join(parts)
 
 
-def _wandb(cfg: TrainConfig):
+def _wandb(cfg: OnlineRunConfig, trainer_cfg: SAETrainerConfig):
     if cfg.wandb is None:
         return None
     try:
         import wandb
     except ImportError as err:
         raise ConfigError("wandb= asks for wandb logging but wandb is not installed; pip install wandb") from err
-    return wandb.init(project=cfg.wandb, config=asdict(cfg))
+    return wandb.init(project=cfg.wandb, config={**asdict(cfg), **asdict(trainer_cfg)})
+
+
+__getattr__ = renamed_attributes(__name__, {"TrainConfig": "OnlineRunConfig"}, globals())

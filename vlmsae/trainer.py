@@ -18,19 +18,29 @@ import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from vlmsae import metrics
+from vlmsae.deprecation import renamed_attributes
 from vlmsae.errors import ConfigError, NonFiniteError
 from vlmsae.sae import DTYPES, SAE
 from vlmsae.sparse import SparseCode, entry_dots, gather_pre_acts, sparse_decode
 
 
+SYNC_EVERY = 100
+"""Readout cadence of an SAETrainer whose config leaves ``sync_every`` unset (``vlmsae.train`` uses its own)."""
+
+
 @dataclass
-class TrainerConfig:
-    """Optimiser and step settings; the loss recipe lives in SAEConfig."""
+class SAETrainerConfig:
+    """How an :class:`SAETrainer` steps: the optimiser, the readout cadence, the precision of the selection.
+
+    The one owner of the learning rate and of the readout cadence, for a lone trainer and for
+    ``vlmsae.train`` alike; the loss recipe lives in SAEConfig. Raises ``ConfigError`` for a bad value.
+    """
 
     lr: float | None = None
     """Adam learning rate; None means 2e-4 / sqrt(d_sae / 2**14), the scaling of Gao et al. 2024."""
@@ -38,8 +48,9 @@ class TrainerConfig:
     """Adam betas."""
     eps: float = 6.25e-10
     """Adam epsilon (Gao et al. 2024)."""
-    sync_every: int = 100
-    """Steps between the host readouts of metrics and of the dead-latent count."""
+    sync_every: int | None = None
+    """Steps between the host readouts of metrics and of the dead-latent count; None means 100 for a lone
+    SAETrainer (``SYNC_EVERY``) and 25 under ``vlmsae.train`` (``vlmsae.train.RUN_SYNC_EVERY``)."""
     compute_dtype: str | None = None
     """dtype of the encoder matmul; None means bfloat16 on CUDA and the weights' dtype elsewhere."""
     encode_chunk: int | None = None
@@ -54,8 +65,9 @@ class TrainerConfig:
             raise ConfigError(f"betas={self.betas!r} must be two numbers in [0, 1)")
         if not self.eps > 0:
             raise ConfigError(f"eps={self.eps!r} must be > 0")
-        if isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int) or self.sync_every < 1:
-            raise ConfigError(f"sync_every={self.sync_every!r} must be an integer >= 1")
+        if self.sync_every is not None and (isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int)
+                                            or self.sync_every < 1):
+            raise ConfigError(f"sync_every={self.sync_every!r} must be None or an integer >= 1")
         if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
             raise ConfigError(f"compute_dtype={self.compute_dtype!r} must be None or one of {', '.join(DTYPES)}")
         if self.encode_chunk is not None and (not isinstance(self.encode_chunk, int) or self.encode_chunk < 1):
@@ -77,19 +89,91 @@ class TrainMetrics:
     dense_fraction: float
 
 
-class SAETrainer:
-    """Trains `sae` one batch of activations at a time: `trainer.step(x)` with x (..., d_in)."""
+class Selection(NamedTuple):
+    """The latents a sparse step trains: the TopK / BatchTopK picks, and the AuxK picks among dead latents."""
 
-    def __init__(self, sae: SAE, cfg: TrainerConfig | None = None, **fields):
+    code: SparseCode
+    """The main picks: N entries grouped by token, with the latent order their gradients need."""
+    values: Tensor
+    """(N,) pre-activations at `code`'s entries."""
+    aux_values: Tensor
+    """(n_tokens, aux_k) pre-activations of the AuxK picks (-inf where fewer latents are dead than aux_k)."""
+    aux_latents: Tensor
+    """(n_tokens, aux_k) their latents, ascending per token; aux_k is 0 when AuxK is off."""
+
+
+class StepLoss(NamedTuple):
+    """One loss pass: what the backward pass and the metric window need."""
+
+    loss: Tensor
+    """() the loss that is backpropagated: reconstruction MSE plus the sparsity or AuxK term."""
+    recon: Tensor
+    """(n_tokens, d_in) reconstruction, in the SAE's normalised units."""
+    nonzero: Tensor
+    """() non-zero latents over the batch."""
+    fired: Tensor
+    """(d_sae,) long: tokens of the batch on which each latent fired."""
+    aux_loss: Tensor
+    """() AuxK loss before its coefficient (0 when there is none)."""
+
+
+class WindowSums(NamedTuple):
+    """Sums over the steps of a metric window: float64 tensors on the device, floats once read out."""
+
+    loss: Tensor | float
+    squared_error: Tensor | float
+    """In the model's units (the input scale divided out)."""
+    total_variance: Tensor | float
+    """In the model's units."""
+    nonzero: Tensor | float
+    aux_loss: Tensor | float
+
+
+@dataclass
+class MetricWindow:
+    """What accumulates on the device between two readouts: one add per step, read in one sync."""
+
+    sums: Tensor
+    """(5,) float64: the fields of WindowSums, in order."""
+    fire_count: Tensor
+    """(d_sae,) long: tokens of the window on which each latent fired."""
+    start: int = 0
+    """The trainer's step count when the window opened."""
+    tokens: int = 0
+    """Tokens seen in the window."""
+
+    def add(self, sums: WindowSums, fired: Tensor) -> None:
+        """Add one step's sums and fire counts (no host sync)."""
+        self.sums += torch.stack(list(sums))
+        self.fire_count += fired
+
+    def reset(self, step: int) -> None:
+        """Open a new window at `step`."""
+        self.sums.zero_()
+        self.fire_count.zero_()
+        self.start, self.tokens = step, 0
+
+
+class SAETrainer:
+    """Trains `sae` one batch of activations at a time: `trainer.step(x)` with x (..., d_in).
+
+    A step is a selection (TopK, Gao et al. 2024; BatchTopK, Bussmann et al. 2024), a loss pass
+    (sparse for those kinds, dense for ReLU and JumpReLU), a backward pass and an Adam step; the
+    metrics go to a :class:`MetricWindow` and are read out every `sync_every` steps into `history`.
+    Raises ``ConfigError`` for bad settings, ``NonFiniteError`` at a readout whose loss is NaN/Inf.
+    """
+
+    def __init__(self, sae: SAE, cfg: SAETrainerConfig | None = None, **fields):
         if cfg is None:
-            cfg = TrainerConfig(**fields)
+            cfg = SAETrainerConfig(**fields)
         elif fields:
-            raise ConfigError(f"pass either a TrainerConfig or its fields, not both (got cfg and {sorted(fields)})")
+            raise ConfigError(f"pass either an SAETrainerConfig or its fields, not both (got cfg and {sorted(fields)})")
         self.stored = sae  # the caller's SAE, in its own dtype: `step` writes the trained weights back to it
         if sae.W_dec.dtype in (torch.float16, torch.bfloat16):
             sae = copy.deepcopy(sae).float()
             sae.cfg = self.stored.cfg  # one config for the stored SAE and its float32 working copy
         self.sae, self.cfg = sae, cfg
+        self.sync_every = cfg.sync_every or SYNC_EVERY
         device = sae.W_dec.device
         self.compute_dtype = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else (
             torch.bfloat16 if device.type == "cuda" else sae.W_dec.dtype
@@ -108,13 +192,10 @@ class SAETrainer:
             self.optimizer = torch.optim.Adam(params, foreach=True, **options)
         d_sae = sae.cfg.d_sae
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-        self.fire_count = torch.zeros(d_sae, dtype=torch.long, device=device)
-        # On-device sums since the last readout: loss, squared error, total variance, non-zero latents, AuxK loss.
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        self.window = MetricWindow(sums=torch.zeros(len(WindowSums._fields), dtype=torch.float64, device=device),
+                                   fire_count=torch.zeros(d_sae, dtype=torch.long, device=device))
         self.n_steps = 0
         self.n_tokens = 0
-        self.window_start = 0
-        self.window_tokens = 0
         self.history: list[TrainMetrics] = []
         self.aux_active = False
         self.initialized = not cfg.init_from_first_batch
@@ -135,12 +216,9 @@ class SAETrainer:
         kind = sae.cfg.architecture
         # Under a caller's no_grad (a notebook, a benchmark) the SAE still needs its graph.
         with torch.enable_grad():
-            if kind in ("topk", "batchtopk"):
-                loss, recon, nonzero, fired, aux = self._sparse_loss(x, k)
-            else:
-                loss, recon, nonzero, fired, aux = self._dense_loss(x)
+            out = self._sparse_loss(x, k) if kind in ("topk", "batchtopk") else self._dense_loss(x)
             sae.zero_grad(set_to_none=True)
-            loss.backward()
+            out.loss.backward()
         if sae.unit_norm_decoder:
             sae.remove_parallel_decoder_grad_()
         self.W_encT.grad = sae.W_enc.grad.T
@@ -151,12 +229,12 @@ class SAETrainer:
                 sae.normalize_decoder_()
             if kind == "jumprelu":
                 sae.threshold.clamp_(min=0)
-            self._count(x, recon, loss, nonzero, fired, aux)
+            self._count(x, out)
         self._store()
         self.n_steps += 1
         self.n_tokens += x.shape[0]
-        self.window_tokens += x.shape[0]
-        if self.n_steps % self.cfg.sync_every == 0:
+        self.window.tokens += x.shape[0]
+        if self.n_steps % self.sync_every == 0:
             self.history.append(self.read_metrics())
 
     @torch.no_grad()
@@ -178,8 +256,23 @@ class SAETrainer:
             yield start, stop, torch.addmm(b_enc, u[start:stop], W_encT.T)
 
     @torch.no_grad()
-    def _select_topk(self, u: Tensor, dead: Tensor, aux_k: int, k: int) -> tuple[Tensor, Tensor]:
-        """(values, latents), each (n_tokens, k + aux_k): the k largest pre-activations, then aux_k among dead latents."""
+    def _select(self, u: Tensor, dead: Tensor, aux_k: int, k: int) -> Selection:
+        """The latents of this step for centred inputs `u` (n_tokens, d_in); `dead` (d_sae,) bool gates AuxK."""
+        select = self._select_topk if self.sae.cfg.architecture == "topk" else self._select_batchtopk
+        chosen = select(u, dead, aux_k, k)
+        if self.compute_dtype == u.dtype:
+            return chosen
+        # Low-precision scores chose the latents; their values are
+        # recomputed in full precision, at k entries per token.
+        aux_values = chosen.aux_values
+        if aux_k:
+            exact = self._exact(u, SparseCode.from_topk(chosen.aux_latents)).view_as(aux_values)
+            aux_values = torch.where(aux_values.isfinite(), exact, aux_values)
+        return chosen._replace(values=self._exact(u, chosen.code), aux_values=aux_values)
+
+    @torch.no_grad()
+    def _select_topk(self, u: Tensor, dead: Tensor, aux_k: int, k: int) -> Selection:
+        """TopK (Gao et al. 2024): the k largest pre-activations of each token, then aux_k among dead latents."""
         values = torch.empty(u.shape[0], k + aux_k, device=u.device, dtype=u.dtype)
         latents = torch.empty(u.shape[0], k + aux_k, device=u.device, dtype=torch.long)
         for start, stop, pre in self._encoder_chunks(u):
@@ -188,12 +281,14 @@ class SAETrainer:
                 # Top-k_aux among dead latents only (Gao et al. 2024 §A.2); with
                 # fewer dead than aux_k the rest are -inf, which ReLU turns to 0.
                 values[start:stop, k:], latents[start:stop, k:] = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False)
-        return _ascending(values[:, :k], latents[:, :k]), _ascending(values[:, k:], latents[:, k:])
+        values_k, latents_k = _ascending(values[:, :k], latents[:, :k])
+        code = SparseCode.from_topk(latents_k).with_latent_order(self.sae.cfg.d_sae)
+        return Selection(code, values_k.reshape(-1), *_ascending(values[:, k:], latents[:, k:]))
 
     @torch.no_grad()
-    def _select_batchtopk(self, u: Tensor, dead: Tensor, aux_k: int, k: int):
-        """The k * n_tokens largest pre-activations of the batch (Bussmann et al. 2024) as (values, rows, cols)
-        in token order, then (aux_values, aux_latents), each (n_tokens, aux_k), among dead latents."""
+    def _select_batchtopk(self, u: Tensor, dead: Tensor, aux_k: int, k: int) -> Selection:
+        """BatchTopK (Bussmann et al. 2024): the k * n_tokens largest pre-activations of the batch, in token
+        order, then aux_k per token among dead latents."""
         d_sae, n_tokens = self.sae.cfg.d_sae, u.shape[0]
         pre = torch.empty(n_tokens, d_sae, device=u.device, dtype=self.compute_dtype)
         for start, stop, chunk in self._encoder_chunks(u):
@@ -201,47 +296,26 @@ class SAETrainer:
         values, flat = pre.view(-1).topk(k * n_tokens, sorted=False)
         flat, order = flat.sort()
         values = values[order].to(u.dtype)
-        main = (values, flat // d_sae, flat % d_sae)
+        code = SparseCode.from_rows_cols(flat // d_sae, flat % d_sae, n_tokens).with_latent_order(d_sae)
         if not aux_k:
-            return main, (values.new_empty(n_tokens, 0), flat.new_empty(n_tokens, 0))
+            return Selection(code, values, values.new_empty(n_tokens, 0), flat.new_empty(n_tokens, 0))
         aux = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False)
-        return main, _ascending(aux.values.to(u.dtype), aux.indices)
+        return Selection(code, values, *_ascending(aux.values.to(u.dtype), aux.indices))
 
-    def _sparse_loss(self, x: Tensor, k: int | None = None):
+    def _sparse_loss(self, x: Tensor, k: int | None = None) -> StepLoss:
+        """TopK / BatchTopK loss on `x` (n_tokens, d_in): MSE of a sparse decode, plus AuxK while latents are
+        dead (Gao et al. 2024 §A.2). `k`: this step's sparsity; None: the SAE's own."""
         sae, cfg = self.sae, self.sae.cfg
         k = cfg.k if k is None else k
-        n_tokens, d_sae = x.shape[0], cfg.d_sae
         dead = self.tokens_since_fired >= cfg.dead_tokens
         aux_k = cfg.aux_k if self.aux_active and cfg.aux_coefficient > 0 else 0
         x_n = x * sae.act_scale.to(x.dtype)
         u = sae.center(x)
-        if cfg.architecture == "topk":
-            (values, latents), (aux_values, aux_latents) = self._select_topk(u, dead, aux_k, k)
-            main_code = SparseCode.from_topk(latents).with_latent_order(d_sae)
-        else:
-            (values, rows, cols), (aux_values, aux_latents) = self._select_batchtopk(u, dead, aux_k, k)
-            main_code = SparseCode.from_rows_cols(rows, cols, n_tokens).with_latent_order(d_sae)
-        if self.compute_dtype != u.dtype:
-            # Low-precision scores chose the latents; their values are
-            # recomputed in full precision, at k entries per token.
-            values = self._exact(u, main_code)
-            if aux_k:
-                aux_values = torch.where(aux_values.isfinite(), self._exact(u, SparseCode.from_topk(aux_latents)).view_as(aux_values), aux_values)
-        if not aux_k:
-            acts = gather_pre_acts(u, sae.W_enc.T, sae.b_enc, main_code, values.reshape(-1)).relu()
-        else:
-            aux_code = SparseCode.from_topk(aux_latents)
-            # One encoder backward for both selections: gather them as one code.
-            n_main = main_code.cols.shape[0]
-            rows = torch.cat([main_code.rows, aux_code.rows])
-            order = torch.sort(rows, stable=True).indices
-            both = SparseCode.from_rows_cols(rows[order], torch.cat([main_code.cols, aux_code.cols])[order], n_tokens)
-            pre = gather_pre_acts(u, sae.W_enc.T, sae.b_enc, both, torch.cat([values.reshape(-1), aux_values.reshape(-1)])[order])
-            pre = torch.empty_like(pre).index_copy(0, order, pre)  # back to [main entries, aux entries]
-            acts, aux_acts = pre[:n_main].relu(), pre[n_main:].relu()
+        chosen = self._select(u, dead, aux_k, k)
+        acts, aux_acts, aux_code = self._encode_selected(u, chosen)
         if cfg.architecture == "batchtopk":
             self._update_threshold(acts.detach())
-        recon_n = sparse_decode(acts, sae.W_dec, main_code) + sae.b_dec
+        recon_n = sparse_decode(acts, sae.W_dec, chosen.code) + sae.b_dec
         loss = metrics.mse(x_n, recon_n)
         aux_loss = torch.zeros((), device=x.device)
         if aux_k:
@@ -252,8 +326,25 @@ class SAETrainer:
             aux_loss = aux_loss * (dead.sum() / aux_k).clamp(max=1)
             loss = loss + cfg.aux_coefficient * aux_loss
         nonzero = (acts != 0).sum()
-        fired = torch.zeros(d_sae, dtype=torch.long, device=x.device).index_add_(0, main_code.cols, (acts != 0).long())
-        return loss, recon_n, nonzero, fired, aux_loss
+        fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device).index_add_(
+            0, chosen.code.cols, (acts != 0).long())
+        return StepLoss(loss, recon_n, nonzero, fired, aux_loss)
+
+    def _encode_selected(self, u: Tensor, chosen: Selection) -> tuple[Tensor, Tensor, SparseCode | None]:
+        """(acts (N,), aux_acts (n_tokens * aux_k,), aux code): the chosen latents' ReLU activations, with grad."""
+        sae = self.sae
+        if not chosen.aux_latents.shape[1]:
+            return gather_pre_acts(u, sae.W_enc.T, sae.b_enc, chosen.code, chosen.values).relu(), None, None
+        main_code, aux_code = chosen.code, SparseCode.from_topk(chosen.aux_latents)
+        # One encoder backward for both selections: gather them as one code.
+        n_main = main_code.cols.shape[0]
+        rows = torch.cat([main_code.rows, aux_code.rows])
+        order = torch.sort(rows, stable=True).indices
+        both = SparseCode.from_rows_cols(rows[order], torch.cat([main_code.cols, aux_code.cols])[order], u.shape[0])
+        values = torch.cat([chosen.values, chosen.aux_values.reshape(-1)])[order]
+        pre = gather_pre_acts(u, sae.W_enc.T, sae.b_enc, both, values)
+        pre = torch.empty_like(pre).index_copy(0, order, pre)  # back to [main entries, aux entries]
+        return pre[:n_main].relu(), pre[n_main:].relu(), aux_code
 
     @torch.no_grad()
     def _exact(self, u: Tensor, code: SparseCode) -> Tensor:
@@ -275,7 +366,8 @@ class SAETrainer:
             return contextlib.nullcontext()
         return torch.autocast(x.device.type, dtype=self.compute_dtype)
 
-    def _dense_loss(self, x: Tensor):
+    def _dense_loss(self, x: Tensor) -> StepLoss:
+        """ReLU (decoder-norm-weighted L1) or JumpReLU (L0 through a step function) loss on `x` (n_tokens, d_in)."""
         sae, cfg = self.sae, self.sae.cfg
         x_n = x * sae.act_scale.to(x.dtype)
         with self._autocast(x):
@@ -296,50 +388,48 @@ class SAETrainer:
         loss = metrics.mse(x_n, recon_n) + coefficient * sparsity
         nonzero = (latents != 0).sum()
         fired = (latents != 0).sum(0)
-        return loss, recon_n, nonzero, fired, torch.zeros((), device=x.device)
+        return StepLoss(loss, recon_n, nonzero, fired, torch.zeros((), device=x.device))
 
     @torch.no_grad()
-    def _count(self, x: Tensor, recon_n: Tensor, loss: Tensor, nonzero: Tensor, fired: Tensor, aux: Tensor) -> None:
+    def _count(self, x: Tensor, out: StepLoss) -> None:
+        """Add one step to the metric window and the dead-latent counters (no host sync)."""
         x_n = x * self.sae.act_scale.to(x.dtype)
         scale2 = self.sae.act_scale.double() ** 2  # errors in the model's units
-        self.sums += torch.stack([
-            loss.double(),
-            metrics.squared_error(x_n, recon_n).double() / scale2,
-            metrics.total_variance(x_n).double() / scale2,
-            nonzero.double(),
-            aux.double(),
-        ])
-        self.fire_count += fired
-        self.tokens_since_fired.add_(x.shape[0]).masked_fill_(fired > 0, 0)
+        self.window.add(WindowSums(
+            loss=out.loss.double(),
+            squared_error=metrics.squared_error(x_n, out.recon).double() / scale2,
+            total_variance=metrics.total_variance(x_n).double() / scale2,
+            nonzero=out.nonzero.double(),
+            aux_loss=out.aux_loss.double(),
+        ), out.fired)
+        self.tokens_since_fired.add_(x.shape[0]).masked_fill_(out.fired > 0, 0)
 
     def read_metrics(self) -> TrainMetrics:
         """Move the accumulated metrics to the host (one sync) and start a new window."""
-        cfg = self.sae.cfg
-        tokens, steps = max(self.window_tokens, 1), max(self.n_steps - self.window_start, 1)
-        window = torch.cat([
-            self.sums,
+        cfg, window = self.sae.cfg, self.window
+        tokens, steps = max(window.tokens, 1), max(self.n_steps - window.start, 1)
+        *sums, dead, dense = torch.cat([
+            window.sums,
             metrics.dead_fraction(self.tokens_since_fired, cfg.dead_tokens).double().view(1),
-            metrics.dense_fraction(self.fire_count, tokens).double().view(1),
-        ])
-        loss, sq_err, total_var, nonzero, aux, dead, dense = window.tolist()
-        if not math.isfinite(loss):
+            metrics.dense_fraction(window.fire_count, tokens).double().view(1),
+        ]).tolist()
+        sums = WindowSums(*sums)
+        if not math.isfinite(sums.loss):
             raise NonFiniteError(
-                f"training loss is {loss} over steps {self.window_start + 1}..{self.n_steps}; "
+                f"training loss is {sums.loss} over steps {window.start + 1}..{self.n_steps}; "
                 "check the activations for NaN/Inf or lower the learning rate"
             )
-        self.sums.zero_()
-        self.fire_count.zero_()
-        self.window_start, self.window_tokens = self.n_steps, 0
+        window.reset(self.n_steps)
         # The one place that learns, on the host, whether AuxK has work to do.
         self.aux_active = dead > 0
         return TrainMetrics(
             step=self.n_steps,
             tokens=self.n_tokens,
-            loss=loss / steps,
-            mse=sq_err / (tokens * cfg.d_in),
-            fvu=sq_err / total_var if total_var > 0 else float("nan"),
-            l0=nonzero / tokens,
-            aux_loss=aux / steps,
+            loss=sums.loss / steps,
+            mse=sums.squared_error / (tokens * cfg.d_in),
+            fvu=sums.squared_error / sums.total_variance if sums.total_variance > 0 else float("nan"),
+            l0=sums.nonzero / tokens,
+            aux_loss=sums.aux_loss / steps,
             dead_fraction=dead,
             dense_fraction=dense,
         )
@@ -350,9 +440,10 @@ class SAETrainer:
         optim = self.optimizer.state_dict()
         for index, slots in optim["state"].items():
             tensors |= {f"optim.{index}.{k}": torch.as_tensor(v).contiguous() for k, v in slots.items()}
-        tensors |= {"tokens_since_fired": self.tokens_since_fired, "fire_count": self.fire_count, "sums": self.sums}
+        tensors |= {"tokens_since_fired": self.tokens_since_fired, "fire_count": self.window.fire_count,
+                    "sums": self.window.sums}
         meta = {"param_groups": optim["param_groups"], "n_steps": self.n_steps, "n_tokens": self.n_tokens,
-                "window_start": self.window_start, "window_tokens": self.window_tokens,
+                "window_start": self.window.start, "window_tokens": self.window.tokens,
                 "aux_active": bool(self.aux_active), "initialized": self.initialized,
                 "history": [asdict(m) for m in self.history]}
         return tensors, meta
@@ -377,10 +468,10 @@ class SAETrainer:
                 state.setdefault(int(index), {})[slot] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
-        self.fire_count.copy_(tensors["fire_count"])
-        self.sums.copy_(tensors["sums"])
+        self.window.fire_count.copy_(tensors["fire_count"])
+        self.window.sums.copy_(tensors["sums"])
         self.n_steps, self.n_tokens = meta["n_steps"], meta["n_tokens"]
-        self.window_start, self.window_tokens = meta["window_start"], meta["window_tokens"]
+        self.window.start, self.window.tokens = meta["window_start"], meta["window_tokens"]
         self.aux_active, self.initialized = meta["aux_active"], meta["initialized"]
         self.history = [TrainMetrics(**m) for m in meta["history"]]
         self._store()
@@ -390,6 +481,13 @@ def _ascending(values: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
     """Reorder each token's entries by latent index, as `SparseCode` wants."""
     latents, order = latents.sort(dim=1)
     return values.gather(1, order), latents
+
+
+def _kernel_sum(pre: Tensor, threshold: Tensor, bandwidth: float, grad_out: Tensor) -> Tensor:
+    """(d_sae,) sum over tokens of `grad_out` (n, d_sae) where the rectangle kernel of Rajamanoharan et al. 2024
+    is on: only pre-activations within bandwidth/2 of the threshold move it. JumpReLU and the step share it."""
+    near = ((pre - threshold).abs() < bandwidth / 2).to(grad_out.dtype)
+    return (near * grad_out).sum(0)
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -405,9 +503,7 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         pre, threshold = ctx.saved_tensors
         bandwidth = ctx.bandwidth
-        # Rectangle kernel: only pre-activations within bandwidth/2 of the threshold move it.
-        near = ((pre - threshold).abs() < bandwidth / 2).to(grad_out.dtype)
-        grad_threshold = -(threshold / bandwidth) * (near * grad_out).sum(0)
+        grad_threshold = -(threshold / bandwidth) * _kernel_sum(pre, threshold, bandwidth, grad_out)
         return grad_out * (pre > threshold), grad_threshold, None
 
 
@@ -424,5 +520,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         pre, threshold = ctx.saved_tensors
         bandwidth = ctx.bandwidth
-        near = ((pre - threshold).abs() < bandwidth / 2).to(grad_out.dtype)
-        return None, -(1 / bandwidth) * (near * grad_out).sum(0), None
+        return None, -(1 / bandwidth) * _kernel_sum(pre, threshold, bandwidth, grad_out), None
+
+
+__getattr__ = renamed_attributes(__name__, {"TrainerConfig": "SAETrainerConfig"}, globals())

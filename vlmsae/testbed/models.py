@@ -49,6 +49,7 @@ from transformers import (
     ViTConfig,
 )
 
+from ..deprecation import renamed_attributes
 from . import shapes
 from ..errors import ConfigError
 
@@ -64,8 +65,8 @@ stalled at 0.88-0.91 exact match while every other answer passed 0.98)."""
 
 
 @dataclass
-class TrainConfig:
-    """How a testbed model is trained."""
+class TestbedModelConfig:
+    """How a testbed model is built (widths, depths) and trained (steps, batch, schedule, seed)."""
 
     steps: int = 1400
     """Optimizer steps; each sees a fresh batch."""
@@ -99,7 +100,7 @@ class TrainConfig:
             raise ConfigError(f"warmup={self.warmup} must be in 0..steps-1={self.steps - 1}")
 
 
-def captioner_config(cfg: TrainConfig, vocab_size: int) -> VisionEncoderDecoderConfig:
+def captioner_config(cfg: TestbedModelConfig, vocab_size: int) -> VisionEncoderDecoderConfig:
     """ViT encoder + GPT2 decoder with cross-attention, no dropout."""
     heads = 4
     encoder = ViTConfig(
@@ -119,7 +120,7 @@ def captioner_config(cfg: TrainConfig, vocab_size: int) -> VisionEncoderDecoderC
     return config
 
 
-def qa_config(cfg: TrainConfig, vocab_size: int) -> LlavaConfig:
+def qa_config(cfg: TestbedModelConfig, vocab_size: int) -> LlavaConfig:
     """CLIP vision tower + projector + Llama decoder, image tokens in the decoder stream."""
     heads = 4
     vision = CLIPVisionConfig(
@@ -187,7 +188,7 @@ def _loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor], patch_head: t
     return loss + aux
 
 
-def _train(kind: str, cfg: TrainConfig, out: Path | None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def _train(kind: str, cfg: TestbedModelConfig, out: Path | None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = shapes.build_tokenizer()
@@ -246,14 +247,14 @@ def _train(kind: str, cfg: TrainConfig, out: Path | None) -> tuple[PreTrainedMod
     return model, tokenizer
 
 
-def train_captioner(out: str | Path | None = CAPTIONER_DIR, cfg: TrainConfig | None = None):
+def train_captioner(out: str | Path | None = CAPTIONER_DIR, cfg: TestbedModelConfig | None = None):
     """Train the ViT-GPT2 Shapes captioner; save it (and its tokenizer) to ``out`` unless ``None``."""
-    return _train("captioner", cfg or TrainConfig(), out)
+    return _train("captioner", cfg or TestbedModelConfig(), out)
 
 
-def train_qa(out: str | Path | None = QA_DIR, cfg: TrainConfig | None = None):
+def train_qa(out: str | Path | None = QA_DIR, cfg: TestbedModelConfig | None = None):
     """Train the LLaVA Shapes question answerer; save it (and its tokenizer) to ``out`` unless ``None``."""
-    return _train("qa", cfg or TrainConfig(), out)
+    return _train("qa", cfg or TestbedModelConfig(), out)
 
 
 def load_captioner(path: str | Path = CAPTIONER_DIR) -> tuple[VisionEncoderDecoderModel, PreTrainedTokenizerFast]:
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     tr = sub.add_parser("train", help="train a testbed model and save it")
     tr.add_argument("model", choices=["captioner", "qa"])
     tr.add_argument("--out", type=Path, help="folder (default: the shipped one)")
-    for field, default in TrainConfig.__dataclass_fields__.items():
+    for field, default in TestbedModelConfig.__dataclass_fields__.items():
         tr.add_argument(f"--{field.replace('_', '-')}", type=type(default.default), default=default.default)
     ev = sub.add_parser("eval", help="exact-match accuracy on fresh samples")
     ev.add_argument("model", choices=["captioner", "qa"])
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--seed", type=int, default=EVAL_SEED)
     args = parser.parse_args(argv)
     if args.command == "train":
-        cfg = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__})
+        cfg = TestbedModelConfig(**{f: getattr(args, f) for f in TestbedModelConfig.__dataclass_fields__})
         out = args.out or (CAPTIONER_DIR if args.model == "captioner" else QA_DIR)
         t0 = time.perf_counter()
         model, tok = (train_captioner if args.model == "captioner" else train_qa)(out, cfg)
@@ -355,6 +356,9 @@ def main(argv: list[str] | None = None) -> None:
         model, tok = load_qa(args.path or QA_DIR)
         result = evaluate_qa(model, tok, n=args.n, seed=args.seed)
     print({k: round(v, 4) for k, v in result.items()})
+
+
+__getattr__ = renamed_attributes(__name__, {"TrainConfig": "TestbedModelConfig"}, globals())
 
 
 if __name__ == "__main__":
