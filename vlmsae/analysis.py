@@ -297,7 +297,7 @@ def _token_text(tokenizer, ids: Iterable[int]) -> list[str]:
 
 def latent_table(scan: Scan, *, tokenizer=None, aurocs: pd.DataFrame | None = None, dense: float = 0.1,
                  top_tokens: int = 3) -> pd.DataFrame:
-    """One row per latent: firing density, mean and max activation, image / text share, top tokens, flags.
+    """``(d_sae,)`` rows, one per latent: firing density, mean and max activation, image / text share, top tokens, flags.
 
     ``top_tokens``: the commonest tokens at the peak of the latent's top examples (``<image>``
     where it peaks on image tokens), decoded with ``tokenizer`` if given. ``aurocs``: a concept x

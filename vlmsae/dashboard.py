@@ -107,7 +107,12 @@ def write_dashboard(path: str | os.PathLike, scan: Scan, images: Sequence, *, ta
 
     ``images[i]`` is example ``i`` of the scanned data. ``table`` defaults to ``latent_table(scan)``
     (pass your own to add concept columns); ``latents`` defaults to every latent the scan kept
-    examples for; ``figures`` default to the density histogram and L0 per token kind.
+    examples for; ``figures`` default to the density histogram and L0 per token kind. ``images`` are PIL
+    images or ``(3, H, W)`` / ``(H, W, 3)`` arrays or tensors (:func:`vlmsae.plots.to_rgb`).
+
+    Raises:
+        ConfigError: a top example has no image in ``images``, or a latent was not scanned.
+        OSError: the file cannot be written (an existing file at ``path`` is left as it was).
     """
     table = latent_table(scan, tokenizer=tokenizer) if table is None else table
     data = dashboard_data(scan, images, table=table, tokenizer=tokenizer, latents=latents)

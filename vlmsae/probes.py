@@ -62,7 +62,12 @@ def class_indices(labels: Tensor | Sequence) -> Tensor:
 
 
 def fit_probe(x: Tensor, y: Tensor, *, l2: float = 1e-3, steps: int = 100) -> Probe:
-    """Fit a probe to rows ``x`` ``(n, d)`` and class indices ``y`` ``(n,)``."""
+    """Fit a probe to rows ``x`` ``(n, d)`` and class indices ``y`` ``(n,)``: multinomial logistic regression on
+    standardised inputs with an ``l2`` penalty, by L-BFGS (``steps`` iterations at most), on the CPU.
+
+    Raises:
+        ConfigError: ``x`` and ``y`` do not have the same number of rows.
+    """
     x = x.float().reshape(x.shape[0], -1).cpu()
     y = y.long().reshape(-1).cpu()
     if x.shape[0] != y.shape[0]:
@@ -88,7 +93,14 @@ def fit_probe(x: Tensor, y: Tensor, *, l2: float = 1e-3, steps: int = 100) -> Pr
 
 def probe_accuracy(x: Tensor, labels: Tensor | Sequence, *, train_fraction: float = 0.7, seed: int = 0,
                    l2: float = 1e-3) -> ProbeAccuracy:
-    """Fit a probe on a random ``train_fraction`` of the rows and score it on the rest."""
+    """Fit a probe on a random ``train_fraction`` of the rows ``x`` ``(n, d)`` and score it on the rest.
+
+    ``labels`` ``(n,)`` are class indices or any hashable labels. Accuracies are fractions of rows;
+    ``chance`` is the held-out share of the commonest class.
+
+    Raises:
+        ConfigError: ``train_fraction`` outside (0, 1), or too few rows for a train and a test split.
+    """
     if not 0 < train_fraction < 1:
         raise ConfigError(f"train_fraction={train_fraction} must be in (0, 1)")
     y = class_indices(labels)
@@ -110,6 +122,10 @@ def compare_probes(inputs: Mapping[str, Tensor], labels: Mapping[str, Tensor | S
 
     ``inputs``: name -> ``(n, d)`` rows, e.g. ``{"sae": latents, "resid": resid}``; ``labels``:
     concept -> ``(n,)`` classes of the same rows. ``options`` go to :func:`probe_accuracy`.
+    Every input of one concept is scored on the same split; the ``chance`` column is that split's.
+
+    Raises:
+        ConfigError: an input and a concept's labels differ in rows, or what :func:`probe_accuracy` raises.
     """
     rows = {}
     for concept, y in labels.items():

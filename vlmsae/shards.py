@@ -36,7 +36,17 @@ from .record import record
 def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str | os.PathLike, *,
             site: str = "resid_post", kinds=("image", "text", "generated"), outlier_factor: float | None = 10.0,
             shard_rows: int = 65536, dtype: torch.dtype = torch.float32) -> Path:
-    """Run ``data`` through the model once and write the residuals of ``layers`` as shards under ``out``."""
+    """Run ``data`` through the model once and write the residuals of ``layers`` as shards under ``out``.
+
+    Each shard ``L{layer}-{i:05d}.safetensors`` holds up to ``shard_rows`` admitted rows: ``acts``
+    ``(rows, d_model)`` in ``dtype`` and each row's kind, position, token and sample; ``vlmsae.Shards(out)``
+    reads them back for training. Returns ``out``.
+
+    Raises:
+        LayerIndexError, SiteError, UnsupportedModelError: as :func:`vlmsae.record`.
+        ConfigError: an unknown token kind in ``kinds``.
+        NonFiniteError: a residual holds NaN or Inf (nothing more is written).
+    """
     info = adapter_info(model)
     layers = [layers] if isinstance(layers, int) else sorted(layers)
     check_sites(info, [(L, site) for L in layers])
