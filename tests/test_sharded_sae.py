@@ -17,12 +17,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vlmsae import SAE, SAEConfig
+from vlmsae import SAE, SAEConfig, SAETrainer
 from vlmsae.errors import ConfigError
 from vlmsae.sharded_sae import ShardedSAE, select_global, shard_bounds, topk_lowest_index
+from vlmsae.sharded_trainer import ShardedTrainer
 
 WORLD = 2
 D_IN, D_SAE, K = 8, 32, 4
+TRAIN_STEPS = 3
 CASES = [("topk", True), ("batchtopk", True), ("batchtopk", False), ("relu", True), ("jumprelu", True)]
 
 
@@ -66,7 +68,12 @@ def worker(rank: int, port: int, inputs: dict, out: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     try:
         results = {}
-        for name, (sae, x) in inputs.items():
+        for name, (sae, batches) in inputs["train"].items():
+            sharded = ShardedSAE.from_sae(sae)
+            trainer = ShardedTrainer(sharded)
+            losses = torch.stack([trainer.step(x) for x in batches])
+            results[f"train-{name}"] = {"losses": losses, "gathered": sharded.gather(dst=0)}
+        for name, (sae, x) in inputs["run"].items():
             sharded = ShardedSAE.from_sae(sae)
             with torch.no_grad():
                 out_ = sharded(x)
@@ -106,7 +113,13 @@ def ranks(tmp_path_factory):
         torch.manual_seed(100 + seed)
         inputs[f"{architecture}{'' if training else '-eval'}"] = (sae, torch.randn(3, 5, D_IN))
     inputs["tied"] = tied_sae()
-    return inputs, run_ranks(inputs, tmp_path_factory.mktemp("sharded"))
+    train = {}
+    for seed, architecture in enumerate(("topk", "batchtopk")):
+        torch.manual_seed(200 + seed)
+        sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, architecture=architecture)  # SAE's own init; b_dec from batch 1
+        train[architecture] = (sae, [torch.randn(32, D_IN) * 3 + 1 for _ in range(TRAIN_STEPS)])
+    results = run_ranks({"run": inputs, "train": train}, tmp_path_factory.mktemp("sharded"))
+    return inputs, results, train
 
 
 def joined(results: list[dict], case: str, key: str) -> torch.Tensor:
@@ -117,7 +130,7 @@ def joined(results: list[dict], case: str, key: str) -> torch.Tensor:
 def test_sharded_sae_equals_the_unsharded_sae(ranks, case):
     """forward / encode / decode on 2 ranks: the slices side by side are the SAE's latents and pre-activations;
     every rank's reconstruction is the SAE's."""
-    inputs, results = ranks
+    inputs, results, _ = ranks
     sae, x = inputs[case]
     with torch.no_grad():
         ref = sae(x)
@@ -135,7 +148,7 @@ def test_sharded_sae_equals_the_unsharded_sae(ranks, case):
 
 
 def test_gather_rebuilds_the_full_sae_on_one_rank(ranks):
-    inputs, results = ranks
+    inputs, results, _ = ranks
     for case, (sae, _) in inputs.items():
         assert results[0][case]["gathered"] is None
         full = results[1][case]["gathered"]
@@ -148,7 +161,7 @@ def test_gather_rebuilds_the_full_sae_on_one_rank(ranks):
 def test_gradients_equal_the_unsharded_sae(ranks):
     """Backward through the encoder's f and the decoder's g: local slices get the SAE's gradient slices, and the
     replicated b_dec the SAE's whole gradient on every rank."""
-    inputs, results = ranks
+    inputs, results, _ = ranks
     sae, x = inputs["topk"]
     sae = sae.train()
     sae.zero_grad()
@@ -165,7 +178,7 @@ def test_gradients_equal_the_unsharded_sae(ranks):
 def test_ties_go_to_the_lowest_global_index(ranks):
     """Integer scores that tie within and across ranks: both ranks together keep, per token, the k largest with
     the lowest latent index among equals (rank 0's copy of a tied latent, before rank 1's)."""
-    inputs, results = ranks
+    inputs, results, _ = ranks
     sae, x = inputs["tied"]
     pre = x @ sae.W_enc
     order = torch.sort(pre, dim=-1, descending=True, stable=True).indices[:, :K]  # stable: lowest index first
@@ -207,3 +220,25 @@ def test_a_world_size_that_does_not_divide_d_sae_is_refused():
         shard_bounds(32, 2, 2)
     with pytest.raises(ConfigError, match="holds"):
         ShardedSAE(SAEConfig(d_in=4, d_sae=8, k=2), {"W_enc": torch.zeros(4, 8)})
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_sharded_training_equals_sae_trainer(ranks, architecture):
+    """TRAIN_STEPS ShardedTrainer steps on 2 ranks (init from the first batch, Adam per slice) give the SAE, the
+    BatchTopK threshold and the losses of as many SAETrainer steps on the unsharded SAE (its AuxK stays off:
+    no readout happens in 3 steps)."""
+    _, results, train = ranks
+    sae, batches = train[architecture]
+    reference = SAE.from_tensors(sae.cfg, {n: v.clone() for n, v in sae.state_dict().items()})
+    trainer = SAETrainer(reference, sync_every=1)  # a readout per step: its loss; no latent is dead, AuxK stays off
+    for x in batches:
+        trainer.step(x)
+    trained = results[0][f"train-{architecture}"]["gathered"]
+    assert results[1][f"train-{architecture}"]["gathered"] is None
+    for name, value in reference.state_dict().items():
+        assert (trained.state_dict()[name] - value).abs().max() <= 1e-5, name
+    moved = (trained.W_dec - sae.W_dec).abs().max()
+    assert moved > 1e-3, "training did not move the decoder: the comparison would prove nothing"
+    for r in results:
+        losses = r[f"train-{architecture}"]["losses"].tolist()
+        assert losses == pytest.approx([m.loss for m in trainer.history], rel=1e-5)

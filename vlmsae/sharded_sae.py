@@ -288,6 +288,13 @@ class ShardedSAE(nn.Module):
         return SAEOutput(self.decode(latents), latents, pre)
 
     @torch.no_grad()
+    def init_from_batch(self, x: Tensor) -> None:
+        """Set the input scale and b_dec from a first batch (..., d_in), as ``SAE.init_from_batch`` does: both are
+        replicated and depend on the batch alone, so every rank computes the same values (no communication)."""
+        # The same math, not a copy of it: SAE.init_from_batch reads only cfg, act_scale and b_dec.
+        SAE.init_from_batch(self, x)
+
+    @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale this rank's decoder rows to unit norm (each row is local: no communication)."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
