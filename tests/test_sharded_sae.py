@@ -43,11 +43,11 @@ def random_sae(architecture: str, seed: int) -> SAE:
     return sae
 
 
-def tied_sae() -> tuple[SAE, torch.Tensor]:
-    """A topk SAE with integer weights and inputs: pre-activations are exact small integers, full of ties across
+def tied_sae(architecture: str) -> tuple[SAE, torch.Tensor]:
+    """An SAE with integer weights and inputs: pre-activations are exact small integers, full of ties across
     and within ranks."""
-    torch.manual_seed(7)
-    sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, architecture="topk", apply_b_dec_to_input=False)
+    sae = SAE(d_in=D_IN, d_sae=D_SAE, k=K, architecture=architecture, apply_b_dec_to_input=False)
+    torch.manual_seed(10)  # a seed whose scores tie at the cut: the k-th and (k+1)-th largest are equal
     with torch.no_grad():
         sae.W_enc.copy_(torch.randint(-1, 2, sae.W_enc.shape).float())
         sae.b_enc.zero_()
@@ -112,7 +112,7 @@ def ranks(tmp_path_factory):
         sae = random_sae(architecture, seed).train(training)
         torch.manual_seed(100 + seed)
         inputs[f"{architecture}{'' if training else '-eval'}"] = (sae, torch.randn(3, 5, D_IN))
-    inputs["tied"] = tied_sae()
+    inputs["tied-topk"], inputs["tied-batchtopk"] = tied_sae("topk"), tied_sae("batchtopk")
     train = {}
     for seed, architecture in enumerate(("topk", "batchtopk")):
         torch.manual_seed(200 + seed)
@@ -175,16 +175,21 @@ def test_gradients_equal_the_unsharded_sae(ranks):
         torch.testing.assert_close(r["topk"]["grads"]["b_dec"], sae.b_dec.grad, rtol=0, atol=1e-5)
 
 
-def test_ties_go_to_the_lowest_global_index(ranks):
-    """Integer scores that tie within and across ranks: both ranks together keep, per token, the k largest with
-    the lowest latent index among equals (rank 0's copy of a tied latent, before rank 1's)."""
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_ties_go_to_the_lowest_global_index(ranks, architecture):
+    """Integer scores that tie within and across ranks: both ranks together keep the k largest per token (topk)
+    or the k * n_tokens largest of the batch (batchtopk), the lowest global index first among equals (rank 0's
+    copy of a tied latent before rank 1's; for batchtopk an earlier token first)."""
     inputs, results, _ = ranks
-    sae, x = inputs["tied"]
+    sae, x = inputs[f"tied-{architecture}"]
     pre = x @ sae.W_enc
-    order = torch.sort(pre, dim=-1, descending=True, stable=True).indices[:, :K]  # stable: lowest index first
-    expected = torch.zeros_like(pre).scatter(-1, order, pre.gather(-1, order)).relu()
-    assert (pre.unsqueeze(-1) == pre.unsqueeze(-2)).sum() > pre.numel(), "the test needs ties"
-    assert torch.equal(joined(results, "tied", "latents"), expected)
+    scores = pre if architecture == "topk" else pre.reshape(1, -1)
+    keep = K if architecture == "topk" else K * x.shape[0]
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]  # stable: lowest index first
+    expected = torch.zeros_like(scores).scatter(-1, order, scores.gather(-1, order)).relu().reshape(pre.shape)
+    ranked = scores.sort(dim=-1, descending=True).values
+    assert (ranked[:, keep - 1] == ranked[:, keep]).any(), "the test needs a tie at the cut"
+    assert torch.equal(joined(results, f"tied-{architecture}", "latents"), expected)
 
 
 def test_topk_lowest_index_keeps_the_lowest_of_equal_scores():
