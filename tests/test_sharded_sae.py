@@ -141,8 +141,8 @@ def test_sharded_sae_equals_the_unsharded_sae(ranks, case):
     torch.testing.assert_close(latents, ref.latents, rtol=0, atol=1e-5)
     torch.testing.assert_close(joined(results, case, "encode"), ref.latents, rtol=0, atol=1e-5)
     for r in results:
-        torch.testing.assert_close(r[case]["recon"], ref.recon, rtol=0, atol=1e-5)
-        torch.testing.assert_close(r[case]["decode"], ref.recon, rtol=0, atol=1e-5)
+        torch.testing.assert_close(r[case]["recon"], ref.recon, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(r[case]["decode"], ref.recon, rtol=1e-6, atol=1e-5)
     if case in ("topk", "batchtopk"):  # the sparsity the architecture promises, over both ranks
         assert (latents != 0).sum() <= K * x[..., 0].numel()
 
