@@ -17,9 +17,10 @@ one contiguous slice of the latents, ``lo:hi`` with ``hi - lo = d_sae / world``:
 
 Latents stay in sharded form: each rank's ``(..., d_local)`` slice, latent ``lo + j`` of the full SAE at
 column ``j``; concatenating the ranks' slices in rank order gives the unsharded SAE's ``(..., d_sae)`` latents.
-The exchange moves ``world * k`` (value, index) pairs per token, never ``d_sae`` scores (the same scheme
-as EleutherAI sparsify's distributed TopK and the model-parallel TopK of Gao et al. 2024, §A; the two
-collectives of the decoder and encoder are Megatron-LM's f / g operators, Shoeybi et al. 2019).
+The exchange moves ``world * k`` (value, index) pairs per token, never ``d_sae`` scores: the scheme of the
+design doc's Scale table (the "SAE > 1 GPU" row; issue 13), after the latent-sharded TopK SAEs of Gao et
+al. 2024. The decoder's all_reduce and the encoder input's backward all_reduce are Megatron-LM's g and f
+operators (Shoeybi et al. 2019).
 
 Ties. ``torch.topk`` does not say which of equal values it keeps. Every selection here keeps, among equal
 values, the lowest global index (the latent for topk, ``token * d_sae + latent`` for batchtopk), on every rank
