@@ -151,7 +151,7 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
     ``use_error_term=True`` keeps the error term (SAELens' name), so downstream sees the original residual
     except for what ``edit(latents, fwd) -> latents`` changes (latents ``(batch, seq, d_sae)``). ``where``
     restricts the splice to some positions. The SAE runs in its own dtype and device; the result goes
-    back in the model's. Yields a :class:`Splice`: ``s.latents`` of the last forward, ``s.stats()`` FVU
+    back in the model's dtype onto the layer's device (:func:`place` puts the SAE there). Yields a :class:`Splice`: ``s.latents`` of the last forward, ``s.stats()`` FVU
     and L0 per token kind.
 
     Raises:
