@@ -176,6 +176,20 @@ def test_evaluate_latent_stats_and_scan_match_and_leave_accelerates_forward(mode
     assert torch.equal(logits(model, data[0]), logits(plain, data[0]))
 
 
+def test_a_prefix_of_the_layers_is_enough_to_harvest(tmp_path):
+    """docs/scaling.md: the layers after the deepest hooked one may stay on disk; they are never loaded."""
+    plain = tiny_model("llava")
+    dm = device_map(plain, lambda i: "cpu" if i <= LAYER else "disk")
+    dm = {name: "disk" if name == "lm_head" else device for name, device in dm.items()}
+    model = accelerate.dispatch_model(copy.deepcopy(plain), dm, offload_dir=str(tmp_path), main_device="cpu")
+    inputs = tiny_inputs(plain, 2)
+    with torch.no_grad(), vlmsae.record(model, [LAYER], stop=True) as got, vlmsae.record(plain, [LAYER]) as expected:
+        assert model(**inputs) is None
+        plain(**inputs)
+    assert torch.equal(got[LAYER], expected[LAYER])
+    assert all(p.device.type == "meta" for layer in vlmsae.layers(model).layers[LAYER + 1:] for p in layer.parameters())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for a second device")
 def test_cuda_and_cpu_split():
     plain = tiny_model("llava")
