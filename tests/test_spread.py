@@ -110,7 +110,7 @@ def test_place_follows_accelerates_execution_device_not_the_weights():
         accelerate.hooks.remove_hook_from_module(layer)
 
 
-def test_place_refuses_a_layer_with_no_device(tmp_path_factory):
+def test_place_refuses_a_layer_with_no_device():
     model = tiny_model("llava")
     vlmsae.layers(model).layers[LAYER].to("meta")
     with pytest.raises(vlmsae.ConfigError, match="meta"):
