@@ -11,7 +11,7 @@ from .errors import (ConfigError, LayerIndexError, NonFiniteError, SAEFileError,
                      VlmsaeError)
 from .evaluate import evaluate
 from .hooks import SITES, Forward, attach
-from .interventions import LatentStats, Splice, ablate, latent_stats, reconstruct, splice, steer
+from .interventions import LatentStats, Splice, ablate, latent_stats, place, reconstruct, splice, steer
 from .probes import compare_probes, probe_accuracy
 from .record import Recording, record
 from .sae import SAE, SAEConfig, SAEOutput
@@ -26,7 +26,7 @@ __all__ = [
     "SAE", "SAEConfig", "SAEOutput", "SAETrainer", "SAETrainerConfig", "TrainMetrics", "metrics",
     "RingBuffer", "train", "OnlineRunConfig", "TrainResult", "harvest", "Shards",
     # interventions and evaluation
-    "splice", "ablate", "steer", "reconstruct", "evaluate", "latent_stats", "Splice", "LatentStats",
+    "splice", "ablate", "steer", "place", "reconstruct", "evaluate", "latent_stats", "Splice", "LatentStats",
     # analysis
     "scan", "latent_table", "concept_aurocs", "image_question_grid", "patch_grid", "patch_layout", "Scan",
     "TopExamples", "PatchLayout", "ImageQuestionGrid", "compare_probes", "probe_accuracy", "write_dashboard", "plots",

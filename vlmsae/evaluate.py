@@ -82,14 +82,15 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     with warnings.catch_warnings():  # check_sae has warned once if this is not the SAE's own site
         warnings.simplefilter("ignore", HookNameWarning)
         for batch in tqdm(data, desc="evaluate", leave=False):
-            ids = batch[info.ids_key]
             with record(model, [layer], site=site) as rec:
                 clean = model(**batch).logits
+            # On a model spread over devices the logits, the inputs and the layer may each be on another.
+            ids = batch[info.ids_key].to(clean.device)
             resid, fwd = rec[layer], rec.forwards[0]
-            positions = loss_positions(rec.kinds(layer))
+            positions = loss_positions(rec.kinds(layer)).to(clean.device)
             ce_clean = token_losses(clean, ids)
             for w in where:
-                mask = where_mask(w, kinds_of[w], fwd)
+                mask = where_mask(w, kinds_of[w], fwd).to(resid.device)
                 s = sums[w]
                 s["tokens"] += positions.sum()
                 s["clean"] += ce_clean[positions].sum()

@@ -125,15 +125,34 @@ def _replace(new: torch.Tensor, resid: torch.Tensor, key) -> torch.Tensor:
     return new.to(device=resid.device, dtype=resid.dtype)
 
 
+def _as_device(device) -> torch.device:
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
+def _dispatch_device(module: nn.Module) -> torch.device | None:
+    """The execution device of accelerate's hook on ``module`` itself, or ``None`` when it has none."""
+    hook = getattr(module, "_hf_hook", None)
+    for inner in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+        device = getattr(inner, "execution_device", None)
+        if device is not None:
+            return _as_device(device)
+    return None
+
+
 def execution_device(layer: nn.Module) -> torch.device | None:
-    """The device a layer computes on: accelerate's execution device if dispatched, else its parameters'."""
-    # accelerate's dispatch hook knows where the layer runs (its weights may be offloaded to "meta").
-    hook = getattr(layer, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-    param = next(layer.parameters(), None)
-    return None if param is None or param.device.type == "meta" else param.device
+    """The device a layer computes on, or ``None`` when nothing says (no hook, every weight on ``meta``).
+
+    accelerate's hook knows where a dispatched layer runs, while its weights may sit on ``meta``
+    (offloaded to CPU or disk). ``dispatch_model`` / ``device_map`` put that hook on the layer itself;
+    ``cpu_offload`` / ``disk_offload`` only on the submodules that hold weights, so those are read
+    next (the first one met, depth first). Without any hook: the device of the first real parameter.
+    """
+    for module in layer.modules():  # the layer itself first
+        device = _dispatch_device(module)
+        if device is not None:
+            return device
+    param = next((p for p in layer.parameters() if p.device.type != "meta"), None)
+    return None if param is None else param.device
 
 
 def find_cache(values) -> object | None:

@@ -26,7 +26,7 @@ from .adapters import Kind, Model, layers
 from .checks import check_latents, check_sae
 from .deprecation import renamed_kwargs
 from .errors import ConfigError, SiteError
-from .hooks import Forward, attach, check_sites
+from .hooks import Forward, attach, check_sites, execution_device
 from .metrics import SpliceStats, kind_stats
 from .positions import Where, where_kinds, where_mask
 from .record import record
@@ -70,6 +70,38 @@ def reconstruct(resid: Tensor, sae: SAE, *, use_error_term: bool = False, edit: 
         if mask is not None:
             new = torch.where(mask[..., None].to(x.device), new, x)
         return new.to(resid.device, resid.dtype)
+
+
+def place(model: Model, layer: int, sae: SAE, *, site: str = "resid_post") -> SAE:
+    """Move ``sae`` in place onto the device that ``layer`` computes on, and return it (dtype unchanged).
+
+    Every intervention runs the SAE where the SAE is and hands the result back on the layer's device;
+    on a model spread over devices (accelerate's ``device_map`` / ``dispatch_model``, ``cpu_offload``,
+    ``disk_offload``) that is one copy of the residual each way per forward, unless the SAE sits on
+    the layer's execution device: which is not where the layer's weights are stored (``meta`` when
+    offloaded) nor ``model.device``. After ``place``, a splice / ablate / steer at this layer moves no
+    activation between devices, and ``Splice.latents``, :func:`latent_stats` and ``scan`` results are
+    on that device. ``resid_pre`` of a layer is on the same device as its ``resid_post``.
+
+    Raises:
+        LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
+        SiteError: ``site`` is not one of ``vlmsae.SITES``.
+        ConfigError: the SAE's ``d_in`` is not the model's ``d_model``, or nothing tells where the layer
+            runs (no accelerate hook on it or its submodules, and every weight on ``meta``).
+        UnsupportedModelError: the model is not a supported family.
+
+    Warns:
+        HookNameWarning: the SAE's ``hook_name`` metadata names another site.
+    """
+    info = layers(model)
+    layer, site = parse_site(layer, site)
+    check_sites(info, [(layer, site)])
+    check_sae(sae, info, layer, site)
+    device = execution_device(info.layers[layer])
+    if device is None:
+        raise ConfigError(f"layer {layer} of this {info.family} model has every weight on 'meta' and no accelerate "
+                          "hook saying where it runs; load or dispatch the model first, or move the SAE with sae.to()")
+    return sae.to(device)
 
 
 class Splice:
@@ -119,7 +151,7 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
     ``use_error_term=True`` keeps the error term (SAELens' name), so downstream sees the original residual
     except for what ``edit(latents, fwd) -> latents`` changes (latents ``(batch, seq, d_sae)``). ``where``
     restricts the splice to some positions. The SAE runs in its own dtype and device; the result goes
-    back in the model's. Yields a :class:`Splice`: ``s.latents`` of the last forward, ``s.stats()`` FVU
+    back in the model's dtype onto the layer's device (:func:`place` puts the SAE there). Yields a :class:`Splice`: ``s.latents`` of the last forward, ``s.stats()`` FVU
     and L0 per token kind.
 
     Raises:
