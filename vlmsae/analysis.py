@@ -27,15 +27,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Kind, Model, layers
-from .checks import check_latents, check_sae
+from .checks import check_entry, check_latents
 from .deprecation import renamed_attributes, renamed_kwargs, warn_renamed
 from .errors import ConfigError
-from .hooks import check_sites
 from .metrics import auroc
 from .positions import Where, where_kinds, where_mask
 from .record import record
 from .sae import SAE
-from .sites import parse_site
 
 DEFAULT_WHERE = ("image", "text", "generated")
 """Positions a scan reads by default: every content token, never padding or special tokens (BOS
@@ -210,10 +208,7 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
         raise ConfigError(f"n_examples={n_examples!r} must be an integer >= 1 (examples kept per latent)")
     if context < 0:
         raise ConfigError(f"context={context} must be >= 0 (tokens shown either side of the peak)")
-    info = layers(model)
-    layer, site = parse_site(layer, site)
-    check_sites(info, [(layer, site)])
-    check_sae(sae, info, layer, site)
+    info, layer, site = check_entry(model, layer, site, sae)
     kinds_read = where_kinds(where, info)
     device = sae.W_dec.device
     d_sae = sae.cfg.d_sae
@@ -424,10 +419,7 @@ def image_question_grid(model: Model, layer: int, sae: SAE, images: Sequence, qu
     """
     if reduce not in ("max", "mean", "last"):
         raise ConfigError(f"reduce={reduce!r} is unknown; use 'max', 'mean' or 'last'")
-    info = layers(model)
-    layer, site = parse_site(layer, site)
-    check_sites(info, [(layer, site)])
-    check_sae(sae, info, layer, site)
+    info, layer, site = check_entry(model, layer, site, sae)
     kinds_read = where_kinds(where, info)
     device = sae.W_dec.device
     index = torch.tensor(check_latents(latents, sae.cfg.d_sae), dtype=torch.long, device=device)

@@ -6,13 +6,35 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 
-from .adapters import ModelInfo
+from .adapters import Model, ModelInfo, layers
 from .errors import ConfigError, HookNameWarning, SiteError
+from .hooks import check_sites
 from .sae import SAE
 from .sites import parse_site
 
 
-def check_sae(sae: SAE, info: ModelInfo, layer: int, site: str) -> None:
+def check_entry(model: Model, layer: int | str, site: str, sae: SAE | None = None) -> tuple[ModelInfo, int, str]:
+    """The model's info and the site in vlmsae's spelling, checked: what every entry point runs first.
+
+    ``layer`` is a decoder layer index or a TransformerLens hook name (:func:`vlmsae.sites.parse_site`).
+
+    Raises:
+        UnsupportedModelError: the model is not a supported family.
+        LayerIndexError, SiteError: a bad layer or site (:func:`vlmsae.hooks.check_sites`).
+        ConfigError: the SAE's ``d_in`` is not the model's ``d_model``.
+
+    Warns:
+        HookNameWarning: the SAE's ``hook_name`` metadata names another site.
+    """
+    info = layers(model)
+    layer, site = parse_site(layer, site)
+    check_sites(info, [(layer, site)])
+    if sae is not None:
+        check_sae(sae, info, layer, site, stacklevel=4)
+    return info, layer, site
+
+
+def check_sae(sae: SAE, info: ModelInfo, layer: int, site: str, stacklevel: int = 3) -> None:
     """Raise ``ConfigError`` if the SAE's width is not the model's; warn if it belongs to another site.
 
     The warning (:class:`~vlmsae.errors.HookNameWarning`) names the SAE's own ``hook_name`` and the
@@ -27,7 +49,7 @@ def check_sae(sae: SAE, info: ModelInfo, layer: int, site: str) -> None:
         warnings.warn(
             f"this SAE was trained at {trained_at!r} (hook_name in its metadata) but is used at {used_at!r}; "
             f"pass the layer and site it was trained at, or set sae.metadata['hook_name'] = {used_at!r} if its "
-            "metadata is wrong", HookNameWarning, stacklevel=3)
+            "metadata is wrong", HookNameWarning, stacklevel=stacklevel)
 
 
 def _same_site(name) -> tuple:

@@ -19,16 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters import Kind, Model, layers
-from .checks import check_sae
+from .adapters import Kind, Model
+from .checks import check_entry
 from .errors import ConfigError, HookNameWarning
-from .hooks import attach, check_sites
+from .hooks import attach
 from .interventions import splice
 from .metrics import SpliceStats, kind_stats
 from .positions import where_kinds, where_mask
 from .record import record
 from .sae import SAE
-from .sites import parse_site
 
 
 def loss_positions(kinds: Tensor) -> Tensor:
@@ -69,10 +68,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
             ``data`` yields no batch.
         UnsupportedModelError: the model is not a supported family.
     """
-    info = layers(model)
-    layer, site = parse_site(layer, site)
-    check_sites(info, [(layer, site)])
-    check_sae(sae, info, layer, site)
+    info, layer, site = check_entry(model, layer, site, sae)
     if where is None:
         where = ["all", "image", "text"] if info.has_image_tokens else ["all"]
     where = [where] if isinstance(where, str) else list(where)

@@ -22,16 +22,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters import Kind, Model, layers
-from .checks import check_latents, check_sae
+from .adapters import Kind, Model
+from .checks import check_entry, check_latents
 from .deprecation import renamed_kwargs
 from .errors import ConfigError, SiteError
-from .hooks import Forward, attach, check_sites, execution_device
+from .hooks import Forward, attach, execution_device
 from .metrics import SpliceStats, kind_stats
 from .positions import Where, where_kinds, where_mask
 from .record import record
 from .sae import SAE
-from .sites import parse_site
 
 
 def _put_back(x: Tensor, sae: SAE, latents: Tensor, edited: Tensor, recon: Tensor, use_error_term: bool) -> Tensor:
@@ -93,10 +92,7 @@ def place(model: Model, layer: int, sae: SAE, *, site: str = "resid_post") -> SA
     Warns:
         HookNameWarning: the SAE's ``hook_name`` metadata names another site.
     """
-    info = layers(model)
-    layer, site = parse_site(layer, site)
-    check_sites(info, [(layer, site)])
-    check_sae(sae, info, layer, site)
+    info, layer, site = check_entry(model, layer, site, sae)
     device = execution_device(info.layers[layer])
     if device is None:
         raise ConfigError(f"layer {layer} of this {info.family} model has every weight on 'meta' and no accelerate "
@@ -164,10 +160,7 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
     Warns:
         HookNameWarning: the SAE's ``hook_name`` metadata names another site.
     """
-    info = layers(model)
-    layer, site = parse_site(layer, site)
-    check_sites(info, [(layer, site)])
-    check_sae(sae, info, layer, site)
+    info, layer, site = check_entry(model, layer, site, sae)
     kinds = where_kinds(where, info)
     key = (id(info.model), layer, site, id(sae))
     if key in _ACTIVE:
@@ -210,25 +203,36 @@ def ablate(model: Model, layer: int, sae: SAE, latents: Iterable[int], *, mode: 
         ConfigError: a latent index outside ``0..d_sae - 1``, an unknown ``mode``, or ``mode="mean"``
             without ``means`` of shape ``(d_sae,)``; and everything :func:`splice` raises.
     """
+    edit = ablation_edit(sae, latents, mode=mode, means=means)
+    with splice(model, layer, sae, use_error_term=True, where=where, site=site, edit=edit) as state:
+        yield state
+
+
+def ablation_edit(sae: SAE, latents: Iterable[int], *, mode: str = "zero",
+                  means: Tensor | None = None) -> Callable[[Tensor, Forward], Tensor] | None:
+    """The ``edit(latents, fwd)`` that :func:`ablate` splices in: ``latents`` set to 0 or to ``means[i]``.
+
+    ``None`` when no latent is chosen (nothing to edit). ``means`` is ``(d_sae,)``.
+
+    Raises:
+        ConfigError: a latent index outside ``0..d_sae - 1``, an unknown ``mode``, or ``mode="mean"``
+            without ``means`` of shape ``(d_sae,)``.
+    """
     chosen = check_latents(latents, sae.cfg.d_sae)
     if mode not in ("zero", "mean"):
         raise ConfigError(f"mode={mode!r} is not an ablation; use 'zero' or 'mean'")
     if mode == "mean" and (means is None or tuple(means.shape) != (sae.cfg.d_sae,)):
         raise ConfigError(f"mode='mean' needs means= of shape ({sae.cfg.d_sae},), e.g. "
                           "vlmsae.latent_stats(model, layer, sae, data).mean")
+    if not chosen:
+        return None
     index = torch.tensor(chosen, dtype=torch.long, device=sae.W_dec.device)
-    edit = None
-    if chosen:
-        def edit(latents: Tensor, fwd: Forward) -> Tensor:
-            latents = latents.clone()
-            if mode == "zero":
-                latents[..., index] = 0
-            else:
-                latents[..., index] = means.to(latents)[index]
-            return latents
 
-    with splice(model, layer, sae, use_error_term=True, where=where, site=site, edit=edit) as state:
-        yield state
+    def edit(codes: Tensor, fwd: Forward) -> Tensor:
+        codes = codes.clone()
+        codes[..., index] = 0 if mode == "zero" else means.to(codes)[index]
+        return codes
+    return edit
 
 
 @renamed_kwargs(features="latents")
@@ -281,11 +285,7 @@ def steer(model: Model, layer: int, target: SAE | Tensor, latents: Mapping[int, 
             anything :func:`steering_vector` rejects.
         UnsupportedModelError: the model is not a supported family.
     """
-    info = layers(model)
-    layer, site = parse_site(layer, site)
-    check_sites(info, [(layer, site)])
-    if isinstance(target, SAE):
-        check_sae(target, info, layer, site)
+    info, layer, site = check_entry(model, layer, site, target if isinstance(target, SAE) else None)
     vector = steering_vector(target, latents, strength=strength, relative_to=relative_to)
     if vector.shape[0] != info.d_model:
         raise ConfigError(f"a steering vector of width {vector.shape[0]} does not fit d_model={info.d_model}")
@@ -323,10 +323,7 @@ def latent_stats(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, wh
         ConfigError: the SAE's ``d_in`` is not the model's ``d_model``, or ``where`` selects no token.
         UnsupportedModelError: the model is not a supported family.
     """
-    info = layers(model)
-    layer, site = parse_site(layer, site)
-    check_sites(info, [(layer, site)])
-    check_sae(sae, info, layer, site)
+    info, layer, site = check_entry(model, layer, site, sae)
     kinds = where_kinds(where, info)
     d_sae = sae.cfg.d_sae
     total = torch.zeros(d_sae, dtype=torch.float64, device=sae.W_dec.device)

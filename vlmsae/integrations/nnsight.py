@@ -32,14 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-import torch
 from torch import Tensor, nn
 
 from ..adapters import ModelInfo, layers
-from ..checks import check_latents, check_sae
+from ..checks import check_sae
 from ..errors import ConfigError, UnsupportedModelError
 from ..hooks import Forward, check_sites, describe_forward
-from ..interventions import reconstruct, steering_vector
+from ..interventions import ablation_edit, reconstruct, steering_vector
 from ..positions import where_kinds, where_mask
 from ..sae import SAE
 from ..sites import parse_site
@@ -130,20 +129,8 @@ def ablate(model, layer: int | str, sae: SAE, latents: Iterable[int], *, mode: s
     kept, as :func:`vlmsae.ablate` does. ``means`` is ``(d_sae,)``. Returns the ``(batch, seq, d_sae)`` latents
     before the ablation; ``fwd`` as for :func:`splice`. Raises as :func:`splice`, and :class:`~vlmsae.errors.ConfigError` for a latent index
     out of range or a ``mode`` / ``means`` that do not fit."""
-    chosen = check_latents(latents, sae.cfg.d_sae)
-    if mode not in ("zero", "mean"):
-        raise ConfigError(f"mode={mode!r} is not an ablation; use 'zero' or 'mean'")
-    if mode == "mean" and (means is None or tuple(means.shape) != (sae.cfg.d_sae,)):
-        raise ConfigError(f"mode='mean' needs means= of shape ({sae.cfg.d_sae},), e.g. "
-                          "vlmsae.latent_stats(model, layer, sae, data).mean")
-    index = torch.tensor(chosen, dtype=torch.long, device=sae.W_dec.device)
-
-    def edit(latents: Tensor, fwd: Forward) -> Tensor:
-        latents = latents.clone()
-        latents[..., index] = 0 if mode == "zero" else means.to(latents)[index]
-        return latents
-
-    return splice(model, layer, sae, use_error_term=True, where=where, site=site, edit=edit if chosen else None, fwd=fwd)
+    edit = ablation_edit(sae, latents, mode=mode, means=means)
+    return splice(model, layer, sae, use_error_term=True, where=where, site=site, edit=edit, fwd=fwd)
 
 
 def steer(model, layer: int | str, target, latents: Mapping[int, float] | None = None, *, strength: float = 1.0,
