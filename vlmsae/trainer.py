@@ -25,6 +25,7 @@ from torch import Tensor
 
 from vlmsae import metrics
 from vlmsae.deprecation import renamed_attributes
+from vlmsae.distributed import World
 from vlmsae.errors import ConfigError, NonFiniteError
 from vlmsae.sae import DTYPES, SAE
 from vlmsae.sparse import SparseCode, entry_dots, gather_pre_acts, sparse_decode
@@ -163,7 +164,7 @@ class SAETrainer:
     Raises ``ConfigError`` for bad settings, ``NonFiniteError`` at a readout whose loss is NaN/Inf.
     """
 
-    def __init__(self, sae: SAE, cfg: SAETrainerConfig | None = None, **fields):
+    def __init__(self, sae: SAE, cfg: SAETrainerConfig | None = None, *, world: World | None = None, **fields):
         if cfg is None:
             cfg = SAETrainerConfig(**fields)
         elif fields:
@@ -172,7 +173,7 @@ class SAETrainer:
         if sae.W_dec.dtype in (torch.float16, torch.bfloat16):
             sae = copy.deepcopy(sae).float()
             sae.cfg = self.stored.cfg  # one config for the stored SAE and its float32 working copy
-        self.sae, self.cfg = sae, cfg
+        self.sae, self.cfg, self.world = sae, cfg, world
         self.sync_every = cfg.sync_every or SYNC_EVERY
         device = sae.W_dec.device
         self.compute_dtype = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else (
@@ -199,6 +200,9 @@ class SAETrainer:
         self.history: list[TrainMetrics] = []
         self.aux_active = False
         self.initialized = not cfg.init_from_first_batch
+        if world is not None and sae.cfg.architecture == "batchtopk":
+            raise ConfigError(f"architecture='batchtopk' selects over the whole batch, which {world.size} ranks do "
+                              "not hold yet; train topk (per-token selection) under N ranks, or batchtopk on one")
 
     def step(self, x: Tensor, k: int | None = None) -> None:
         """One optimiser step on `x` (..., d_in); no host synchronisation except the readout every `sync_every` steps.
@@ -208,8 +212,9 @@ class SAETrainer:
         """
         sae = self.sae
         x = x.reshape(-1, sae.cfg.d_in).to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-        if not self.initialized:
-            sae.init_from_batch(x)
+        world = self.world
+        if not self.initialized:  # under N ranks: from the global first batch, in rank order
+            sae.init_from_batch(x if world is None else world.gather_rows(x))
             self.initialized = True
         sae.train()
         self.stored.train()
@@ -219,6 +224,9 @@ class SAETrainer:
             out = self._sparse_loss(x, k) if kind in ("topk", "batchtopk") else self._dense_loss(x)
             sae.zero_grad(set_to_none=True)
             out.loss.backward()
+        n_tokens = x.shape[0]
+        if world is not None:
+            n_tokens = self._reduce_step(x, out)
         if sae.unit_norm_decoder:
             sae.remove_parallel_decoder_grad_()
         self.W_encT.grad = sae.W_enc.grad.T
@@ -229,11 +237,12 @@ class SAETrainer:
                 sae.normalize_decoder_()
             if kind == "jumprelu":
                 sae.threshold.clamp_(min=0)
-            self._count(x, out)
+            if world is None:
+                self._count(x, out)
         self._store()
         self.n_steps += 1
-        self.n_tokens += x.shape[0]
-        self.window.tokens += x.shape[0]
+        self.n_tokens += n_tokens
+        self.window.tokens += n_tokens
         if self.n_steps % self.sync_every == 0:
             self.history.append(self.read_metrics())
 
@@ -403,6 +412,44 @@ class SAETrainer:
             aux_loss=out.aux_loss.double(),
         ), out.fired)
         self.tokens_since_fired.add_(x.shape[0]).masked_fill_(out.fired > 0, 0)
+
+    @torch.no_grad()
+    def _reduce_step(self, x: Tensor, out: StepLoss) -> int:
+        """Under N ranks: make this step's gradients and counts those of the global batch; returns its tokens.
+
+        One all-reduce (float64) of the token count, the metric sums, sum(x) and sum(x^2) (the global
+        variance: sum ||x - mean||^2 = sum x^2 - ||sum x||^2 / n) and the fire counts; the window and the
+        dead-latent counters then advance exactly as one process's on the whole batch. A second all-reduce
+        sums the gradients, each scaled by its rank's share of the tokens (see ``vlmsae.distributed``).
+        """
+        sae, world, n = self.sae, self.world, x.shape[0]
+        x_n = (x * sae.act_scale.to(x.dtype)).double()
+        scale2 = sae.act_scale.double() ** 2
+        d_in = x.shape[1]
+        local = torch.cat([
+            torch.stack([torch.tensor(float(n), dtype=torch.float64, device=x.device),
+                         out.loss.detach().double() * n,
+                         metrics.squared_error(x_n, out.recon.detach()).double() / scale2,
+                         x_n.pow(2).sum() / scale2,
+                         out.nonzero.double(),
+                         out.aux_loss.detach().double() * n]),
+            x_n.sum(0) / sae.act_scale.double(),
+            out.fired.double(),
+        ])
+        total = world.sum_(local)
+        n_global, loss, squared_error, sum_sq, nonzero, aux_loss = total[:6].unbind()
+        sum_x, fired = total[6:6 + d_in], total[6 + d_in:].long()
+        self.window.add(WindowSums(loss=loss / n_global, squared_error=squared_error,
+                                   total_variance=sum_sq - sum_x.pow(2).sum() / n_global, nonzero=nonzero,
+                                   aux_loss=aux_loss / n_global), fired)
+        n_global = int(n_global.item())  # one host sync per step, with the collective's own
+        self.tokens_since_fired.add_(n_global).masked_fill_(fired > 0, 0)
+        grads = [p.grad for p in sae.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads]).mul_(n / n_global)
+        world.sum_(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+        return n_global
 
     def read_metrics(self) -> TrainMetrics:
         """Move the accumulated metrics to the host (one sync) and start a new window."""
