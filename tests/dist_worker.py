@@ -19,13 +19,13 @@ from vlmsae.trainer import SAETrainer
 
 # Shared with the test: the SAEs, the global batches and how they are cut into rank shards.
 D_IN, D_SAE, STEPS, SPLIT = 16, 64, 6, (40, 24)  # unequal shards: the global token count must matter
-ONLINE = dict(batch_size=64, buffer_size=512, sync_every=8, warmup_steps=4, k_start=16, progress=False)
+ONLINE = {"batch_size": 64, "buffer_size": 512, "sync_every": 8, "warmup_steps": 4, "k_start": 16, "progress": False}
 ONLINE_STEPS, ONLINE_EVERY, INTERRUPT_AT = 40, 8, 9
 
 
 def parity_sae(architecture: str) -> vlmsae.SAE:
     torch.manual_seed(0)
-    extra = dict(k=4, dead_tokens=48) if architecture == "topk" else {}  # AuxK starts after one step
+    extra = {"k": 4, "dead_tokens": 48} if architecture == "topk" else {}  # AuxK starts after one step
     return vlmsae.SAE(d_in=D_IN, d_sae=D_SAE, architecture=architecture, **extra)
 
 
@@ -98,7 +98,7 @@ def run_online(world, out: Path) -> None:
     caught = None
     try:
         vlmsae.train(model, 1, Flaky(data, world.rank), sae(), out=out / "run", **cfg)
-    except Exception as err:  # rank 1 raises Interrupt; rank 0 learns of it and stops on the same step
+    except Exception as err:  # noqa: BLE001 - rank 1 raises Interrupt; rank 0 learns of it and stops on the same step
         caught = f"{type(err).__name__}: {err}"
     stopped = latest_checkpoint(out / "run")
     resumed_history = []

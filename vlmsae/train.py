@@ -416,7 +416,7 @@ class OnlineRun:
         error = None
         try:
             self.source.fill(self.buffers)
-        except Exception as err:  # re-raised below, after the other ranks have heard of it
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
             error = err
         if self.world.any(error is not None):
             if error is not None:
@@ -473,7 +473,8 @@ class OnlineRun:
             spread = self.world.max_(digest.clone()) + self.world.max_(-digest.clone())
             if spread.abs().max() > 0:
                 raise RuntimeError(f"the {self.world.size} ranks' SAEs or metrics differ at step {self.step_count} "
-                                   "(replicas out of sync); run with torch.use_deterministic_algorithms(True)")
+                                   "(replicas out of sync: a statistic reduced on one rank only, or a kernel that is not "
+                                   "deterministic; run with torch.use_deterministic_algorithms(True))")
         return latest
 
     def checkpoint_if_needed(self) -> None:
