@@ -20,12 +20,13 @@ from vlmsae.trainer import SAETrainer
 # Shared with the test: the SAEs, the global batches and how they are cut into rank shards.
 D_IN, D_SAE, STEPS, SPLIT = 16, 64, 6, (40, 24)  # unequal shards: the global token count must matter
 ONLINE = {"batch_size": 64, "buffer_size": 512, "sync_every": 8, "warmup_steps": 4, "k_start": 16, "progress": False}
+ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 ONLINE_STEPS, ONLINE_EVERY, INTERRUPT_AT = 40, 8, 9
 
 
 def parity_sae(architecture: str) -> vlmsae.SAE:
     torch.manual_seed(0)
-    extra = {"k": 4, "dead_tokens": 48} if architecture == "topk" else {}  # AuxK starts after one step
+    extra = {"topk": {"k": 4, "dead_tokens": 48}, "batchtopk": {"k": 4}}.get(architecture, {})  # topk: AuxK
     return vlmsae.SAE(d_in=D_IN, d_sae=D_SAE, architecture=architecture, **extra)
 
 
@@ -51,7 +52,7 @@ def digest(sae) -> list[float]:
 
 def run_parity(world, out: Path) -> None:
     """SAETrainer steps on this rank's shard of each global batch: the end state, and a digest after each step."""
-    for architecture in ("topk", "relu", "jumprelu"):
+    for architecture in ARCHITECTURES:
         sae = parity_sae(architecture)
         trainer = SAETrainer(sae, world=world, sync_every=2)
         digests = []

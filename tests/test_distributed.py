@@ -49,10 +49,11 @@ def per_rank(out: Path, tag: str):
         [json.loads((out / f"{tag}.rank{r}.json").read_text()) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("architecture", worker.ARCHITECTURES)
 def test_two_ranks_on_shards_equal_one_process_on_the_whole_batch(ranks, architecture):
-    """Unequal shards (40 + 24 rows), several Adam steps, AuxK on (topk): the loss is normalised by the global token
-    count, so the SAE equals one process's on the concatenated batches; metrics (FVU, dead latents) are global."""
+    """Unequal shards (40 + 24 rows), several Adam steps, AuxK on (topk), BatchTopK's selection and threshold over
+    the global batch: the loss is normalised by the global token count, so the SAE equals one process's on the
+    concatenated batches; metrics (FVU, dead latents) are global."""
     sae = worker.parity_sae(architecture)
     trainer = SAETrainer(sae, sync_every=2)
     for x in worker.parity_batches():
