@@ -25,13 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
-def torchrun(*args, timeout=240) -> subprocess.CompletedProcess:
-    """Two gloo ranks of ``args`` (a script or ``-m module ...``); fails on a non-zero exit with their output."""
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ACCELERATE = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def torchrun(*args, launcher=TORCHRUN, timeout=240) -> subprocess.CompletedProcess:
+    """Two gloo ranks of ``args`` (a script or ``-m module ...``) under ``launcher`` (torchrun, or accelerate
+    launch, which runs torchrun's agent: on CPU too); fails on a non-zero exit with their output."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    done = subprocess.run([sys.executable, *launcher, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
 
@@ -118,6 +123,20 @@ def test_torchrun_vlmsae_train_trains_checkpoints_resumes(tmp_path):
     assert json.loads((out / "checkpoints" / "step-24" / "state.json").read_text())["world_size"] == 2
     sae = vlmsae.SAE.load(out / "L1")
     assert sae.cfg.k == 8 and sae.metadata["hook_name"] == "blocks.1.hook_resid_post"
+
+
+def test_accelerate_launch_vlmsae_train(tmp_path):
+    """``accelerate launch --num_processes 2 -m vlmsae train``: the same environment, the same two-rank run."""
+    pytest.importorskip("accelerate")
+    from test_cli import image_folder
+
+    out = tmp_path / "out"
+    done = torchrun("-m", "vlmsae", "train", "--model", "zoo:llava", "--data", image_folder(tmp_path / "images"),
+                    "--layer", "2", "--out", out, "--batch-size", "64", "--buffer-size", "512", "--k", "8",
+                    "--checkpoint-every", "8", "--steps", "8", "--data-batch", "2", launcher=ACCELERATE)
+    assert done.stdout.count("wrote") == 1
+    assert json.loads((out / "checkpoints" / "step-8" / "state.json").read_text())["world_size"] == 2
+    assert vlmsae.SAE.load(out / "L2").cfg.k == 8
 
 
 def test_global_sizes_must_divide_over_the_ranks():

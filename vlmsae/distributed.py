@@ -121,6 +121,9 @@ def init_from_env(backend: str | None = None, timeout_s: float = TIMEOUT_S) -> W
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size < 2:
         return None
+    if not dist.is_available():
+        raise ConfigError(f"WORLD_SIZE={size} but this torch build has no torch.distributed; install one that has "
+                          "it, or run one process")
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
         raise ConfigError(f"WORLD_SIZE={size} but {', '.join(missing)} unset; launch with torchrun --nproc_per_node "
