@@ -292,7 +292,8 @@ class OnlineRun:
     where ranks meet are named: :meth:`sync_saes` (start), the trainers' step (gradients, token
     counts, dead latents, FVU variance, initial ``b_dec``), :meth:`agree_filled` (the stop
     condition: a rank whose data fails stops every rank), :meth:`guard_finite`,
-    :meth:`readout_metrics` and the checkpoints. Progress, logging and the saved SAEs are rank 0's.
+    :meth:`readout_metrics` and the checkpoints. Progress, logging and the saved SAEs are rank 0's
+    (the bar's per-kind FVU / L0 are of rank 0's current batch; every other figure is global).
     """
 
     def __init__(self, model, layer, data, sae, cfg: OnlineRunConfig, trainer_cfg: SAETrainerConfig | None,

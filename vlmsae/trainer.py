@@ -161,6 +161,9 @@ class SAETrainer:
     A step is a selection (TopK, Gao et al. 2024; BatchTopK, Bussmann et al. 2024), a loss pass
     (sparse for those kinds, dense for ReLU and JumpReLU), a backward pass and an Adam step; the
     metrics go to a :class:`MetricWindow` and are read out every `sync_every` steps into `history`.
+    With ``world`` (a :class:`vlmsae.distributed.World`, one trainer per rank) each rank steps on its own
+    rows and the step is that of one process on every rank's rows concatenated in rank order: global
+    token count, gradients, dead-latent counters, metrics, first-batch init and BatchTopK selection.
     Raises ``ConfigError`` for bad settings, ``NonFiniteError`` at a readout whose loss is NaN/Inf.
     """
 
