@@ -104,11 +104,20 @@ def run_online(world, out: Path) -> None:
     stopped = latest_checkpoint(out / "run")
     resumed_history = []
     resumed = vlmsae.train(model, 1, data, sae(), out=out / "run", resume=True, history=resumed_history, **cfg).sae
+    write_error = None
+    if world.rank == 1:  # rank 1 cannot stage its part of the step-8 checkpoint: a file where its folder goes
+        (out / "fail" / "checkpoints").mkdir(parents=True)
+        (out / "fail" / "checkpoints" / ".step-8.rank1").write_text("in the way")
+    world.barrier()
+    try:
+        vlmsae.train(model, 1, data, sae(), out=out / "fail", **dict(cfg, steps=8))
+    except OSError as err:  # every rank raises; none waits for the others
+        write_error = f"{type(err).__name__}: {err}"
     tensors = {f"ref.{k}": v for k, v in ref.state_dict().items()}
     tensors |= {f"resumed.{k}": v for k, v in resumed.state_dict().items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"online.rank{world.rank}.safetensors"))
     (out / f"online.rank{world.rank}.json").write_text(json.dumps({
-        "caught": caught, "stopped_at": str(stopped), "history": history[-1], "resumed_history": resumed_history[-1]}))
+        "caught": caught, "stopped_at": str(stopped), "write_error": write_error, "history": history[-1], "resumed_history": resumed_history[-1]}))
 
 
 if __name__ == "__main__":

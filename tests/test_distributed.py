@@ -99,6 +99,15 @@ def test_two_rank_run_resumes_bitwise_and_stops_every_rank_together(ranks):
     assert torch.equal(sae.W_dec, rank0["ref.W_dec"])
 
 
+def test_a_failed_checkpoint_write_raises_on_every_rank(ranks):
+    """Rank 1 cannot write its part of a checkpoint: both ranks raise OSError (rank 0 saying another rank failed)
+    instead of one waiting for the other, and no partial checkpoint appears."""
+    _, (meta0, meta1) = per_rank(ranks, "online")
+    assert meta1["write_error"].startswith("FileExistsError") and ".step-8.rank1" in meta1["write_error"]
+    assert "another rank could not stage" in meta0["write_error"]
+    assert [p.name for p in (ranks / "fail" / "checkpoints").iterdir()] == [".step-8.rank1"]  # the file in the way
+
+
 def test_resuming_on_another_world_size_names_both(ranks):
     from vlmsae.zoo import tiny_model
 

@@ -95,9 +95,8 @@ def _stage_rank(root: Path, step: int, position: dict, buffers, world: World) ->
         folder = root / f".step-{step}.rank{r}"
         return [folder / f"buffer-L{L}.rank{r}.safetensors" for L in buffers] + [folder / f"rank{r}.json"]
 
-    error = None
+    error, mine = None, staged(world.rank)
     try:
-        mine = staged(world.rank)
         mine[0].parent.mkdir(exist_ok=True)
         for L, path in zip(buffers, mine):
             save_file({k: v.contiguous() for k, v in buffers[L].state_dict().items()}, str(path))
@@ -105,6 +104,8 @@ def _stage_rank(root: Path, step: int, position: dict, buffers, world: World) ->
     except OSError as err:
         error = err
     if world.any(error is not None):
+        if mine[0].parent.is_dir():  # this rank's staging goes; the checkpoints already there stay as they were
+            shutil.rmtree(mine[0].parent, ignore_errors=True)
         raise error or OSError(f"another rank could not stage its part of checkpoint step-{step} under {root}")
     return [path for r in range(world.size) for path in staged(r)] if world.main else []
 
