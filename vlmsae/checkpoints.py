@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .distributed import World
 from .errors import ConfigError, SAEFileError
 from .files import write_folder_atomic
 
@@ -27,14 +28,25 @@ STATE_FILE = "state.json"
 CHECKPOINT_NAME = re.compile(r"step-(0|[1-9][0-9]*)")
 
 
-def save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, buffers, cfg, trainer_cfg=None) -> Path:
+def save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, buffers, cfg, trainer_cfg=None,
+                    world: World | None = None) -> Path:
     """Write ``out/checkpoints/step-N`` as one folder swap, durable before it appears; then drop older ones.
 
+    Under N ranks (``world``) the folder is still one checkpoint: rank 0 writes the SAEs, optimisers
+    and schedulers (identical on every rank) and ``state.json`` with ``world_size``; every rank
+    writes its buffers and its data position (``buffer-L{L}.rank{r}.safetensors``, ``rank{r}.json``)
+    into a hidden staging folder that rank 0 moves into the folder before the swap. Ranks agree on
+    success after each phase, so a failed write raises on every rank instead of hanging the others.
     Raises OSError from the disk; the checkpoints already there are then as they were.
     """
     root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    older = checkpoints(out)
+    if world is None or world.main:
+        root.mkdir(parents=True, exist_ok=True)
+    older = checkpoints(out) if world is None or world.main else {}
+    rank_files: list[Path] = []
+    if world is not None:
+        world.barrier()  # root exists before any rank stages into it
+        rank_files = _stage_rank(root, step, position, buffers, world)
 
     def write(folder: Path) -> None:
         for (L, i), t in trainers.items():
@@ -42,18 +54,60 @@ def save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, 
             save_file(tensors, str(folder / f"trainer-L{L}-{i}.safetensors"))
             meta["scheduler_last_epoch"] = schedulers[(L, i)].last_epoch
             (folder / f"trainer-L{L}-{i}.json").write_text(json.dumps(meta), encoding="utf-8")
-        for L, b in buffers.items():
-            save_file({k: v.contiguous() for k, v in b.state_dict().items()}, str(folder / f"buffer-L{L}.safetensors"))
+        if world is None:
+            for L, b in buffers.items():
+                save_file({k: v.contiguous() for k, v in b.state_dict().items()},
+                          str(folder / f"buffer-L{L}.safetensors"))
+        for staged in rank_files:
+            os.replace(staged, folder / staged.name)
         state = {"step": step, "position": position, "config": asdict(cfg)}
         if trainer_cfg is not None:  # the optimiser's settings (lr, sync_every), for the record
             state["trainer_config"] = asdict(trainer_cfg)
+        if world is not None:
+            state["world_size"] = world.size
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
-    final = write_folder_atomic(root / f"step-{step}", write)
-    for n, old in older.items():  # only now that the new one is on disk
-        if n != step:
-            shutil.rmtree(old, ignore_errors=True)
+    final, failed = root / f"step-{step}", None
+    if world is None or world.main:
+        try:
+            final = write_folder_atomic(final, write)
+            for n, old in older.items():  # only now that the new one is on disk
+                if n != step:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as err:
+            failed = err
+        finally:
+            for staging in root.glob(f".step-{step}.rank*"):
+                shutil.rmtree(staging, ignore_errors=True)
+    if world is not None and world.any(failed is not None) and failed is None:
+        raise OSError(f"rank 0 could not write the checkpoint {final}; see its error")
+    if failed is not None:
+        raise failed
     return final
+
+
+def _stage_rank(root: Path, step: int, position: dict, buffers, world: World) -> list[Path]:
+    """Write this rank's buffers and data position into ``root/.step-N.rank{r}``; every rank agrees on success.
+
+    Returns the staged files of every rank (rank 0 moves them in). Raises OSError on every rank if any failed.
+    """
+    def staged(r: int) -> list[Path]:
+        folder = root / f".step-{step}.rank{r}"
+        return [folder / f"buffer-L{L}.rank{r}.safetensors" for L in buffers] + [folder / f"rank{r}.json"]
+
+    error, mine = None, staged(world.rank)
+    try:
+        mine[0].parent.mkdir(exist_ok=True)
+        for L, path in zip(buffers, mine):
+            save_file({k: v.contiguous() for k, v in buffers[L].state_dict().items()}, str(path))
+        mine[-1].write_text(json.dumps({"rank": world.rank, "position": position}), encoding="utf-8")
+    except OSError as err:
+        error = err
+    if world.any(error is not None):
+        if mine[0].parent.is_dir():  # this rank's staging goes; the checkpoints already there stay as they were
+            shutil.rmtree(mine[0].parent, ignore_errors=True)
+        raise error or OSError(f"another rank could not stage its part of checkpoint step-{step} under {root}")
+    return [path for r in range(world.size) for path in staged(r)] if world.main else []
 
 
 def checkpoints(out: str | os.PathLike) -> dict[int, Path]:
@@ -82,11 +136,13 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return found[max(found)] if found else None
 
 
-def load_checkpoint(out: Path, trainers, schedulers, buffers) -> tuple[int, dict, Path]:
+def load_checkpoint(out: Path, trainers, schedulers, buffers, world: World | None = None) -> tuple[int, dict, Path]:
     """Restore trainers, schedulers and buffers from the newest checkpoint: (step, data position, folder).
 
-    Raises ConfigError if there is no checkpoint or it was written for other layers / SAE shapes,
-    SAEFileError if a file in it is missing or damaged (nothing is restored from an unreadable one).
+    Under N ranks (``world``) each rank restores the shared SAEs and optimisers and its own buffers and
+    data position. Raises ConfigError if there is no checkpoint, it was written for other layers / SAE
+    shapes, or by another number of ranks (naming both), SAEFileError if a file in it is missing or
+    damaged (nothing is restored from an unreadable one).
     """
     path = latest_checkpoint(out)
     if path is None:
@@ -95,6 +151,13 @@ def load_checkpoint(out: Path, trainers, schedulers, buffers) -> tuple[int, dict
     state = _read_json(path / STATE_FILE, damaged)
     if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("position"), dict)):
         raise SAEFileError(f"{path / STATE_FILE}: needs an integer 'step' and an object 'position'; {damaged}")
+    size = 1 if world is None else world.size
+    if state.get("world_size", 1) != size:
+        raise ConfigError(f"{path} was written by {state.get('world_size', 1)} rank(s) but this run has {size}; "
+                          f"each rank's buffers and data position are in it, so resume with "
+                          f"{state.get('world_size', 1)} rank(s) (torchrun --nproc_per_node), or start a new run")
+    if world is not None:
+        state["position"] = _read_json(path / f"rank{world.rank}.json", damaged)["position"]
     saved = {}  # everything is read before anything is restored
     for (L, i), t in trainers.items():
         tensors_file, meta_file = path / f"trainer-L{L}-{i}.safetensors", path / f"trainer-L{L}-{i}.json"
@@ -102,7 +165,9 @@ def load_checkpoint(out: Path, trainers, schedulers, buffers) -> tuple[int, dict
             raise ConfigError(f"{tensors_file}: missing, so this checkpoint has no SAE {i} of layer {L}; "
                               "resume with the layers and SAEs of the run that wrote it")
         saved[(L, i)] = (_read_tensors(tensors_file, t.sae.W_dec.device, damaged), _read_json(meta_file, damaged))
-    buffer_states = {L: _read_tensors(path / f"buffer-L{L}.safetensors", b.device, damaged) for L, b in buffers.items()}
+    suffix = "" if world is None else f".rank{world.rank}"
+    buffer_states = {L: _read_tensors(path / f"buffer-L{L}{suffix}.safetensors", b.device, damaged)
+                     for L, b in buffers.items()}
     try:
         for (L, i), t in trainers.items():
             tensors, meta = saved[(L, i)]

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from pathlib import Path
 
-from . import zoo
+from . import distributed, zoo
 from .adapters import Kind, layers, load_model
 from .data import ImageTextFolder, hf_processor
 from .errors import VlmsaeError
@@ -65,8 +65,14 @@ def model_and_inputs(name: str, device: str):
 
 
 def train_command(args: argparse.Namespace) -> None:
-    """Train SAEs online on decoder layers of a model over a folder of images and texts."""
-    model, to_inputs = model_and_inputs(args.model, args.device)
+    """Train SAEs online on decoder layers of a model over a folder of images and texts.
+
+    Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) each rank loads its own replica
+    (``--device cuda`` becomes ``cuda:LOCAL_RANK``) and trains on every N-th data batch; ``--batch-size``
+    and ``--buffer-size`` stay global, ``--data-batch`` is images per forward on each rank.
+    """
+    world = distributed.init_from_env()
+    model, to_inputs = model_and_inputs(args.model, distributed.local_device(world, args.device))
     info = layers(model)
     data = ImageTextFolder(args.data, to_inputs, batch_size=args.data_batch)
     if args.kind is not None:
@@ -80,7 +86,7 @@ def train_command(args: argparse.Namespace) -> None:
                           kinds=tuple(args.kinds))
     train(model, args.layer, data, saes, cfg=cfg, trainer_cfg=SAETrainerConfig(lr=args.lr), out=args.out,
           resume=args.resume)
-    for L in args.layer:
+    for L in args.layer if world is None or world.main else ():
         print(f"wrote {Path(args.out) / f'L{L}'}")
 
 
@@ -106,9 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layer", type=int, nargs="+", required=True)
     p.add_argument("--out", required=True, help="folder for the SAEs and checkpoints")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=4096, help="tokens per SAE step")
-    p.add_argument("--buffer-size", type=int, default=65536, help="rows of each layer's ring buffer")
-    p.add_argument("--data-batch", type=int, default=8, help="images per model forward")
+    p.add_argument("--batch-size", type=int, default=4096,
+                   help="tokens per SAE step, global: under N ranks each reads batch-size / N")
+    p.add_argument("--buffer-size", type=int, default=65536,
+                   help="rows of each layer's ring buffer, global: under N ranks each holds buffer-size / N")
+    p.add_argument("--data-batch", type=int, default=8, help="images per model forward (on each rank)")
     p.add_argument("--architecture", default="topk", choices=ARCHITECTURES, help="how latents activate")
     p.add_argument("--kind", default=None, choices=ARCHITECTURES, help=argparse.SUPPRESS)  # old name of --architecture
     p.add_argument("--k", type=int, default=32)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields as dataclass_fields, replace
+from dataclasses import asdict, astuple, dataclass, field, fields as dataclass_fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapters import Kind
 from .buffer import RingBuffer
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -37,6 +38,8 @@ __all__ = ["OnlineRunConfig", "OnlineRun", "TrainResult", "train", "lr_factor", 
 
 RUN_SYNC_EVERY = 25
 """Readout cadence of ``vlmsae.train`` when SAETrainerConfig leaves ``sync_every`` unset (a lone trainer: 100)."""
+RANK_SEED_STRIDE = 1_000_003
+"""Under N ranks, rank r shuffles its buffers with seed + layer + r * this (rank 0 as one process does)."""
 TRAINER_FIELDS = frozenset(f.name for f in dataclass_fields(SAETrainerConfig))
 MOVED_TO_TRAINER = ("lr", "sync_every")  # OnlineRunConfig fields whose owner is now SAETrainerConfig
 
@@ -52,9 +55,10 @@ class OnlineRunConfig:
     steps: int = 1000
     """Optimiser steps per SAE."""
     batch_size: int = 4096
-    """Tokens per SAE step."""
+    """Tokens per SAE step, global: under N ranks each rank reads batch_size / N of them."""
     buffer_size: int = 65536
-    """Rows of each layer's ring buffer; half of it is refilled between read phases."""
+    """Rows of each layer's ring buffer, global: under N ranks each rank holds buffer_size / N; half of
+    it is refilled between read phases."""
     kinds: tuple[str, ...] = ("image", "text", "generated")
     """Token kinds that enter the buffer (special tokens and padding never do)."""
     quota: dict[str, float] | None = None
@@ -279,8 +283,17 @@ class OnlineRun:
     a :meth:`readout` every ``sync_every`` steps, and at the end of the phase
     :meth:`checkpoint_if_needed`. Host synchronisations happen in :meth:`guard_finite` (one per
     readout), in the source's fill (one per forward) and in the trainers' readouts. Everything that
-    leaves the run's process at a readout passes :meth:`readout_metrics`, the one place where a
-    distributed run (rank, world size) would all-reduce metrics and token counts.
+    leaves the run's process at a readout passes :meth:`readout_metrics`.
+
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1; see :mod:`vlmsae.distributed`)
+    ``world`` is this rank's place: the data is dealt out batch by batch (:class:`RankShard`), each
+    rank holds ``buffer_size / N`` rows per layer and reads ``batch_size / N`` per step, the SAEs
+    start as rank 0's, and the trainers make every step's gradients and counts global. The points
+    where ranks meet are named: :meth:`sync_saes` (start), the trainers' step (gradients, token
+    counts, dead latents, FVU variance, initial ``b_dec``), :meth:`agree_filled` (the stop
+    condition: a rank whose data fails stops every rank), :meth:`guard_finite`,
+    :meth:`readout_metrics` and the checkpoints. Progress, logging and the saved SAEs are rank 0's
+    (the bar's per-kind FVU / L0 are of rank 0's current batch; every other figure is global).
     """
 
     def __init__(self, model, layer, data, sae, cfg: OnlineRunConfig, trainer_cfg: SAETrainerConfig | None,
@@ -289,6 +302,14 @@ class OnlineRun:
         self.cfg, self.trainer_cfg = cfg, trainer_cfg
         self.history = history if history is not None else []
         self.out = Path(out) if out is not None else None
+        self.world = distributed.init_from_env()
+        self.rank_batch = distributed.per_rank(cfg.batch_size, self.world, "batch_size")
+        self.rank_buffer = distributed.per_rank(cfg.buffer_size, self.world, "buffer_size")
+        if self.world is not None:
+            if isinstance(data, Shards):
+                raise ConfigError(f"training from Shards under {self.world.size} ranks is not supported yet; "
+                                  "train from shards in one process, or from live data under torchrun")
+            data = distributed.RankShard(data, self.world.rank, self.world.size)
         self.source = ShardSource(data, cfg.site) if isinstance(data, Shards) else LiveSource(model, data, cfg.site)
         self.saes = _saes_by_layer(self.source.d_model, layer, sae)
         self.source.check(sorted(self.saes))
@@ -297,8 +318,9 @@ class OnlineRun:
             for s in group:
                 s.to(self.devices[L])
                 self.describe(s, L)
+        self.sync_saes()
         self.targets = {(L, i): s.cfg.k for L, group in self.saes.items() for i, s in enumerate(group)}
-        self.trainers = {(L, i): SAETrainer(s, trainer_cfg) for L, group in self.saes.items()
+        self.trainers = {(L, i): SAETrainer(s, trainer_cfg, world=self.world) for L, group in self.saes.items()
                          for i, s in enumerate(group)}
         self.schedulers = {key: torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda step: lr_factor(step, cfg))
                            for key, t in self.trainers.items()}
@@ -309,11 +331,21 @@ class OnlineRun:
         self.first_bad = {L: torch.full((), -1, dtype=torch.long, device=self.devices[L]) for L in self.saes}
 
     def make_buffer(self, layer: int) -> RingBuffer:
-        """The ring buffer of one layer, on that layer's device, admitting what the config says."""
+        """The ring buffer of one layer (this rank's share of it), on that layer's device, admitting what the
+        config says; each rank shuffles with its own seed."""
         cfg = self.cfg
-        return RingBuffer(cfg.buffer_size, self.source.d_model, device=self.devices[layer],
+        rank = 0 if self.world is None else self.world.rank
+        return RingBuffer(self.rank_buffer, self.source.d_model, device=self.devices[layer],
                           dtype=getattr(torch, cfg.buffer_dtype), kinds=cfg.kinds, quota=cfg.quota,
-                          outlier_factor=cfg.outlier_factor, seed=cfg.seed + layer)
+                          outlier_factor=cfg.outlier_factor, seed=cfg.seed + layer + RANK_SEED_STRIDE * rank)
+
+    def sync_saes(self) -> None:
+        """Under N ranks: every SAE starts as rank 0's (weights and buffers), so the replicas start identical."""
+        if self.world is None:
+            return
+        for s in self._all_saes():
+            for tensor in s.state_dict().values():
+                self.world.broadcast_(tensor)
 
     def describe(self, sae: SAE, layer: int) -> None:
         """Fill in where the SAE belongs (hook_name, model, layer path, token kinds) unless already set."""
@@ -329,7 +361,7 @@ class OnlineRun:
     def resume(self) -> None:
         """Continue from the newest checkpoint in ``out`` (bitwise the uninterrupted run on CPU)."""
         self.step_count, position, self.last_checkpoint = load_checkpoint(
-            self.out, self.trainers, self.schedulers, self.buffers)
+            self.out, self.trainers, self.schedulers, self.buffers, self.world)
         self.start(position)
 
     def run(self) -> None:
@@ -337,13 +369,14 @@ class OnlineRun:
         cfg = self.cfg
         if not self.started:
             self.start({})
-        logger = _wandb(cfg, self.trainer_cfg)
-        bar = tqdm(total=cfg.steps, initial=self.step_count, desc="train", disable=not cfg.progress,
+        main = self.world is None or self.world.main
+        logger = _wandb(cfg, self.trainer_cfg) if main else None
+        bar = tqdm(total=cfg.steps, initial=self.step_count, desc="train", disable=not (cfg.progress and main),
                    dynamic_ncols=True)
         try:
             while self.step_count < cfg.steps:
                 self.fill()
-                for rows in zip(*(self.buffers[L].read(cfg.batch_size) for L in self.saes)):
+                for rows in zip(*(self.buffers[L].read(self.rank_batch) for L in self.saes)):
                     if self.step_count >= cfg.steps:
                         break
                     self.step(rows)
@@ -358,17 +391,39 @@ class OnlineRun:
         self.guard_finite()
         for s in self._all_saes():
             s.eval()
-        if self.out is not None:
+        if self.out is not None and main:
             for L, group in self.saes.items():
                 for i, s in enumerate(group):
                     s.save(self.out / (f"L{L}" if len(group) == 1 else f"L{L}-{i}"))
+        if self.world is not None:
+            self.world.barrier()  # the saved SAEs are on disk before any rank returns
 
     def fill(self) -> None:
         """Refill every buffer's free half; note NaN/Inf the buffers saw, before any filter could drop it."""
-        self.source.fill(self.buffers)
+        if self.world is None:
+            self.source.fill(self.buffers)
+        else:
+            self.agree_filled()
         for L, b in self.buffers.items():
             self.first_bad[L] = torch.where((self.first_bad[L] < 0) & (b.nonfinite > 0), self.step_count,
                                             self.first_bad[L])
+
+    def agree_filled(self) -> None:
+        """Under N ranks, the stop condition: fill this rank's buffers, then agree with every rank that all did.
+
+        A rank whose data ran out or failed raises its own error; every other rank raises a ``ConfigError``
+        naming the step, so that all stop on the same step and none waits in a collective for it.
+        """
+        error = None
+        try:
+            self.source.fill(self.buffers)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+            error = err
+        if self.world.any(error is not None):
+            if error is not None:
+                raise error
+            raise ConfigError(f"another rank could not fill its buffers at step {self.step_count} (its data ran "
+                              "out or failed; its own error says why); every rank stops here")
 
     def step(self, rows) -> None:
         """One optimiser step of every SAE on its layer's rows, at this step's learning rate and k."""
@@ -404,12 +459,24 @@ class OnlineRun:
     def readout_metrics(self) -> dict[tuple[int, int], TrainMetrics]:
         """The metrics each trainer read out at this step, by (layer, SAE index).
 
-        On one process they are final. A distributed run (a later issue) reduces them here: token
-        counts and metric sums all-reduced over the world before they reach the bar, the history or
-        wandb, so that every rank reports (and stops on) the same numbers.
+        On one process they are final. Under N ranks they are already global: the trainers reduce the
+        token count and every metric sum at each step (the dead-latent counters and the FVU variance
+        define the objective, so they cannot wait for a readout). Here the ranks check that they report
+        the same numbers from the same weights; raises ``RuntimeError`` naming the step if the
+        replicas have drifted apart (a collective or a kernel that is not deterministic).
         """
-        return {key: t.history[-1] for key, t in self.trainers.items()
-                if t.history and t.history[-1].step == self.step_count}
+        latest = {key: t.history[-1] for key, t in self.trainers.items()
+                  if t.history and t.history[-1].step == self.step_count}
+        if self.world is not None:
+            digest = torch.tensor([v for m in latest.values() for v in astuple(m)]
+                                  + [float(p.detach().double().sum()) for s in self._all_saes() for p in s.parameters()],
+                                  dtype=torch.float64)
+            spread = self.world.max_(digest.clone()) + self.world.max_(-digest.clone())
+            if spread.abs().max() > 0:
+                raise RuntimeError(f"the {self.world.size} ranks' SAEs or metrics differ at step {self.step_count} "
+                                   "(replicas out of sync: a statistic reduced on one rank only, or a kernel that is not "
+                                   "deterministic; run with torch.use_deterministic_algorithms(True))")
+        return latest
 
     def checkpoint_if_needed(self) -> None:
         """At the end of a read phase: a checkpoint once ``checkpoint_every`` steps have passed, and at the end."""
@@ -419,12 +486,20 @@ class OnlineRun:
         if self.since_checkpoint >= cfg.checkpoint_every or self.step_count >= cfg.steps:
             self.guard_finite()  # a bad state never becomes the last good checkpoint
             self.last_checkpoint = save_checkpoint(self.out, self.step_count, self.source.state(), self.trainers,
-                                                   self.schedulers, self.buffers, cfg, self.trainer_cfg)
+                                                   self.schedulers, self.buffers, cfg, self.trainer_cfg, self.world)
             self.since_checkpoint = 0
 
     def guard_finite(self) -> None:
-        """Stop on NaN/Inf in activations or weights (one sync), naming the step, layer and last good checkpoint."""
-        _check_finite(self.first_bad, self.step_count, self.saes, self.last_checkpoint)
+        """Stop on NaN/Inf in activations or weights (one sync), naming the step, layer and last good checkpoint.
+
+        Under N ranks the first bad step of each layer is the earliest over the ranks, so all stop together.
+        """
+        first_bad = self.first_bad
+        if self.world is not None:  # -1 (none) as a large step, so that the max of the negation is the min
+            never = torch.iinfo(torch.long).max
+            ranks = {L: -self.world.max_(-torch.where(b < 0, never, b)) for L, b in first_bad.items()}
+            first_bad = {L: torch.where(b == never, -1, b) for L, b in ranks.items()}
+        _check_finite(first_bad, self.step_count, self.saes, self.last_checkpoint)
 
     def _all_saes(self):
         return (s for group in self.saes.values() for s in group)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from vlmsae import metrics
 from vlmsae.deprecation import renamed_attributes
+from vlmsae.distributed import World
 from vlmsae.errors import ConfigError, NonFiniteError
 from vlmsae.sae import DTYPES, SAE
 from vlmsae.sparse import SparseCode, entry_dots, gather_pre_acts, sparse_decode
@@ -160,10 +161,13 @@ class SAETrainer:
     A step is a selection (TopK, Gao et al. 2024; BatchTopK, Bussmann et al. 2024), a loss pass
     (sparse for those kinds, dense for ReLU and JumpReLU), a backward pass and an Adam step; the
     metrics go to a :class:`MetricWindow` and are read out every `sync_every` steps into `history`.
+    With ``world`` (a :class:`vlmsae.distributed.World`, one trainer per rank) each rank steps on its own
+    rows and the step is that of one process on every rank's rows concatenated in rank order: global
+    token count, gradients, dead-latent counters, metrics, first-batch init and BatchTopK selection.
     Raises ``ConfigError`` for bad settings, ``NonFiniteError`` at a readout whose loss is NaN/Inf.
     """
 
-    def __init__(self, sae: SAE, cfg: SAETrainerConfig | None = None, **fields):
+    def __init__(self, sae: SAE, cfg: SAETrainerConfig | None = None, *, world: World | None = None, **fields):
         if cfg is None:
             cfg = SAETrainerConfig(**fields)
         elif fields:
@@ -172,7 +176,7 @@ class SAETrainer:
         if sae.W_dec.dtype in (torch.float16, torch.bfloat16):
             sae = copy.deepcopy(sae).float()
             sae.cfg = self.stored.cfg  # one config for the stored SAE and its float32 working copy
-        self.sae, self.cfg = sae, cfg
+        self.sae, self.cfg, self.world = sae, cfg, world
         self.sync_every = cfg.sync_every or SYNC_EVERY
         device = sae.W_dec.device
         self.compute_dtype = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else (
@@ -199,6 +203,8 @@ class SAETrainer:
         self.history: list[TrainMetrics] = []
         self.aux_active = False
         self.initialized = not cfg.init_from_first_batch
+        # Under N ranks: global tokens of the steps since the last readout, on the device (no host sync per step).
+        self.pending_tokens = torch.zeros((), dtype=torch.long, device=device)
 
     def step(self, x: Tensor, k: int | None = None) -> None:
         """One optimiser step on `x` (..., d_in); no host synchronisation except the readout every `sync_every` steps.
@@ -208,8 +214,9 @@ class SAETrainer:
         """
         sae = self.sae
         x = x.reshape(-1, sae.cfg.d_in).to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-        if not self.initialized:
-            sae.init_from_batch(x)
+        world = self.world
+        if not self.initialized:  # under N ranks: from the global first batch, in rank order
+            sae.init_from_batch(x if world is None else world.gather_rows(x))
             self.initialized = True
         sae.train()
         self.stored.train()
@@ -219,6 +226,8 @@ class SAETrainer:
             out = self._sparse_loss(x, k) if kind in ("topk", "batchtopk") else self._dense_loss(x)
             sae.zero_grad(set_to_none=True)
             out.loss.backward()
+        if world is not None:
+            self.pending_tokens += self._reduce_step(x, out)
         if sae.unit_norm_decoder:
             sae.remove_parallel_decoder_grad_()
         self.W_encT.grad = sae.W_enc.grad.T
@@ -229,11 +238,13 @@ class SAETrainer:
                 sae.normalize_decoder_()
             if kind == "jumprelu":
                 sae.threshold.clamp_(min=0)
-            self._count(x, out)
+            if world is None:
+                self._count(x, out)
         self._store()
         self.n_steps += 1
-        self.n_tokens += x.shape[0]
-        self.window.tokens += x.shape[0]
+        if world is None:
+            self.n_tokens += x.shape[0]
+            self.window.tokens += x.shape[0]
         if self.n_steps % self.sync_every == 0:
             self.history.append(self.read_metrics())
 
@@ -293,14 +304,36 @@ class SAETrainer:
         pre = torch.empty(n_tokens, d_sae, device=u.device, dtype=self.compute_dtype)
         for start, stop, chunk in self._encoder_chunks(u):
             pre[start:stop] = chunk
-        values, flat = pre.view(-1).topk(k * n_tokens, sorted=False)
-        flat, order = flat.sort()
-        values = values[order].to(u.dtype)
+        if self.world is None:
+            values, flat = pre.view(-1).topk(k * n_tokens, sorted=False)
+            flat, order = flat.sort()
+            values = values[order].to(u.dtype)
+        else:
+            values, flat = self._global_batchtopk(pre, k)
+            values = values.to(u.dtype)
         code = SparseCode.from_rows_cols(flat // d_sae, flat % d_sae, n_tokens).with_latent_order(d_sae)
         if not aux_k:
             return Selection(code, values, values.new_empty(n_tokens, 0), flat.new_empty(n_tokens, 0))
         aux = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False)
         return Selection(code, values, *_ascending(aux.values.to(u.dtype), aux.indices))
+
+    @torch.no_grad()
+    def _global_batchtopk(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Under N ranks: this rank's entries among the k * n_global largest pre-activations of the global batch.
+
+        ``pre`` (n_tokens, d_sae). Every rank offers its k * n_global largest values (no more can be among
+        the global ones); the smallest of the global k * n_global is the threshold each rank keeps its
+        entries at or above. Returns (values, flat indices ascending). Equal to one process's selection
+        on the whole batch unless pre-activations tie at the threshold.
+        """
+        world = self.world
+        n_global = int(world.sum_(torch.tensor([pre.shape[0]], device=pre.device)))  # one sync per step
+        wanted = k * n_global
+        offered = pre.view(-1).topk(min(wanted, pre.numel()), sorted=False).values
+        every = world.gather_rows(offered.unsqueeze(1)).view(-1)
+        threshold = every.topk(min(wanted, every.numel()), sorted=False).values.min()
+        flat = (pre.view(-1) >= threshold).nonzero().view(-1)
+        return pre.view(-1)[flat], flat
 
     def _sparse_loss(self, x: Tensor, k: int | None = None) -> StepLoss:
         """TopK / BatchTopK loss on `x` (n_tokens, d_in): MSE of a sparse decode, plus AuxK while latents are
@@ -356,6 +389,8 @@ class SAETrainer:
         """BatchTopK inference threshold: moving average of the smallest kept activation (Bussmann et al. 2024)."""
         sae = self.sae
         smallest = torch.where(acts > 0, acts, math.inf).min()
+        if self.world is not None:  # the smallest kept activation of the global batch
+            smallest = -self.world.max_(-smallest.reshape(1)).view(())
         lr = sae.cfg.batchtopk_threshold_lr
         moved = (1 - lr) * sae.threshold + lr * smallest.to(sae.threshold.dtype)
         sae.threshold.copy_(torch.where(torch.isfinite(smallest), moved, sae.threshold))
@@ -404,8 +439,57 @@ class SAETrainer:
         ), out.fired)
         self.tokens_since_fired.add_(x.shape[0]).masked_fill_(out.fired > 0, 0)
 
+    @torch.no_grad()
+    def _reduce_step(self, x: Tensor, out: StepLoss) -> Tensor:
+        """Under N ranks: make this step's gradients and counts those of the global batch; returns its tokens
+        (a () long tensor on the device).
+
+        One all-reduce (float64) of the token count, the metric sums, sum(x) and sum(x^2) (the global
+        variance: sum ||x - mean||^2 = sum x^2 - ||sum x||^2 / n) and the fire counts; the window and the
+        dead-latent counters then advance exactly as one process's on the whole batch. A second all-reduce
+        sums the gradients, each scaled by its rank's share of the tokens (see ``vlmsae.distributed``).
+        """
+        sae, world, n = self.sae, self.world, x.shape[0]
+        x_n = (x * sae.act_scale.to(x.dtype)).double()
+        scale2 = sae.act_scale.double() ** 2
+        d_in = x.shape[1]
+        local = torch.cat([
+            torch.stack([torch.tensor(float(n), dtype=torch.float64, device=x.device),
+                         out.loss.detach().double() * n,
+                         metrics.squared_error(x_n, out.recon.detach()).double() / scale2,
+                         x_n.pow(2).sum() / scale2,
+                         out.nonzero.double(),
+                         out.aux_loss.detach().double() * n]),
+            x_n.sum(0) / sae.act_scale.double(),
+            out.fired.double(),
+        ])
+        total = world.sum_(local)
+        n_global, loss, squared_error, sum_sq, nonzero, aux_loss = total[:6].unbind()
+        sum_x, fired = total[6:6 + d_in], total[6 + d_in:].long()
+        self.window.add(WindowSums(loss=loss / n_global, squared_error=squared_error,
+                                   total_variance=sum_sq - sum_x.pow(2).sum() / n_global, nonzero=nonzero,
+                                   aux_loss=aux_loss / n_global), fired)
+        n_global = n_global.round().long()
+        self.tokens_since_fired.add_(n_global).masked_fill_(fired > 0, 0)
+        grads = [p.grad for p in sae.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat.mul_((n / n_global).to(flat.dtype))
+        world.sum_(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+        return n_global
+
+    def _fold_pending_tokens(self) -> None:
+        """Under N ranks: add the global tokens counted on the device since the last call (one host sync)."""
+        if self.world is not None:
+            n = int(self.pending_tokens)
+            self.n_tokens += n
+            self.window.tokens += n
+            self.pending_tokens.zero_()
+
     def read_metrics(self) -> TrainMetrics:
         """Move the accumulated metrics to the host (one sync) and start a new window."""
+        self._fold_pending_tokens()
         cfg, window = self.sae.cfg, self.window
         tokens, steps = max(window.tokens, 1), max(self.n_steps - window.start, 1)
         *sums, dead, dense = torch.cat([
@@ -436,6 +520,7 @@ class SAETrainer:
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
         """Everything a resumed trainer needs: tensors (SAE, optimiser, counters) and JSON-able values."""
+        self._fold_pending_tokens()
         tensors = {f"sae.{k}": v.detach().contiguous().clone() for k, v in self.sae.state_dict().items()}
         optim = self.optimizer.state_dict()
         for index, slots in optim["state"].items():

@@ -1,0 +1,157 @@
+"""Data-parallel training under torchrun (gloo, 2 CPU ranks): parity with one process, identical replicas,
+checkpoints resumed bitwise, a clear error on another world size, and the ``vlmsae train`` command line.
+
+The ranks run in subprocesses (``torchrun --standalone`` picks a free port; a timeout fails a hang
+fast). The references come from the single-process code on the concatenated batches, in this process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlmsae
+from vlmsae.trainer import SAETrainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_worker as worker
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ACCELERATE = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def torchrun(*args, launcher=TORCHRUN, timeout=240) -> subprocess.CompletedProcess:
+    """Two gloo ranks of ``args`` (a script or ``-m module ...``) under ``launcher`` (torchrun, or accelerate
+    launch, which runs torchrun's agent: on CPU too); fails on a non-zero exit with their output."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, *launcher, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> Path:
+    """What each of 2 ranks ended with in tests/dist_worker.py (one launch for the tests below)."""
+    out = tmp_path_factory.mktemp("ranks")
+    torchrun("tests/dist_worker.py", out)
+    return out
+
+
+def per_rank(out: Path, tag: str):
+    return [load_file(str(out / f"{tag}.rank{r}.safetensors")) for r in (0, 1)], \
+        [json.loads((out / f"{tag}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("architecture", worker.ARCHITECTURES)
+def test_two_ranks_on_shards_equal_one_process_on_the_whole_batch(ranks, architecture):
+    """Unequal shards (40 + 24 rows), several Adam steps, AuxK on (topk), BatchTopK's selection and threshold over
+    the global batch: the loss is normalised by the global token count, so the SAE equals one process's on the
+    concatenated batches; metrics (FVU, dead latents) are global."""
+    sae = worker.parity_sae(architecture)
+    trainer = SAETrainer(sae, sync_every=2)
+    for x in worker.parity_batches():
+        trainer.step(x)
+    (rank0, rank1), (meta0, meta1) = per_rank(ranks, f"parity-{architecture}")
+    for name, ref in sae.state_dict().items():
+        assert torch.allclose(rank0[name], ref, rtol=0, atol=1e-5), (name, (rank0[name] - ref).abs().max())
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert meta0["digests"] == meta1["digests"]  # the replicas agree after every step, not only at the end
+    assert len(meta0["history"]) == len(trainer.history) == worker.STEPS // 2
+    for got, ref in zip(meta0["history"], trainer.history):
+        assert got["tokens"] == ref.tokens and got["dead_fraction"] == ref.dead_fraction
+        for field in ("loss", "fvu", "l0", "aux_loss", "mse"):
+            assert got[field] == pytest.approx(getattr(ref, field), rel=1e-5, abs=1e-9), field
+    if architecture == "topk":
+        assert trainer.history[-1].aux_loss > 0  # the dead-latent counters gated AuxK on, on every rank alike
+
+
+def test_two_rank_run_resumes_bitwise_and_stops_every_rank_together(ranks):
+    """vlmsae.train under 2 ranks: replicas identical, one rank's failing data stops both on the same step (no
+    hang), and resuming from the checkpoint ends bitwise where the uninterrupted run ends."""
+    (rank0, rank1), (meta0, meta1) = per_rank(ranks, "online")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    for name in [n for n in rank0 if n.startswith("ref.")]:
+        assert torch.equal(rank0[name], rank0["resumed." + name.removeprefix("ref.")]), name
+    assert meta1["caught"].startswith("Interrupt") and "another rank could not fill" in meta0["caught"]
+    stopped = Path(meta0["stopped_at"])
+    assert meta0["stopped_at"] == meta1["stopped_at"] and 0 < int(stopped.name.removeprefix("step-")) < 40
+    assert meta0["resumed_history"] == meta0["history"] == meta1["history"]
+    final = ranks / "run" / "checkpoints" / f"step-{worker.ONLINE_STEPS}"
+    names = sorted(p.name for p in final.iterdir())
+    assert names == ["buffer-L1.rank0.safetensors", "buffer-L1.rank1.safetensors", "rank0.json", "rank1.json",
+                     "state.json", "trainer-L1-0.json", "trainer-L1-0.safetensors"]
+    assert json.loads((final / "state.json").read_text())["world_size"] == 2
+    assert not [p for p in (ranks / "run" / "checkpoints").iterdir() if p.name.startswith(".")]  # no staging left
+    sae = vlmsae.SAE.load(ranks / "run" / "L1")  # the saved SAE loads in one process
+    assert torch.equal(sae.W_dec, rank0["ref.W_dec"])
+
+
+def test_a_failed_checkpoint_write_raises_on_every_rank(ranks):
+    """Rank 1 cannot write its part of a checkpoint: both ranks raise OSError (rank 0 saying another rank failed)
+    instead of one waiting for the other, and no partial checkpoint appears."""
+    _, (meta0, meta1) = per_rank(ranks, "online")
+    assert meta1["write_error"].startswith("FileExistsError") and ".step-8.rank1" in meta1["write_error"]
+    assert "another rank could not stage" in meta0["write_error"]
+    assert [p.name for p in (ranks / "fail" / "checkpoints").iterdir()] == [".step-8.rank1"]  # the file in the way
+
+
+def test_resuming_on_another_world_size_names_both(ranks):
+    from vlmsae.zoo import tiny_model
+
+    model = tiny_model("llava")
+    with pytest.raises(vlmsae.ConfigError, match=r"written by 2 rank\(s\) but this run has 1"):
+        vlmsae.train(model, 1, worker.online_data(model), vlmsae.SAE(d_in=64, d_sae=128, k=8),
+                     out=ranks / "run", resume=True, steps=worker.ONLINE_STEPS, **worker.ONLINE)
+
+
+def test_torchrun_vlmsae_train_trains_checkpoints_resumes(tmp_path):
+    """``torchrun --nproc_per_node 2 -m vlmsae train`` on a folder of images; the SAE loads in one process."""
+    from test_cli import image_folder
+
+    data = image_folder(tmp_path / "images")
+    out = tmp_path / "out"
+    args = ["-m", "vlmsae", "train", "--model", "zoo:llava", "--data", data, "--layer", "1", "--out", out,
+            "--batch-size", "64", "--buffer-size", "512", "--k", "8", "--checkpoint-every", "8", "--data-batch", "2"]
+    first = torchrun(*args, "--steps", "16")
+    assert first.stdout.count("wrote") == 1  # rank 0 reports
+    torchrun(*args, "--steps", "24", "--resume")
+    assert (out / "checkpoints" / "step-24").is_dir()
+    assert json.loads((out / "checkpoints" / "step-24" / "state.json").read_text())["world_size"] == 2
+    sae = vlmsae.SAE.load(out / "L1")
+    assert sae.cfg.k == 8 and sae.metadata["hook_name"] == "blocks.1.hook_resid_post"
+
+
+def test_accelerate_launch_vlmsae_train(tmp_path):
+    """``accelerate launch --num_processes 2 -m vlmsae train``: the same environment, the same two-rank run."""
+    pytest.importorskip("accelerate")
+    from test_cli import image_folder
+
+    out = tmp_path / "out"
+    done = torchrun("-m", "vlmsae", "train", "--model", "zoo:llava", "--data", image_folder(tmp_path / "images"),
+                    "--layer", "2", "--out", out, "--batch-size", "64", "--buffer-size", "512", "--k", "8",
+                    "--checkpoint-every", "8", "--steps", "8", "--data-batch", "2", launcher=ACCELERATE)
+    assert done.stdout.count("wrote") == 1
+    assert json.loads((out / "checkpoints" / "step-8" / "state.json").read_text())["world_size"] == 2
+    assert vlmsae.SAE.load(out / "L2").cfg.k == 8
+
+
+def test_global_sizes_must_divide_over_the_ranks():
+    from vlmsae.distributed import World, per_rank
+
+    world = World(rank=0, size=3, local_rank=0, device=torch.device("cpu"))
+    assert per_rank(96, world, "batch_size") == 32 and per_rank(100, None, "batch_size") == 100
+    with pytest.raises(vlmsae.ConfigError, match=r"batch_size=100 .* 3 ranks; use a multiple of 3, e.g. 99"):
+        per_rank(100, world, "batch_size")

@@ -1,0 +1,171 @@
+"""Data-parallel plumbing for online training: the process group, this rank's place, the reductions.
+
+The engine is ``torch.distributed``, set up from the environment that ``torchrun`` and
+``accelerate launch`` write (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``): gloo on CPU, NCCL on CUDA. Each rank runs its own replica of the frozen model on
+its own device over its own shard of the data (batch ``i`` goes to rank ``i % world``), feeds its
+own ring buffers, and keeps one SAE per layer in sync. The frozen model is never wrapped in DDP.
+
+Why the gradients are all-reduced by hand rather than by ``DistributedDataParallel``: the loss of
+a step is a mean over that step's tokens, and DDP averages the ranks' gradients, which equals the
+gradient of the global mean only when every rank holds the same number of tokens. SAETrainer also
+forms part of its gradients outside autograd (the sparse decode's custom backward, the removal of
+the decoder-parallel component), so a wrapped module's hooks would see only part of the step.
+Here each rank scales its gradient by its share ``n_rank / n_global`` of the step's tokens and
+the ranks' gradients are summed (:meth:`World.sum_`): the gradient of the loss over the whole
+global batch, whatever the shard sizes (the decomposable loss of DESIGN.md, "Scale"). Every other
+statistic that defines the objective is global too: the token count, the dead-latent counters,
+the variance behind FVU (reduced as sums of x and of x^2), and the first batch that sets ``b_dec``
+and the input scale (gathered whole, :meth:`World.gather_rows`). Identical gradients, Adam states
+and schedules keep the replicas bitwise identical after every step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import ConfigError
+
+TIMEOUT_S = 600
+"""Seconds a collective may wait for the other ranks before the process group gives up (no silent hang)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of an initialised process group (size >= 2).
+
+    ``device`` is where collectives run: ``cuda:LOCAL_RANK`` under NCCL, the CPU under gloo.
+    """
+
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that shows progress, logs and writes the shared files."""
+        return self.rank == 0
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """All-reduce ``tensor`` in place as a sum over ranks (moved to the collective device and back)."""
+        return self._reduce(tensor, dist.ReduceOp.SUM)
+
+    def max_(self, tensor: Tensor) -> Tensor:
+        """All-reduce ``tensor`` in place as a maximum over ranks."""
+        return self._reduce(tensor, dist.ReduceOp.MAX)
+
+    def _reduce(self, tensor: Tensor, op) -> Tensor:
+        if tensor.device == self.device:
+            dist.all_reduce(tensor, op=op)
+            return tensor
+        moved = tensor.to(self.device)
+        dist.all_reduce(moved, op=op)
+        return tensor.copy_(moved)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (one small all-reduce: ranks agree to stop)."""
+        return bool(self.max_(torch.tensor([int(flag)], device=self.device)).item())
+
+    def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
+        """Overwrite ``tensor`` in place with rank ``src``'s."""
+        moved = tensor if tensor.device == self.device else tensor.to(self.device)
+        dist.broadcast(moved, src=src)
+        return tensor if moved is tensor else tensor.copy_(moved)
+
+    def gather_rows(self, x: Tensor) -> Tensor:
+        """``(sum of n_r, d)``: every rank's rows ``(n_r, d)`` concatenated in rank order, on every rank."""
+        n = torch.tensor([x.shape[0]], device=self.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.size)]
+        dist.all_gather(sizes, n)
+        sizes = [int(s) for s in sizes]
+        padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=self.device)
+        padded[:x.shape[0]] = x.to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)
+
+    def barrier(self) -> None:
+        """Wait for every rank (on NCCL, on this rank's device)."""
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+
+def current() -> World | None:
+    """The World of an initialised process group with two or more ranks, else None (one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = TIMEOUT_S) -> World | None:
+    """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment.
+
+    Nothing happens (None) when ``WORLD_SIZE`` is unset or 1; an already initialised group is used as
+    it is. ``backend``: None picks NCCL when CUDA is available, else gloo. ``timeout_s`` bounds every
+    collective, so that a rank that died fails the others instead of hanging them. Raises
+    ``ConfigError`` when ``WORLD_SIZE`` > 1 but ``RANK`` or ``MASTER_ADDR`` is missing.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return current()
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size < 2:
+        return None
+    if not dist.is_available():
+        raise ConfigError(f"WORLD_SIZE={size} but this torch build has no torch.distributed; install one that has "
+                          "it, or run one process")
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={size} but {', '.join(missing)} unset; launch with torchrun --nproc_per_node "
+                          f"{size} or accelerate launch, which set them")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return current()
+
+
+def local_device(world: World | None, device: str) -> str:
+    """The device a rank puts its model replica on: ``cuda`` becomes ``cuda:LOCAL_RANK`` under N ranks."""
+    if world is not None and device == "cuda":
+        return f"cuda:{world.local_rank}"
+    return device
+
+
+def per_rank(total: int, world: World | None, name: str) -> int:
+    """``total`` split evenly over the ranks (``batch_size`` and ``buffer_size`` are global).
+
+    Raises ``ConfigError`` naming the value and the world size when it does not divide evenly.
+    """
+    if world is None:
+        return total
+    if total % world.size:
+        raise ConfigError(f"{name}={total} is global (summed over ranks) and must divide evenly over the "
+                          f"{world.size} ranks; use a multiple of {world.size}, e.g. {total - total % world.size or world.size}")
+    return total // world.size
+
+
+class RankShard:
+    """The batches of ``data`` that belong to one rank: batch ``i`` goes to rank ``i % size``.
+
+    Re-iterable whenever ``data`` is (each pass starts over, as a new epoch).
+    """
+
+    def __init__(self, data, rank: int, size: int):
+        self.data, self.rank, self.size = data, rank, size
+
+    def __iter__(self):
+        for i, batch in enumerate(self.data):
+            if i % self.size == self.rank:
+                yield batch
