@@ -217,15 +217,9 @@ class ShardedSAE(nn.Module):
         dist.recv(buffer, src=self._global_rank(src), group=self.group)
         return buffer
 
-    @property
-    def unit_norm_decoder(self) -> bool:
-        """Whether training keeps decoder rows at unit norm (all architectures but relu), as ``SAE.unit_norm_decoder``."""
-        return self.cfg.architecture != "relu"
-
-    def center(self, x: Tensor) -> Tensor:
-        """(..., d_in) model activations -> the encoder's input u = x * act_scale - b_dec, as ``SAE.center``."""
-        u = x.to(self.W_dec.dtype) * self.act_scale.to(self.W_dec.dtype)
-        return u - self.b_dec if self.cfg.apply_b_dec_to_input else u
+    # The same on every rank as on the unsharded SAE: they read cfg, W_dec's dtype, act_scale and b_dec only.
+    unit_norm_decoder = SAE.unit_norm_decoder
+    center = SAE.center
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """(..., d_in) -> (..., d_local) this rank's encoder pre-activations (no communication in the forward;
