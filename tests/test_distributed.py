@@ -7,6 +7,7 @@ fast). The references come from the single-process code on the concatenated batc
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-ACCELERATE = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def accelerate_launch() -> list[str]:
+    """``accelerate launch`` of two processes on a free port (port 0 hangs the rendezvous under accelerate 1.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
 
 
 def torchrun(*args, launcher=TORCHRUN, timeout=240) -> subprocess.CompletedProcess:
@@ -142,7 +150,7 @@ def test_accelerate_launch_vlmsae_train(tmp_path):
     out = tmp_path / "out"
     done = torchrun("-m", "vlmsae", "train", "--model", "zoo:llava", "--data", image_folder(tmp_path / "images"),
                     "--layer", "2", "--out", out, "--batch-size", "64", "--buffer-size", "512", "--k", "8",
-                    "--checkpoint-every", "8", "--steps", "8", "--data-batch", "2", launcher=ACCELERATE)
+                    "--checkpoint-every", "8", "--steps", "8", "--data-batch", "2", launcher=accelerate_launch())
     assert done.stdout.count("wrote") == 1
     assert json.loads((out / "checkpoints" / "step-8" / "state.json").read_text())["world_size"] == 2
     assert vlmsae.SAE.load(out / "L2").cfg.k == 8
