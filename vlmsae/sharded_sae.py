@@ -289,15 +289,6 @@ class ShardedSAE(nn.Module):
         # The same math, not a copy of it: SAE.init_from_batch reads only cfg, act_scale and b_dec.
         SAE.init_from_batch(self, x)
 
-    @torch.no_grad()
-    def normalize_decoder_(self) -> None:
-        """Rescale this rank's decoder rows to unit norm (each row is local: no communication)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
-
-    @torch.no_grad()
-    def remove_parallel_decoder_grad_(self) -> None:
-        """Drop the part of W_dec.grad along each local decoder row, as ``SAE.remove_parallel_decoder_grad_``."""
-        grad = self.W_dec.grad
-        if grad is not None:
-            along = (grad * self.W_dec).sum(1, keepdim=True)
-            grad.addcmul_(along, self.W_dec, value=-1)
+    # Each decoder row is local to its rank, so SAE's row-wise methods apply to the slice as they are.
+    normalize_decoder_ = SAE.normalize_decoder_
+    remove_parallel_decoder_grad_ = SAE.remove_parallel_decoder_grad_
