@@ -120,10 +120,52 @@ def run_online(world, out: Path) -> None:
         "caught": caught, "stopped_at": str(stopped), "write_error": write_error, "history": history[-1], "resumed_history": resumed_history[-1]}))
 
 
+# parallel="layers": 3 layers over 2 ranks (rank 0 owns 0 and 2, rank 1 owns 1). Each batch gives 144 rows (no
+# padding, no outlier filter), so every fill ends on a round's last forward, as one process's fill ends.
+LAYERS, LAYER_RUN = [0, 1, 2], {"batch_size": 96, "buffer_size": 1152, "sync_every": 6, "warmup_steps": 4,
+                                "k_start": 16, "outlier_factor": None, "parallel": "layers", "progress": False}
+LAYER_STEPS, LAYER_EVERY = 24, 6
+
+
+def layer_data(model, n=12):
+    from vlmsae.zoo import tiny_inputs
+
+    return [tiny_inputs(model, 6, seed=s, padding=None) for s in range(n)]
+
+
+def layer_saes(seed: int) -> dict:
+    torch.manual_seed(seed)
+    return {L: vlmsae.SAE(d_in=64, d_sae=128, k=8) for L in LAYERS}
+
+
+def run_layers(world, out: Path) -> None:
+    """vlmsae.train(parallel="layers") under 2 ranks: uninterrupted, interrupted on one rank, resumed."""
+    from vlmsae.zoo import tiny_model
+
+    model = tiny_model("llava")
+    data = layer_data(model)
+    cfg = dict(LAYER_RUN, steps=LAYER_STEPS, checkpoint_every=LAYER_EVERY)
+    history = []
+    ref = vlmsae.train(model, LAYERS, data, layer_saes(world.rank), out=out / "layers-ref", history=history, **cfg)
+    caught = None
+    try:
+        vlmsae.train(model, LAYERS, Flaky(data, world.rank), layer_saes(world.rank), out=out / "layers-run", **cfg)
+    except Exception as err:  # noqa: BLE001 - rank 1 raises Interrupt; rank 0 learns of it in the same round
+        caught = f"{type(err).__name__}: {err}"
+    stopped = latest_checkpoint(out / "layers-run")
+    resumed = vlmsae.train(model, LAYERS, data, layer_saes(world.rank), out=out / "layers-run", resume=True, **cfg)
+    tensors = {f"ref.L{L}.{k}": v for L in LAYERS for k, v in ref.saes[L][0].state_dict().items()}
+    tensors |= {f"resumed.L{L}.{k}": v for L in LAYERS for k, v in resumed.saes[L][0].state_dict().items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"layers.rank{world.rank}.safetensors"))
+    (out / f"layers.rank{world.rank}.json").write_text(json.dumps({
+        "caught": caught, "stopped_at": str(stopped), "history": history, "resumed_history": resumed.history}))
+
+
 if __name__ == "__main__":
     torch.use_deterministic_algorithms(True)
     world = distributed.init_from_env(timeout_s=120)
     out = Path(sys.argv[1])
     run_parity(world, out)
     run_online(world, out)
+    run_layers(world, out)
     world.barrier()

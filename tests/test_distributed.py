@@ -125,6 +125,54 @@ def test_resuming_on_another_world_size_names_both(ranks):
                      out=ranks / "run", resume=True, steps=worker.ONLINE_STEPS, **worker.ONLINE)
 
 
+def test_owner_per_layer_equals_one_process_and_resumes_bitwise(ranks, tmp_path):
+    """parallel="layers": each rank trains only its layers on rows every rank sent it (all_to_all); every rank
+    ends with every SAE, equal to one process training those layers on the same batches in order; one rank's
+    failing data stops both in the same round; the per-rank checkpoint resumes bitwise."""
+    from vlmsae.zoo import tiny_model
+
+    model = tiny_model("llava")
+    history = []
+    ref = vlmsae.train(model, worker.LAYERS, worker.layer_data(model), worker.layer_saes(0), history=history,
+                       steps=worker.LAYER_STEPS, **worker.LAYER_RUN)
+    (rank0, rank1), (meta0, meta1) = per_rank(ranks, "layers")
+    for L in worker.LAYERS:
+        for name, value in ref.saes[L][0].state_dict().items():
+            got = rank0[f"ref.L{L}.{name}"]
+            assert torch.allclose(got, value, rtol=0, atol=1e-5), (L, name, (got - value).abs().max())
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name  # the owners shared their SAEs with every rank
+        if name.startswith("ref."):
+            assert torch.equal(rank0[name], rank0["resumed." + name.removeprefix("ref.")]), name
+    assert meta0["history"] == meta1["history"]  # every rank's history holds every layer's readouts
+    assert [(h["layer"], h["step"]) for h in meta0["history"]] == [(h["layer"], h["step"]) for h in history]
+    for got, want in zip(meta0["history"], history):
+        assert got["fvu"] == pytest.approx(want["fvu"], rel=1e-4) and got["tokens"] == want["tokens"]
+    assert meta0["resumed_history"] == meta0["history"][-len(worker.LAYERS):]
+    assert meta1["caught"].startswith("Interrupt") and "another rank could not run its forward" in meta0["caught"]
+    final = ranks / "layers-run" / "checkpoints" / f"step-{worker.LAYER_STEPS}"
+    assert sorted(p.name for p in final.glob("buffer-*")) == [  # the owners' buffers: layers 0, 2 on rank 0
+        "buffer-L0.rank0.safetensors", "buffer-L1.rank1.safetensors", "buffer-L2.rank0.safetensors"]
+    assert len(list(final.glob("trainer-L*-0.safetensors"))) == 3
+    with pytest.raises(vlmsae.ConfigError, match=r"parallel='layers' but this run has parallel='data'"):
+        from vlmsae.distributed import World
+        from vlmsae.checkpoints import load_checkpoint
+
+        load_checkpoint(ranks / "layers-run", {}, {}, {}, World(0, 2, 0, torch.device("cpu")), "data")
+
+
+def test_owner_per_layer_needs_a_layer_per_rank():
+    from vlmsae.distributed import World
+    from vlmsae.layer_owners import LayerOwners
+
+    owners = LayerOwners([5, 1, 3], World(1, 2, 0, torch.device("cpu")))
+    assert owners.owner == {1: 0, 3: 1, 5: 0} and owners.mine == [3]
+    with pytest.raises(vlmsae.ConfigError, match=r"each of the 4 ranks .* layers \[1, 3\] are 2"):
+        LayerOwners([3, 1], World(0, 4, 0, torch.device("cpu")))
+    with pytest.raises(vlmsae.ConfigError, match="parallel='model'"):
+        vlmsae.OnlineRunConfig(parallel="model")
+
+
 def test_torchrun_vlmsae_train_trains_checkpoints_resumes(tmp_path):
     """``torchrun --nproc_per_node 2 -m vlmsae train`` on a folder of images; the SAE loads in one process."""
     from test_cli import image_folder

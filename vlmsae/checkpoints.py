@@ -29,15 +29,16 @@ CHECKPOINT_NAME = re.compile(r"step-(0|[1-9][0-9]*)")
 
 
 def save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, buffers, cfg, trainer_cfg=None,
-                    world: World | None = None) -> Path:
+                    world: World | None = None, replicated: bool = True) -> Path:
     """Write ``out/checkpoints/step-N`` as one folder swap, durable before it appears; then drop older ones.
 
-    Under N ranks (``world``) the folder is still one checkpoint: rank 0 writes the SAEs, optimisers
-    and schedulers (identical on every rank) and ``state.json`` with ``world_size``; every rank
-    writes its buffers and its data position (``buffer-L{L}.rank{r}.safetensors``, ``rank{r}.json``)
-    into a hidden staging folder that rank 0 moves into the folder before the swap. Ranks agree on
-    success after each phase, so a failed write raises on every rank instead of hanging the others.
-    Raises OSError from the disk; the checkpoints already there are then as they were.
+    Under N ranks (``world``) the folder is still one checkpoint: every rank writes its buffers and its
+    data position (``buffer-L{L}.rank{r}.safetensors``, ``rank{r}.json``) into a hidden staging folder
+    that rank 0 moves into the folder before the swap, and rank 0 writes ``state.json`` with
+    ``world_size``. The SAEs, optimisers and schedulers are rank 0's when they are ``replicated``
+    (data parallel: identical on every rank), else each rank stages its own (one owner per layer).
+    Ranks agree on success after each phase, so a failed write raises on every rank instead of
+    hanging the others. Raises OSError from the disk; the checkpoints already there are then as they were.
     """
     root = out / "checkpoints"
     if world is None or world.main:
@@ -46,14 +47,11 @@ def save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, 
     rank_files: list[Path] = []
     if world is not None:
         world.barrier()  # root exists before any rank stages into it
-        rank_files = _stage_rank(root, step, position, buffers, world)
+        rank_files = _stage_rank(root, step, position, buffers, {} if replicated else trainers, schedulers, world)
 
     def write(folder: Path) -> None:
-        for (L, i), t in trainers.items():
-            tensors, meta = t.state_dict()
-            save_file(tensors, str(folder / f"trainer-L{L}-{i}.safetensors"))
-            meta["scheduler_last_epoch"] = schedulers[(L, i)].last_epoch
-            (folder / f"trainer-L{L}-{i}.json").write_text(json.dumps(meta), encoding="utf-8")
+        if world is None or replicated:
+            _write_trainers(folder, trainers, schedulers)
         if world is None:
             for L, b in buffers.items():
                 save_file({k: v.contiguous() for k, v in b.state_dict().items()},
@@ -86,28 +84,40 @@ def save_checkpoint(out: Path, step: int, position: dict, trainers, schedulers, 
     return final
 
 
-def _stage_rank(root: Path, step: int, position: dict, buffers, world: World) -> list[Path]:
-    """Write this rank's buffers and data position into ``root/.step-N.rank{r}``; every rank agrees on success.
+def _write_trainers(folder: Path, trainers, schedulers) -> None:
+    """Each trainer's tensors and metadata (with its scheduler's position) as ``trainer-L{L}-{i}.*`` in ``folder``."""
+    for (L, i), t in trainers.items():
+        tensors, meta = t.state_dict()
+        save_file(tensors, str(folder / f"trainer-L{L}-{i}.safetensors"))
+        meta["scheduler_last_epoch"] = schedulers[(L, i)].last_epoch
+        (folder / f"trainer-L{L}-{i}.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _stage_rank(root: Path, step: int, position: dict, buffers, trainers, schedulers, world: World) -> list[Path]:
+    """Write this rank's buffers, data position and ``trainers`` into ``root/.step-N.rank{r}``; every rank agrees
+    on success.
 
     Returns the staged files of every rank (rank 0 moves them in). Raises OSError on every rank if any failed.
     """
-    def staged(r: int) -> list[Path]:
-        folder = root / f".step-{step}.rank{r}"
-        return [folder / f"buffer-L{L}.rank{r}.safetensors" for L in buffers] + [folder / f"rank{r}.json"]
-
-    error, mine = None, staged(world.rank)
+    folder = root / f".step-{step}.rank{world.rank}"
+    error = None
     try:
-        mine[0].parent.mkdir(exist_ok=True)
-        for L, path in zip(buffers, mine):
-            save_file({k: v.contiguous() for k, v in buffers[L].state_dict().items()}, str(path))
-        mine[-1].write_text(json.dumps({"rank": world.rank, "position": position}), encoding="utf-8")
+        folder.mkdir(exist_ok=True)
+        for L, b in buffers.items():
+            save_file({k: v.contiguous() for k, v in b.state_dict().items()},
+                      str(folder / f"buffer-L{L}.rank{world.rank}.safetensors"))
+        _write_trainers(folder, trainers, schedulers)
+        (folder / f"rank{world.rank}.json").write_text(json.dumps({"rank": world.rank, "position": position}),
+                                                       encoding="utf-8")
     except OSError as err:
         error = err
     if world.any(error is not None):
-        if mine[0].parent.is_dir():  # this rank's staging goes; the checkpoints already there stay as they were
-            shutil.rmtree(mine[0].parent, ignore_errors=True)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)  # this rank's staging goes; the checkpoints there stay as they were
         raise error or OSError(f"another rank could not stage its part of checkpoint step-{step} under {root}")
-    return [path for r in range(world.size) for path in staged(r)] if world.main else []
+    if not world.main:
+        return []
+    return sorted(path for r in range(world.size) for path in (root / f".step-{step}.rank{r}").iterdir())
 
 
 def checkpoints(out: str | os.PathLike) -> dict[int, Path]:
@@ -136,13 +146,15 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return found[max(found)] if found else None
 
 
-def load_checkpoint(out: Path, trainers, schedulers, buffers, world: World | None = None) -> tuple[int, dict, Path]:
+def load_checkpoint(out: Path, trainers, schedulers, buffers, world: World | None = None,
+                    parallel: str = "data") -> tuple[int, dict, Path]:
     """Restore trainers, schedulers and buffers from the newest checkpoint: (step, data position, folder).
 
-    Under N ranks (``world``) each rank restores the shared SAEs and optimisers and its own buffers and
-    data position. Raises ConfigError if there is no checkpoint, it was written for other layers / SAE
-    shapes, or by another number of ranks (naming both), SAEFileError if a file in it is missing or
-    damaged (nothing is restored from an unreadable one).
+    Under N ranks (``world``) each rank restores its trainers (all of them under data parallel, its own
+    layers' under ``parallel="layers"``) and its own buffers and data position. Raises ConfigError if
+    there is no checkpoint, it was written for other layers / SAE shapes, by another number of ranks or
+    in another ``parallel`` mode (naming both), SAEFileError if a file in it is missing or damaged
+    (nothing is restored from an unreadable one).
     """
     path = latest_checkpoint(out)
     if path is None:
@@ -156,6 +168,10 @@ def load_checkpoint(out: Path, trainers, schedulers, buffers, world: World | Non
         raise ConfigError(f"{path} was written by {state.get('world_size', 1)} rank(s) but this run has {size}; "
                           f"each rank's buffers and data position are in it, so resume with "
                           f"{state.get('world_size', 1)} rank(s) (torchrun --nproc_per_node), or start a new run")
+    written = (state.get("config") or {}).get("parallel", "data") if size > 1 else parallel
+    if written != parallel:
+        raise ConfigError(f"{path} was written with parallel={written!r} but this run has parallel={parallel!r} "
+                          f"(the buffers are split differently); resume with parallel={written!r}, or start a new run")
     if world is not None:
         state["position"] = _read_json(path / f"rank{world.rank}.json", damaged)["position"]
     saved = {}  # everything is read before anything is restored

@@ -69,7 +69,8 @@ def train_command(args: argparse.Namespace) -> None:
 
     Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) each rank loads its own replica
     (``--device cuda`` becomes ``cuda:LOCAL_RANK``) and trains on every N-th data batch; ``--batch-size``
-    and ``--buffer-size`` stay global, ``--data-batch`` is images per forward on each rank.
+    and ``--buffer-size`` stay global, ``--data-batch`` is images per forward on each rank. ``--parallel
+    layers`` gives each rank whole layers instead (each SAE on one rank, rows sent to it by every rank).
     """
     world = distributed.init_from_env()
     model, to_inputs = model_and_inputs(args.model, distributed.local_device(world, args.device))
@@ -83,7 +84,7 @@ def train_command(args: argparse.Namespace) -> None:
             for L in args.layer}
     cfg = OnlineRunConfig(steps=args.steps, batch_size=args.batch_size, buffer_size=args.buffer_size,
                           checkpoint_every=args.checkpoint_every, wandb=args.wandb, seed=args.seed,
-                          kinds=tuple(args.kinds))
+                          kinds=tuple(args.kinds), parallel=args.parallel)
     train(model, args.layer, data, saes, cfg=cfg, trainer_cfg=SAETrainerConfig(lr=args.lr), out=args.out,
           resume=args.resume)
     for L in args.layer if world is None or world.main else ():
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wandb", default=None, help="a wandb project to log to")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel", default="data", choices=("data", "layers"),
+                   help="under N ranks: every rank trains every SAE on its share of each batch (data), or each "
+                        "rank trains only its layers, fed by every rank's forwards (layers)")
     p.set_defaults(run=train_command)
     args = parser.parse_args(argv)
     try:

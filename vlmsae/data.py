@@ -89,13 +89,16 @@ class LiveSource:
 
     def fill(self, buffers: dict) -> None:
         """Forwards until every buffer ``{layer: RingBuffer}`` has no free rows (one host sync per forward)."""
-        sinks = {L: b.sink() for L, b in buffers.items()}
         while any(b.free_rows() for b in buffers.values()):  # one sync per forward
-            batch = self._next()
-            self._check(batch)
-            with torch.no_grad(), record(self.info.model, self.layers, site=self.site, stop=True,
-                                         sink=lambda L, resid, fwd: sinks[L](L, resid, fwd)):
-                self.info.model(**batch)
+            self.forward(lambda L, resid, fwd: buffers[L].write(resid, fwd))
+
+    def forward(self, sink) -> None:
+        """One forward over the next batch, stopped after the deepest layer, handing each layer's residual
+        ``(batch, seq, d_model)`` to ``sink(layer, resid, fwd)``."""
+        batch = self._next()
+        self._check(batch)
+        with torch.no_grad(), record(self.info.model, self.layers, site=self.site, stop=True, sink=sink):
+            self.info.model(**batch)
 
     def _check(self, batch: dict) -> None:
         """A batch with images but no image placeholders would fail deep in the model: say why here."""

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import Kind
-from .buffer import RingBuffer
+from .buffer import Admission, RingBuffer
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import LiveSource
 from .deprecation import renamed_attributes, warn_renamed
 from .errors import ConfigError, NonFiniteError
+from .layer_owners import LayerOwners
 from .sae import SAE
 from .shards import ShardSource, Shards
 from .trainer import SAETrainer, SAETrainerConfig, TrainMetrics
@@ -87,6 +88,10 @@ class OnlineRunConfig:
     """Seeds the buffers' shuffling."""
     device: str | None = None
     """Where buffers and SAEs live; None: the model's device (CPU when training from shards)."""
+    parallel: str = "data"
+    """Under N ranks: "data" (every rank trains every SAE on its share of each batch, gradients all-reduced)
+    or "layers" (each rank trains only its layers' SAEs, on rows every rank sends it; :mod:`vlmsae.layer_owners`).
+    One process ignores it."""
     wandb: str | None = None
     """A wandb project name to log to (wandb must be installed); None: no logging."""
     progress: bool = True
@@ -112,6 +117,9 @@ class OnlineRunConfig:
         if not 0 <= self.decay_fraction <= 1 or not 0 <= self.k_anneal_fraction <= 1:
             raise ConfigError(f"decay_fraction={self.decay_fraction} and k_anneal_fraction="
                               f"{self.k_anneal_fraction} must be in [0, 1]")
+        if self.parallel not in ("data", "layers"):
+            raise ConfigError(f"parallel={self.parallel!r} must be 'data' (replicated SAEs, gradients all-reduced) "
+                              "or 'layers' (one owner per layer)")
         if self.buffer_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"buffer_dtype={self.buffer_dtype!r} must be float32, bfloat16 or float16")
 
@@ -294,6 +302,9 @@ class OnlineRun:
     condition: a rank whose data fails stops every rank), :meth:`guard_finite`,
     :meth:`readout_metrics` and the checkpoints. Progress, logging and the saved SAEs are rank 0's
     (the bar's per-kind FVU / L0 are of rank 0's current batch; every other figure is global).
+    With ``parallel="layers"`` each rank instead trains only the layers it owns (``owners``,
+    :class:`vlmsae.layer_owners.LayerOwners`), on whole global batches in a whole global buffer fed by
+    every rank's forwards; ``trained`` lists this rank's layers (every layer otherwise).
     """
 
     def __init__(self, model, layer, data, sae, cfg: OnlineRunConfig, trainer_cfg: SAETrainerConfig | None,
@@ -303,8 +314,10 @@ class OnlineRun:
         self.history = history if history is not None else []
         self.out = Path(out) if out is not None else None
         self.world = distributed.init_from_env()
-        self.rank_batch = distributed.per_rank(cfg.batch_size, self.world, "batch_size")
-        self.rank_buffer = distributed.per_rank(cfg.buffer_size, self.world, "buffer_size")
+        by_layer = self.world is not None and cfg.parallel == "layers"  # each rank owns whole buffers and SAEs
+        self.rank_batch = cfg.batch_size if by_layer else distributed.per_rank(cfg.batch_size, self.world, "batch_size")
+        self.rank_buffer = cfg.buffer_size if by_layer else distributed.per_rank(cfg.buffer_size, self.world,
+                                                                                 "buffer_size")
         if self.world is not None:
             if isinstance(data, Shards):
                 raise ConfigError(f"training from Shards under {self.world.size} ranks is not supported yet; "
@@ -319,12 +332,17 @@ class OnlineRun:
                 s.to(self.devices[L])
                 self.describe(s, L)
         self.sync_saes()
+        # parallel="layers": this rank trains its own layers, each on whole global batches (no gradient exchange)
+        self.owners = LayerOwners(list(self.saes), self.world) if by_layer else None
+        self.trained = [L for L in self.saes if self.owners is None or L in self.owners.mine]
         self.targets = {(L, i): s.cfg.k for L, group in self.saes.items() for i, s in enumerate(group)}
-        self.trainers = {(L, i): SAETrainer(s, trainer_cfg, world=self.world) for L, group in self.saes.items()
-                         for i, s in enumerate(group)}
+        self.trainers = {(L, i): SAETrainer(s, trainer_cfg, world=None if by_layer else self.world)
+                         for L in self.trained for i, s in enumerate(self.saes[L])}
         self.schedulers = {key: torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda step: lr_factor(step, cfg))
                            for key, t in self.trainers.items()}
-        self.buffers = {L: self.make_buffer(L) for L in self.saes}
+        self.buffers = {L: self.make_buffer(L) for L in self.trained}
+        self.screens = {L: Admission(cfg.kinds, cfg.quota, cfg.outlier_factor, self.devices[L])
+                        for L in self.saes} if by_layer else {}
         self.step_count, self.since_checkpoint, self.last_checkpoint = 0, 0, None
         self.started = False  # the source is positioned by resume() or at the start of run()
         # per layer, the first step whose rows held NaN/Inf (-1: none), kept on the device until a readout
@@ -332,9 +350,9 @@ class OnlineRun:
 
     def make_buffer(self, layer: int) -> RingBuffer:
         """The ring buffer of one layer (this rank's share of it), on that layer's device, admitting what the
-        config says; each rank shuffles with its own seed."""
+        config says; each rank shuffles with its own seed (an owner of whole layers as one process does)."""
         cfg = self.cfg
-        rank = 0 if self.world is None else self.world.rank
+        rank = 0 if self.world is None or self.owners is not None else self.world.rank
         return RingBuffer(self.rank_buffer, self.source.d_model, device=self.devices[layer],
                           dtype=getattr(torch, cfg.buffer_dtype), kinds=cfg.kinds, quota=cfg.quota,
                           outlier_factor=cfg.outlier_factor, seed=cfg.seed + layer + RANK_SEED_STRIDE * rank)
@@ -361,7 +379,7 @@ class OnlineRun:
     def resume(self) -> None:
         """Continue from the newest checkpoint in ``out`` (bitwise the uninterrupted run on CPU)."""
         self.step_count, position, self.last_checkpoint = load_checkpoint(
-            self.out, self.trainers, self.schedulers, self.buffers, self.world)
+            self.out, self.trainers, self.schedulers, self.buffers, self.world, self.cfg.parallel)
         self.start(position)
 
     def run(self) -> None:
@@ -376,7 +394,7 @@ class OnlineRun:
         try:
             while self.step_count < cfg.steps:
                 self.fill()
-                for rows in zip(*(self.buffers[L].read(self.rank_batch) for L in self.saes)):
+                for rows in zip(*(self.buffers[L].read(self.rank_batch) for L in self.trained)):
                     if self.step_count >= cfg.steps:
                         break
                     self.step(rows)
@@ -388,6 +406,8 @@ class OnlineRun:
             bar.close()
             if logger is not None:
                 logger.finish()
+        if self.owners is not None:
+            self.owners.share(self.saes)  # every rank returns every trained SAE
         self.guard_finite()
         for s in self._all_saes():
             s.eval()
@@ -400,7 +420,9 @@ class OnlineRun:
 
     def fill(self) -> None:
         """Refill every buffer's free half; note NaN/Inf the buffers saw, before any filter could drop it."""
-        if self.world is None:
+        if self.owners is not None:
+            self.owners.fill(self.source, self.buffers, self.screens)
+        elif self.world is None:
             self.source.fill(self.buffers)
         else:
             self.agree_filled()
@@ -428,12 +450,12 @@ class OnlineRun:
     def step(self, rows) -> None:
         """One optimiser step of every SAE on its layer's rows, at this step's learning rate and k."""
         step, cfg = self.step_count, self.cfg
-        for L, r in zip(self.saes, rows):
+        for L, r in zip(self.trained, rows):
             finite = torch.isfinite(r.acts).all()
             self.first_bad[L] = torch.where((self.first_bad[L] < 0) & ~finite, step, self.first_bad[L])
         if (step + 1) % self.trainer_cfg.sync_every == 0:  # the trainers read out at this step: check inputs first
             self.guard_finite()
-        for L, r in zip(self.saes, rows):
+        for L, r in zip(self.trained, rows):
             for i, s in enumerate(self.saes[L]):
                 k = k_at(step, self.targets[(L, i)], cfg, s.cfg.d_sae) if s.cfg.architecture in ("topk", "batchtopk") \
                     else None
@@ -449,7 +471,7 @@ class OnlineRun:
     def readout(self, rows, bar, logger) -> None:
         """After the trainers' readout: stop on NaN/Inf, show and hand out the metrics."""
         self.guard_finite()
-        bar.set_postfix_str(_postfix(self.trainers, self.saes, rows), refresh=False)
+        bar.set_postfix_str(_postfix(self.trainers, self.saes, dict(zip(self.trained, rows))), refresh=False)
         latest = self.readout_metrics()
         self.history.extend({"layer": L, "sae": i, **asdict(m)} for (L, i), m in latest.items())
         if logger is not None:
@@ -467,6 +489,10 @@ class OnlineRun:
         """
         latest = {key: t.history[-1] for key, t in self.trainers.items()
                   if t.history and t.history[-1].step == self.step_count}
+        if self.owners is not None:  # each rank read out its own layers: every rank gets all, in the run's order
+            every = self.owners.gather(latest)
+            return {(L, i): every[(L, i)] for L, group in self.saes.items() for i in range(len(group))
+                    if (L, i) in every}
         if self.world is not None:
             digest = torch.tensor([v for m in latest.values() for v in astuple(m)]
                                   + [float(p.detach().double().sum()) for s in self._all_saes() for p in s.parameters()],
@@ -486,7 +512,8 @@ class OnlineRun:
         if self.since_checkpoint >= cfg.checkpoint_every or self.step_count >= cfg.steps:
             self.guard_finite()  # a bad state never becomes the last good checkpoint
             self.last_checkpoint = save_checkpoint(self.out, self.step_count, self.source.state(), self.trainers,
-                                                   self.schedulers, self.buffers, cfg, self.trainer_cfg, self.world)
+                                                   self.schedulers, self.buffers, cfg, self.trainer_cfg, self.world,
+                                                   replicated=self.owners is None)
             self.since_checkpoint = 0
 
     def guard_finite(self) -> None:
@@ -520,7 +547,7 @@ def _check_finite(first_bad, step, saes, last_checkpoint) -> None:
 
 
 def _postfix(trainers, saes, rows) -> str:
-    """Live metrics of the last readout, and FVU / L0 per token kind on the current batch."""
+    """Live metrics of the last readout, and FVU / L0 per token kind on the current batch (``rows``: by layer)."""
     parts = []
     for (L, i), t in trainers.items():
         if not t.history:
@@ -528,7 +555,7 @@ def _postfix(trainers, saes, rows) -> str:
         m = t.history[-1]
         tag = f"L{L}" + (f"#{i}" if len(saes[L]) > 1 else "")
         parts.append(f"{tag} fvu {m.fvu:.3f} l0 {m.l0:.1f} dead {m.dead_fraction:.2f}")
-        r = rows[list(saes).index(L)]
+        r = rows[L]
         with torch.no_grad():
             out = t.sae(r.acts)
             err = (out.recon.float() - r.acts.float()).pow(2).sum(-1)
