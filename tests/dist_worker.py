@@ -161,6 +161,51 @@ def run_layers(world, out: Path) -> None:
         "caught": caught, "stopped_at": str(stopped), "history": history, "resumed_history": resumed.history}))
 
 
+def run_fsdp(world, out: Path) -> None:
+    """A model whose layers FSDP2 shards over the 2 ranks (``fully_shard``): record with the early stop equals the
+    whole model's hidden states and runs no deeper layer, and data-parallel training on it ends with the same SAE
+    as on a plain replica."""
+    from vlmsae.zoo import tiny_model
+
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as err:
+        (out / f"fsdp.rank{world.rank}.json").write_text(json.dumps({"skipped": f"no FSDP2 in this torch: {err}"}))
+        return
+    plain, sharded = tiny_model("llava"), tiny_model("llava")
+    data = online_data(plain)
+    inputs = data[world.rank]
+    with torch.no_grad():
+        hidden = plain(**inputs, output_hidden_states=True).hidden_states
+    mesh = init_device_mesh("cpu", (world.size,))
+    layers = vlmsae.layers(sharded).layers
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    ran = []
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i))
+    finished = []
+    sharded.get_output_embeddings().register_forward_hook(lambda m, a, o: finished.append(True))  # the forward's end
+    with torch.no_grad(), vlmsae.record(sharded, [1], stop=True) as rec:
+        returned = sharded(**inputs)
+    record_equal, ran_in_record = torch.equal(rec[1], hidden[2]), list(ran)
+    cfg = dict(ONLINE, steps=16)
+
+    def sae():
+        torch.manual_seed(world.rank)
+        return vlmsae.SAE(d_in=64, d_sae=128, k=8)
+
+    ref = vlmsae.train(plain, 1, data, sae(), **cfg).sae
+    got = vlmsae.train(sharded, 1, data, sae(), **cfg).sae
+    (out / f"fsdp.rank{world.rank}.json").write_text(json.dumps({
+        "record_equal": record_equal, "returned_none": returned is None, "ran": ran_in_record, "finished": finished,
+        "ran_in_training": sorted(set(ran)),
+        "train_equal": all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), got.state_dict().values())),
+        "trained": float(ref.W_dec.double().sum())}))
+
+
 if __name__ == "__main__":
     torch.use_deterministic_algorithms(True)
     world = distributed.init_from_env(timeout_s=120)
@@ -168,4 +213,5 @@ if __name__ == "__main__":
     run_parity(world, out)
     run_online(world, out)
     run_layers(world, out)
+    run_fsdp(world, out)
     world.barrier()

@@ -161,6 +161,19 @@ def test_owner_per_layer_equals_one_process_and_resumes_bitwise(ranks, tmp_path)
         load_checkpoint(ranks / "layers-run", {}, {}, {}, World(0, 2, 0, torch.device("cpu")), "data")
 
 
+def test_fsdp2_sharded_model_stops_early_without_raising_and_trains_the_same_sae(ranks):
+    """FSDP2 (fully_shard, gloo) holds the model's layers: the early stop cuts the layer list instead of raising
+    mid-forward (no layer past the deepest runs, on every rank alike), the capture equals the whole model's
+    hidden state, and online training on the sharded model equals training on a plain replica."""
+    meta0, meta1 = [json.loads((ranks / f"fsdp.rank{r}.json").read_text()) for r in (0, 1)]
+    if "skipped" in meta0:
+        pytest.skip(meta0["skipped"])
+    for meta in (meta0, meta1):
+        assert meta["record_equal"] and meta["returned_none"] and meta["ran"] == [0, 1] and meta["finished"][0]
+        assert meta["train_equal"] and meta["ran_in_training"] == [0, 1]  # every forward cut after layer 1
+    assert meta0["trained"] == meta1["trained"]
+
+
 def test_owner_per_layer_needs_a_layer_per_rank():
     from vlmsae.distributed import World
     from vlmsae.layer_owners import LayerOwners

@@ -120,6 +120,40 @@ def test_stop_runs_no_deeper_layer(model):
     assert ran == []
 
 
+def test_stop_on_a_sharded_model_cuts_the_layer_list(model, monkeypatch):
+    """Under a sharded engine (here DeepSpeed ZeRO-3's mark on a parameter; FSDP2 in tests/test_distributed.py)
+    stop=True never raises out of the forward, which could leave the engine's collectives unmatched: the layer
+    list is cut after the deepest site, so the forward runs to its end (the head) having run no deeper layer; the captures
+    are the same and the whole list is back after the block, after an exception too."""
+    from vlmsae.hooks import sharded
+
+    info = vlmsae.layers(model)
+    inputs = tiny_inputs(model, 2)
+    clean = logits(model, inputs)
+    with torch.no_grad(), vlmsae.record(model, [0, 1]) as full:
+        model(**inputs)
+    whole = info.layers
+    monkeypatch.setattr(next(model.parameters()), "ds_id", 0, raising=False)
+    assert sharded(model)
+    ran, finished = [], []
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, layer in enumerate(whole)]
+    handles.append(model.get_output_embeddings().register_forward_hook(lambda m, a, out: finished.append(True)))
+    try:
+        with torch.no_grad(), vlmsae.record(model, [1, 0], stop=True) as early:
+            out = model(**inputs)
+        with pytest.raises(RuntimeError, match="in the block"), vlmsae.record(model, [1], stop=True):
+            assert vlmsae.layers(model).layers is not whole
+            raise RuntimeError("in the block")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert out is None and ran == [0, 1] and finished == [True]
+    for layer in (0, 1):
+        torch.testing.assert_close(early[layer], full[layer], rtol=0, atol=0)
+    assert vlmsae.layers(model).layers is whole
+    torch.testing.assert_close(logits(model, inputs), clean, rtol=0, atol=0)
+
+
 def test_sink_receives_captures_instead_of_recording(model):
     info = vlmsae.layers(model)
     got = []

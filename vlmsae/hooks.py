@@ -242,7 +242,12 @@ def attach(model: Model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = 
     thread and per call of the model: a submodule called directly gets no earlier call's kinds.
 
     ``stop=True`` ends each forward right after the deepest site (the model call then returns
-    ``None``); use it when only activations are wanted. ``special_ids`` adds token ids counted
+    ``None``); use it when only activations are wanted. On a plain model the deepest hook raises
+    out of the forward; on a model whose layers a sharded engine holds (FSDP2 ``fully_shard``, FSDP,
+    DeepSpeed ZeRO-3: :func:`sharded`), where leaving a forward midway can leave its collectives
+    unmatched, the decoder's layer list is cut after the deepest site for the block instead, so the
+    forward ends normally, on every rank alike (the final norm and head still run on the cut stack,
+    one layer's cost or less). ``special_ids`` adds token ids counted
     as SPECIAL (e.g. a tokenizer's ``all_special_ids``).
     Validates everything before registering anything; removes every hook in ``finally``.
 
@@ -268,6 +273,7 @@ def attach(model: Model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = 
         raise UnsupportedModelError("a stopping vlmsae context is already open on this model; nest none in another")
     order = {"resid_pre": 0, "resid_post": 1}
     deepest = max(sites, key=lambda s: (s[0], order[s[1]])) if stop else None
+    truncate = stop and sharded(root)
     tracker = _Tracker(info, special_ids)
     handles, restores = [], []
     try:
@@ -277,12 +283,15 @@ def attach(model: Model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = 
             layer_index, site = key
             layer = info.layers[layer_index]
             if site == "resid_post":
-                handles.append(layer.register_forward_hook(_post_hook(key, fns[key], tracker, key == deepest)))
+                handles.append(layer.register_forward_hook(_post_hook(key, fns[key], tracker,
+                                                                      key == deepest and not truncate)))
             else:
-                hook = _pre_hook(key, fns[key], tracker, key == deepest, execution_device(layer))
+                hook = _pre_hook(key, fns[key], tracker, key == deepest and not truncate, execution_device(layer))
                 handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         if callable(getattr(root, "generate", None)):
             restores.append(_patch(root, "generate", tracker.generating(root.generate)))
+        if truncate:
+            restores.append(_truncated(info, deepest[0] + 1))
         if stop:
             restores.append(_patch(root, "forward", _stopping(root.forward)))
         yield info
@@ -357,11 +366,42 @@ def _pre_hook(key, fn: HookFn, tracker: _Tracker, stop_here: bool, device: torch
 
 
 def _stopping(inner):
-    """The model's forward, returning ``None`` when the deepest site ends it early."""
+    """The model's forward, returning ``None``: the deepest site ended it early (or it ran a cut layer list)."""
     def forward(*args, **kwargs):
         try:
-            return inner(*args, **kwargs)
+            inner(*args, **kwargs)
         except StopForward:
-            return None
+            pass
     forward.__wrapped_by_vlmsae__ = True
     return forward
+
+
+def _truncated(info: ModelInfo, n: int) -> Callable[[], None]:
+    """Swap the decoder's layer list for its first ``n`` layers; return the function that puts the whole list back.
+
+    The layers themselves (and whatever engine state they carry) are untouched: a forward simply runs fewer of them.
+    """
+    parent_path, _, name = info.layer_path.rpartition(".")
+    parent = info.model.get_submodule(parent_path)
+    whole = parent._modules[name]
+    parent._modules[name] = nn.ModuleList(list(whole)[:n])
+
+    def restore():
+        parent._modules[name] = whole
+    return restore
+
+
+def sharded(model: nn.Module) -> bool:
+    """True when a sharded data-parallel engine holds the model's parameters: FSDP2 (``fully_shard``: its modules
+    are ``FSDPModule``), FSDP (``FullyShardedDataParallel``) or DeepSpeed ZeRO-3 (parameters carry ``ds_id``).
+    Known by the objects, not by names."""
+    engines = []
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        engines = [FSDPModule, FullyShardedDataParallel]
+    except ImportError:  # a torch build without torch.distributed
+        pass
+    if engines and any(isinstance(m, tuple(engines)) for m in model.modules()):
+        return True
+    return any(hasattr(p, "ds_id") for p in model.parameters())
