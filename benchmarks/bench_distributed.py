@@ -5,10 +5,14 @@ Both variants train the same TopK SAE with Adam through ``SAETrainer``; the rank
 gradients and statistics (``vlmsae.distributed``); the single process steps on the whole batch
 with two intra-op threads. The variants take turns, one launch each per round, and the median step
 time over all rounds' timed steps is reported, with the ratio. On GPUs (``--device cuda``) the ranks
-use NCCL, one GPU each (``--nproc`` of them), and the script prints tokens per second.
+use NCCL, one GPU each (``--nproc`` of them), and the script prints tokens per second. On a machine with
+one GPU, ``--one-gpu`` runs the ranks on that GPU over gloo (NCCL refuses two ranks on one device) against
+one process on it: the ratio is the cost of the gradient all-reduce staged through the host, not a scaling
+figure; the ranks also check that their SAEs end identical.
 
     python benchmarks/bench_distributed.py                         # CPU: d_in 512, d_sae 8192, k 32, batch 2048
     python benchmarks/bench_distributed.py --device cuda --nproc 8 --d-in 4096 --d-sae 65536 --k 64 --batch 65536
+    python benchmarks/bench_distributed.py --device cuda --one-gpu --d-in 4096 --d-sae 65536 --k 64 --batch 16384
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ def worker(args) -> None:
     from vlmsae.trainer import SAETrainer
 
     torch.set_num_threads(args.threads)
-    world = distributed.init_from_env()
+    world = distributed.init_from_env(backend="gloo" if args.one_gpu else None)
     rank, size = (0, 1) if world is None else (world.rank, world.size)
-    device = torch.device(distributed.local_device(world, args.device))
+    device = torch.device("cuda:0" if args.one_gpu else distributed.local_device(world, args.device))
     torch.manual_seed(0)
     sae = SAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k, device=device)
     trainer = SAETrainer(sae, world=world, sync_every=10**9)
@@ -59,6 +63,11 @@ def worker(args) -> None:
         sync()
         if i:  # the first step is a warm-up (allocations, the first batch's init)
             times.append(time.perf_counter() - t0)
+    if world is not None:  # the replicas must end identical (the spread of a digest over the ranks is 0)
+        digest = torch.stack([p.detach().double().sum() for p in sae.parameters()]).cpu()
+        spread = world.max_(digest.clone()) + world.max_(-digest.clone())
+        if spread.abs().max() > 0:
+            raise SystemExit(f"rank {rank}: the replicas differ after {args.steps + 1} steps ({spread.tolist()})")
     if rank == 0:
         Path(args.out).write_text(json.dumps(times))
 
@@ -67,7 +76,7 @@ def launch(args, nproc: int, threads: int, out: Path) -> list[float]:
     """Run one variant as its own process(es); its step times."""
     common = ["--worker", "--threads", str(threads), "--out", str(out), "--steps", str(args.steps),
               "--d-in", str(args.d_in), "--d-sae", str(args.d_sae), "--k", str(args.k), "--batch", str(args.batch),
-              "--device", args.device]
+              "--device", args.device] + (["--one-gpu"] if args.one_gpu else [])
     if nproc == 1:
         cmd = [sys.executable, __file__, *common]
     else:
@@ -75,7 +84,9 @@ def launch(args, nproc: int, threads: int, out: Path) -> list[float]:
                __file__, *common]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd[-20:])} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
     return json.loads(out.read_text())
 
 
@@ -85,6 +96,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--one-gpu", action="store_true", help="ranks share the one GPU over gloo (see above)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks of the data-parallel variant")
     parser.add_argument("--d-in", type=int, default=512)
     parser.add_argument("--d-sae", type=int, default=8192)
@@ -95,7 +107,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    if args.device == "cuda":
+    if args.one_gpu:
+        variants = {f"{args.nproc} ranks on 1 GPU (gloo)": (args.nproc, 1), "1 rank on 1 GPU": (1, 1)}
+    elif args.device == "cuda":
         variants = {f"{args.nproc} ranks x 1 GPU": (args.nproc, 1)}
     else:
         variants = {f"{args.nproc} ranks x 1 thread": (args.nproc, 1), f"1 rank x {args.nproc} threads": (1, args.nproc)}

@@ -1,4 +1,4 @@
-"""The GPU figures in one prepared run (issue 17 item 4): three sections, each checked, then timed.
+"""The GPU figures in one prepared run (issue 17 item 4): four sections, each checked, then timed.
 
 a) SAE training step, TopK with Adam, d_in 4096 / d_sae 65536 / k 64 / batch 16384: vlmsae's
    ``SAETrainer.step`` against EleutherAI sparsify and sae-lens (``peer_sae_step.py``'s steps, here in
@@ -21,6 +21,11 @@ c) Online training on that model: ``vlmsae.train`` at the middle layer (d_sae 65
    harvest alone (record with early stop into ring buffers, over the same batches, as many rows as
    training read), in tokens/s, and their ratio (design goal >= 0.85); also that ratio per row
    harvested, since training harvests its first full buffer before it trains.
+d) The data-parallel SAE step on the GPU (``bench_distributed.py --one-gpu``): one machine has one GPU,
+   and NCCL refuses two ranks on one device, so 2 ranks share it over gloo against 1 process on it, at
+   d_in 1024 / d_sae 16384 / k 32 / batch 8192: the ranks must end with identical SAEs (a check), and the
+   ratio is the cost of the gradient all-reduce staged through the host, not a scaling figure (that
+   needs one GPU per rank: ``--nproc 8`` on an 8-GPU node).
 
 Every section checks its results cheaply first (prints a ``check`` line), reports
 ``torch.cuda.max_memory_allocated``, and runs inside try/except: one failing section leaves the
@@ -46,6 +51,7 @@ import importlib.machinery
 import json
 import math
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -387,6 +393,27 @@ def section_hooks(args, device, now, report: Report) -> dict:
 # --- c) online training vs harvest alone -----------------------------------------------------------
 
 
+def section_distributed(args, device, now, report: Report) -> dict:
+    size = ["--d-in", "64", "--d-sae", "512", "--k", "8", "--batch", "256"] if args.tiny else \
+        ["--d-in", "1024", "--d-sae", "16384", "--k", "32", "--batch", "8192"]
+    where = ["--device", "cuda", "--one-gpu"] if device.type == "cuda" else ["--device", "cpu"]
+    cmd = [sys.executable, str(Path(__file__).with_name("bench_distributed.py")), *where, *size,
+           "--nproc", "2", "--rounds", "1", "--steps", "5"]
+    say(" ".join(cmd[1:]))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = {"command": " ".join(cmd[1:]), "stdout": done.stdout, "checks": {}}
+    check(out["checks"], "bench_distributed ran; replicas identical", done.returncode == 0,
+          (done.stdout + done.stderr)[-300:] if done.returncode else "")
+    for line in done.stdout.splitlines():
+        say("  " + line)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 3 and cells[0] not in ("variant",):
+            report.row("d", f"{cells[0]}: s/step, tokens/s", f"{cells[1]}, {cells[2]}")
+        elif line.startswith("ratio"):
+            report.row("d", line.split(":")[0], line.split(":")[1].strip())
+    return out
+
+
 def section_train(args, device, now, report: Report) -> dict:
     model, _ = get_model(args, device)
     info = vlmsae.layers(model)
@@ -462,7 +489,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="JSON file for the figures (rewritten after each section)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument("--sections", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
     parser.add_argument("--tiny", action="store_true", help="toy sizes for a CPU smoke test of every section")
     parser.add_argument("--d-in", type=int, default=4096)
     parser.add_argument("--d-sae", type=int, default=65536)
@@ -496,7 +523,7 @@ def main() -> None:
     say(f"gpu_figures: {meta['device_name']}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"sections {' '.join(args.sections)}{' (tiny)' if args.tiny else ''}")
     sections = {"a": ("sae_step", section_sae_step), "b": ("hooks", section_hooks),
-                "c": ("online_train", section_train)}
+                "c": ("online_train", section_train), "d": ("distributed", section_distributed)}
     for key in args.sections:
         name, fn = sections[key]
         if time.perf_counter() - START > args.budget_s:
