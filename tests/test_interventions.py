@@ -525,3 +525,14 @@ def test_evaluate(model):
             assert got[column] == pytest.approx(value, **tolerance), (where, column)
     if info.has_image_tokens:
         assert untrained.loc["all", "spliced_tokens_image"] == untrained.loc["image", "spliced_tokens"]
+
+
+def test_evaluate_reads_the_logits_a_few_positions_at_a_time(model, monkeypatch):
+    """Cross-entropy and KL come from the loss positions only, CHUNK_ROWS of them in float32 at a time (at a
+    150k vocabulary the whole batch would be gigabytes): any chunk size gives the same table."""
+    import sys
+
+    batches = [own_text(model, seed) for seed in range(2)]
+    whole = vlmsae.evaluate(model, LAYER, make_sae(), batches)
+    monkeypatch.setattr(sys.modules["vlmsae.evaluate"], "CHUNK_ROWS", 3)
+    pd.testing.assert_frame_equal(vlmsae.evaluate(model, LAYER, make_sae(), batches), whole, rtol=1e-6, atol=1e-7)

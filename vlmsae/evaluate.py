@@ -36,16 +36,34 @@ def loss_positions(kinds: Tensor) -> Tensor:
     return ((target == Kind.TEXT) | (target == Kind.GENERATED)) & (kinds[:, :-1] != Kind.PAD)
 
 
-def token_losses(logits: Tensor, ids: Tensor) -> Tensor:
-    """``(batch, seq - 1)`` next-token cross-entropy in nats, float32; ``logits`` ``(batch, seq, vocab)``."""
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+CHUNK_ROWS = 1024
+"""Rows of logits taken to float32 at a time: at a 152k vocabulary 0.6 GB per tensor, whatever the batch."""
 
 
-def token_kl(clean: Tensor, other: Tensor) -> Tensor:
-    """``(batch, seq - 1)`` KL(clean || other) of the next-token distributions, in nats, float32."""
-    p = clean[:, :-1].float().log_softmax(-1)
-    q = other[:, :-1].float().log_softmax(-1)
-    return (p.exp() * (p - q)).sum(-1)
+def predicting(logits: Tensor, positions: Tensor) -> Tensor:
+    """``(n, vocab)``: the rows of ``logits`` ``(batch, seq, vocab)`` at ``positions`` ``(batch, seq - 1)`` (each
+    predicts the next token), in the model's dtype; the rest of the logits can then be freed."""
+    return logits[:, :-1][positions]
+
+
+def _chunked(fn, *rows: Tensor) -> Tensor:
+    """``fn`` on ``CHUNK_ROWS`` rows at a time, concatenated: ``(n,)`` float32."""
+    n = rows[0].shape[0]
+    parts = [fn(*(r[i:i + CHUNK_ROWS] for r in rows)) for i in range(0, n, CHUNK_ROWS)]
+    return torch.cat(parts) if parts else torch.zeros(0, device=rows[0].device)
+
+
+def row_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """``(n,)`` cross-entropy in nats, float32, of ``logits`` ``(n, vocab)`` against the token ids ``targets`` ``(n,)``."""
+    return _chunked(lambda x, t: F.cross_entropy(x.float(), t, reduction="none"), logits, targets)
+
+
+def row_kl(clean: Tensor, other: Tensor) -> Tensor:
+    """``(n,)`` KL(clean || other) of the next-token distributions of two ``(n, vocab)`` logit rows, in nats, float32."""
+    def kl(a: Tensor, b: Tensor) -> Tensor:
+        p, q = a.float().log_softmax(-1), b.float().log_softmax(-1)
+        return (p.exp() * (p - q)).sum(-1)
+    return _chunked(kl, clean, other)
 
 
 @torch.no_grad()
@@ -57,7 +75,9 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     plus ``image`` and ``text`` for families with image tokens). The mean ablation replaces the
     residual at the spliced positions by its mean over those positions in the same batch.
     Cross-entropy and KL are in nats per predicted token, averaged over the non-pad positions whose
-    next token is text or generated (whatever is spliced; ``loss_tokens`` counts them); ``loss_recovered`` is
+    next token is text or generated (whatever is spliced; ``loss_tokens`` counts them), computed only
+    there and ``CHUNK_ROWS`` positions at a time (the float32 log-probabilities of a whole batch over a
+    large vocabulary would be gigabytes); ``loss_recovered`` is
     ``(ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (SAELens / SAEBench); FVU and L0 are over the
     spliced positions, overall and per token kind.
 
@@ -79,30 +99,32 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
         warnings.simplefilter("ignore", HookNameWarning)
         for batch in tqdm(data, desc="evaluate", leave=False):
             with record(model, [layer], site=site) as rec:
-                clean = model(**batch).logits
+                logits = model(**batch).logits
             # On a model spread over devices the logits, the inputs and the layer may each be on another.
-            ids = batch[info.ids_key].to(clean.device)
+            positions = loss_positions(rec.kinds(layer)).to(logits.device)
+            targets = batch[info.ids_key].to(logits.device)[:, 1:][positions]
+            clean = predicting(logits, positions)
+            del logits
             resid, fwd = rec[layer], rec.forwards[0]
-            positions = loss_positions(rec.kinds(layer)).to(clean.device)
-            ce_clean = token_losses(clean, ids)
+            ce_clean = row_losses(clean, targets).sum()
             for w in where:
                 mask = where_mask(w, kinds_of[w], fwd).to(resid.device)
                 s = sums[w]
                 s["tokens"] += positions.sum()
-                s["clean"] += ce_clean[positions].sum()
+                s["clean"] += ce_clean
                 with splice(model, layer, sae, where=w, site=site) as spliced:
-                    logits = model(**batch).logits
+                    logits = predicting(model(**batch).logits, positions)
                 prev = splices.get(w)
                 splices[w] = spliced.sums if prev is None else SpliceStats(*(a + b for a, b in zip(prev, spliced.sums)))
-                s["spliced"] += token_losses(logits, ids)[positions].sum()
-                s["kl"] += token_kl(clean, logits)[positions].sum()
+                s["spliced"] += row_losses(logits, targets).sum()
+                s["kl"] += row_kl(clean, logits).sum()
                 if ablations:
                     mean = resid[mask].mean(0) if mask.any() else torch.zeros_like(resid[0, 0])
                     for name, value in (("zero", torch.zeros_like(mean)), ("mean", mean)):
                         def replace(r, f, value=value, mask=mask):
                             return torch.where(mask[..., None].to(r.device), value.to(r), r)
                         with attach(model, {(layer, site): replace}):
-                            s[name] += token_losses(model(**batch).logits, ids)[positions].sum()
+                            s[name] += row_losses(predicting(model(**batch).logits, positions), targets).sum()
     if not splices:
         raise ConfigError("evaluate() got no batches: data yielded nothing")
     rows = {}
