@@ -72,8 +72,10 @@ def test_running_topk_equals_brute_force(family):
             centre = top.tokens[row, j, 2]
             assert int(centre) == int(ids[example][positions[row, example]])
             torch.testing.assert_close(top.token_acts[row, j, 2], top.values[row, j])
-            if top.heat is not None:
+            if top.image_acts is not None:
                 flat = heats[example][row]
+                torch.testing.assert_close(top.image_acts[row, j], flat)  # one value per image token
+                torch.testing.assert_close(top.heatmap(row)[j], patch_grid(flat, top.layout))
                 torch.testing.assert_close(top.heat[row, j], patch_grid(flat, top.layout))
     if family == "vit-gpt2":
         assert top.heat is None and top.layout is None
@@ -86,6 +88,24 @@ def test_fewer_examples_than_k_leave_empty_slots():
     found = scan(model, LAYER, relu_sae(64), [tiny_inputs(model, 2)], n_examples=5, latents=[1, 2])
     assert (found.top.example[:, 2:] == -1).all()
     assert torch.isinf(found.top.values[:, 2:]).all()
+
+
+def test_scan_keeps_one_value_per_image_token_and_bounds_its_memory():
+    """Qwen merges 2x2 patches per image token: the top examples keep the tokens' values (a quarter of the patch
+    grid) and expand on demand; a scan whose top examples would not fit max_top_bytes stops at the first batch,
+    naming the size and how many latents fit."""
+    model = tiny_model("qwen2.5-vl", n_layers=2)
+    inputs = tiny_inputs(model, 2)
+    found = scan(model, LAYER, relu_sae(64), [inputs], n_examples=3, latents=[1, 2])
+    layout = found.top.layout
+    assert layout.merge == 2 and found.top.image_acts.shape == (2, 3, layout.n_tokens)
+    assert found.top.heatmap(0).shape == (3, *layout.grid) and layout.grid[0] * layout.grid[1] == 4 * layout.n_tokens
+    per_example = 4 * layout.n_tokens + 4 + 8 + 8 + (8 + 4) * 9  # image acts, value, example, position, window
+    need = 256 * (3 + 2) * per_example
+    with pytest.raises(vlmsae.ConfigError, match=r"MiB of top examples on cpu \(256 latents x 3 examples, "
+                                                  rf"{per_example} bytes each, .*about 128 of them fit"):
+        scan(model, LAYER, relu_sae(64, d_sae=256), [inputs], n_examples=3, max_top_bytes=need // 2)
+    scan(model, LAYER, relu_sae(64, d_sae=256), [inputs], n_examples=3, max_top_bytes=need)
 
 
 def test_qwen_heatmap_follows_the_2x2_merge():
@@ -235,7 +255,7 @@ def test_heatmaps_put_the_hot_patch_on_the_object():
             example = int(found.top.example[row, j])
             if example < 0 or found.top.values[row, j] <= 0:
                 continue
-            heat = found.top.heat[row, j]
+            heat = found.top.heatmap(row)[j]
             r, c = divmod(int(heat.argmax()), heat.shape[1])
             owner = samples[example].patch_labels()[r, c]
             on_object.append(owner >= 0)

@@ -92,6 +92,10 @@ def patch_grid(acts: Tensor, layout: PatchLayout) -> Tensor:
                   mr=layout.merge, mc=layout.merge)
 
 
+MAX_TOP_BYTES = 4 * 2**30
+"""What :func:`scan` may keep of top examples (activations at image tokens, token windows) by default: 4 GiB."""
+
+
 @dataclass
 class TopExamples:
     """For each latent, the ``n_examples`` examples where it peaks highest, best first (``n = n_examples``)."""
@@ -108,9 +112,21 @@ class TopExamples:
     """``(F, n, 2c+1)`` token ids around the peak (the peak in the middle); -1 outside the sequence or on padding."""
     token_acts: Tensor
     """``(F, n, 2c+1)`` the latent's activation at those tokens."""
-    heat: Tensor | None
-    """``(F, n, rows, cols)`` the latent's activation on each image patch; ``None`` without image tokens."""
+    image_acts: Tensor | None
+    """``(F, n, image tokens)`` the latent's activation at each image token, in stream order (one value per
+    merged token: a quarter of the patches for Qwen-VL); ``None`` without image tokens. :meth:`heatmap` maps
+    them onto the patch grid."""
     layout: PatchLayout | None
+
+    def heatmap(self, row: int) -> Tensor | None:
+        """``(n, rows, cols)``: the activation on each image patch of row ``row``'s examples (``None`` without
+        image tokens); built on demand, so that a scan keeps one value per image token, not per patch."""
+        return None if self.image_acts is None else patch_grid(self.image_acts[row], self.layout)
+
+    @property
+    def heat(self) -> Tensor | None:
+        """``(F, n, rows, cols)``: :meth:`heatmap` of every row at once (as big as the patch grid: prefer heatmap)."""
+        return None if self.image_acts is None else patch_grid(self.image_acts, self.layout)
 
     @property
     def features(self) -> Tensor:
@@ -186,19 +202,21 @@ def _merge_top(top: tuple[Tensor, ...], new: tuple[Tensor, ...], n: int) -> tupl
 @torch.no_grad()
 def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples: int = 8,
          latents: Iterable[int] | None = None, where: Where = DEFAULT_WHERE, context: int = 4,
-         site: str = "resid_post") -> Scan:
+         site: str = "resid_post", max_top_bytes: int = MAX_TOP_BYTES) -> Scan:
     """One pass over ``data`` (batches of model inputs): latent statistics and each latent's top ``n_examples``.
 
     ``latents`` limits the top examples (not the statistics) to some latents: their memory is
-    ``F x n_examples x (image tokens + 2 context + 1)`` on the SAE's device, which for a large SAE on a
-    model with hundreds of image tokens is worth limiting. ``where`` chooses the positions read
+    ``F x n_examples x (image tokens + 2 context + 1)`` values on the SAE's device (twice that while a
+    batch is merged in), which for a large SAE on a model with hundreds of image tokens is worth
+    limiting; beyond ``max_top_bytes`` scan stops at the first batch and says what to pass. ``where`` chooses the positions read
     (kind names as in :func:`vlmsae.steer`). Examples are numbered across batches in order.
     Activations are in the SAE's latent units; counts in positions.
 
     Raises:
         ConfigError: ``n_examples < 1``, ``context < 0``, a bad latent index, ``data`` yields nothing,
-            the SAE's ``d_in`` is not the model's ``d_model``, or (models with image tokens) an example
-            without exactly one image, or images of several sizes.
+            the SAE's ``d_in`` is not the model's ``d_model``, the top examples would exceed
+            ``max_top_bytes``, or (models with image tokens) an example without exactly one image, or
+            images of several sizes.
         LayerIndexError, SiteError, UnsupportedModelError: as :func:`vlmsae.record`.
 
     Warns:
@@ -254,9 +272,9 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
             if not bool((counts == layout.n_tokens).all()):
                 raise ConfigError(f"image tokens per example {counts.tolist()}; heatmaps need exactly one image of "
                                   f"{layout.n_tokens} tokens per example")
-            at_image = acts[image].reshape(n_batch, layout.n_tokens, n_feat).transpose(1, 2)  # (B, F, n)
-            new.append(patch_grid(at_image, layout).transpose(0, 1))  # (F, B, rows, cols)
+            new.append(acts[image].reshape(n_batch, layout.n_tokens, n_feat).permute(2, 0, 1))  # (F, B, tokens)
         if top is None:
+            _check_top_bytes(new, n_examples, max_top_bytes, device)
             top = tuple(t[:, :0] for t in new)
         top = _merge_top(top, tuple(new), n_examples)
         offset += n_batch
@@ -271,9 +289,23 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
         heat = [pad(h, 0.0) for h in heat]
     example = torch.where(torch.isinf(values), -1, example)
     found = TopExamples(latents=feats, values=values, example=example, position=position, tokens=ids,
-                        token_acts=window_acts, heat=heat[0] if heat else None, layout=layout)
+                        token_acts=window_acts, image_acts=heat[0] if heat else None, layout=layout)
     return Scan(tokens=int(tokens), fired=fired, fired_image=fired_image, total=total, max=peak_max,
                 l0_counts=l0_counts, top=found)
+
+
+def _check_top_bytes(first: list[Tensor], n_examples: int, limit: int, device) -> None:
+    """Raises ``ConfigError`` when the top examples, ``(F, n_examples + batch, ...)`` while a batch is merged in,
+    would take more than ``limit`` bytes; ``first``: the first batch's candidates ``(F, batch, ...)``."""
+    batch = first[0].shape[1]
+    per_example = sum(t[:, :1].numel() * t.element_size() for t in first)
+    need = per_example * (n_examples + batch)
+    if need > limit:
+        n_feat = first[0].shape[0]
+        fits = max(1, n_feat * limit // need)
+        raise ConfigError(f"scan would keep {need / 2**20:,.1f} MiB of top examples on {device} ({n_feat} latents x "
+                          f"{n_examples} examples, {per_example // max(n_feat, 1)} bytes each, plus a batch of {batch}); "
+                          f"pass latents= (about {fits} of them fit), a smaller n_examples, or max_top_bytes=")
 
 
 def _check_layout(seen: PatchLayout | None, layout: PatchLayout) -> PatchLayout:

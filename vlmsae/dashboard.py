@@ -77,7 +77,7 @@ def dashboard_data(scan: Scan, images: Sequence, *, table: pd.DataFrame, tokeniz
     shown, uris = [], {}
     for latent in chosen:
         row = top.row(latent)
-        examples = []
+        heats, examples = top.heatmap(row), []
         for j in range(top.values.shape[1]):
             example, value = int(top.example[row, j]), float(top.values[row, j])
             if example < 0 or value <= 0:
@@ -89,7 +89,7 @@ def dashboard_data(scan: Scan, images: Sequence, *, table: pd.DataFrame, tokeniz
                 uris[example] = png_data_uri(images[example])
             examples.append({
                 "image": example, "value": round(value, 4),
-                "heat": None if top.heat is None else [[round(float(v), 4) for v in r] for r in top.heat[row, j]],
+                "heat": None if heats is None else [[round(float(v), 4) for v in r] for r in heats[j]],
                 "tokens": _token_strings(tokenizer, top.tokens[row, j].tolist()),
                 "token_acts": [round(float(v), 4) for v in top.token_acts[row, j]],
             })

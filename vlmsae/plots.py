@@ -112,12 +112,13 @@ def top_images(top: TopExamples, latent: int, images: Sequence, *, tokenizer=Non
     titles = [f"#{int(top.example[row, j])} · {float(top.values[row, j]):.2f}<br>"
               f"<sub>{context_text(top, row, j, tokenizer)}</sub>" for j in shown]
     fig = make_subplots(rows=1, cols=len(shown), subplot_titles=titles, horizontal_spacing=0.02)
-    zmax = float(top.heat[row].max()) if top.heat is not None else 0.0
+    heats = top.heatmap(row)
+    zmax = float(heats.max()) if heats is not None else 0.0
     for col, j in enumerate(shown, start=1):
         rgb = to_rgb(images[int(top.example[row, j])])
         fig.add_trace(go.Image(z=rgb, name=f"example {int(top.example[row, j])}"), row=1, col=col)
-        if top.heat is not None:
-            heat = top.heat[row, j].cpu().numpy()
+        if heats is not None:
+            heat = heats[j].cpu().numpy()
             dy, dx = rgb.shape[0] / heat.shape[0], rgb.shape[1] / heat.shape[1]
             fig.add_trace(go.Heatmap(z=heat, x0=dx / 2 - 0.5, dx=dx, y0=dy / 2 - 0.5, dy=dy, zmin=0,
                                      zmax=max(zmax, 1e-9), colorscale=HEAT, opacity=0.5, showscale=col == 1,
