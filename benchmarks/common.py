@@ -55,7 +55,7 @@ def cases(args, device, dtype):
         yield f"{family} d={args.d_model} L={args.n_layers}", model, {k: v.to(device) for k, v in inputs.items()}
         del model
     if args.llava_7b:
-        model, inputs = llava_7b(dtype, device)
+        model, inputs = llava_7b(dtype, device, batch=args.batch, text=args.text_len)
         yield "llava-1.5-7b shapes", model, inputs
         del model
 
