@@ -38,7 +38,9 @@ def identity_sae(d_in=64):
 # Where transformers keeps each zoo family's decoder layers: the reference below hooks them itself.
 DECODER_LAYERS = {"vit-gpt2": "decoder.transformer.h", "llava": "model.language_model.layers",
                   "qwen2-vl": "model.language_model.layers", "qwen2.5-vl": "model.language_model.layers",
-                  "qwen3-vl": "model.language_model.layers"}
+                  "qwen3-vl": "model.language_model.layers", "gemma3": "model.language_model.layers",
+                  "paligemma": "model.language_model.layers", "idefics3": "model.text_model.layers",
+                  "smolvlm": "model.text_model.layers"}
 
 
 def id_keys(inputs):
