@@ -48,7 +48,7 @@ def brute_force(model, sae, data, where_kinds, features):
     return torch.stack(peaks, 1), torch.stack(positions, 1), heats, ids
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "vit-gpt2"])
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "vit-gpt2", "gemma3", "paligemma", "idefics3", "smolvlm"])
 def test_running_topk_equals_brute_force(family):
     model = tiny_model(family, n_layers=2)
     sae = relu_sae(64)
@@ -78,7 +78,7 @@ def test_running_topk_equals_brute_force(family):
     if family == "vit-gpt2":
         assert top.heat is None and top.layout is None
     else:
-        assert top.layout == PatchLayout((4, 4), 1) if family == "llava" else PatchLayout((8, 8), 2)
+        assert top.layout == PatchLayout((4, 4), 1) if family in ("llava", "paligemma") else PatchLayout((8, 8), 2)
 
 
 def test_fewer_examples_than_k_leave_empty_slots():
@@ -110,7 +110,9 @@ def test_qwen_heatmap_follows_the_2x2_merge():
 
 def test_patch_layout_of_zoo_models():
     for family, want in (("llava", PatchLayout((4, 4), 1)), ("qwen2-vl", PatchLayout((8, 8), 2)),
-                         ("vit-gpt2", None)):
+                         ("vit-gpt2", None), ("paligemma", PatchLayout((4, 4), 1)),
+                         ("gemma3", PatchLayout((8, 8), 2)), ("idefics3", PatchLayout((8, 8), 2)),
+                         ("smolvlm", PatchLayout((8, 8), 2))):
         model = tiny_model(family, n_layers=1)
         assert patch_layout(model, tiny_inputs(model, 1)) == want
     with pytest.raises(ConfigError, match="16 image tokens"):

@@ -50,7 +50,8 @@ def token_kl(clean: Tensor, other: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where: str | Iterable[str] | None = None,
-             site: str = "resid_post", ablations: bool = True) -> pd.DataFrame:
+             site: str = "resid_post", ablations: bool = True, special_ids: Iterable[int] | None = None,
+             ) -> pd.DataFrame:
     """Cross-entropy clean / spliced / zero- and mean-ablated, loss recovered, KL, FVU and L0.
 
     One row per choice of spliced positions: ``where`` is a list of kind names (default: ``all``,
@@ -59,7 +60,9 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     Cross-entropy and KL are in nats per predicted token, averaged over the non-pad positions whose
     next token is text or generated (whatever is spliced; ``loss_tokens`` counts them); ``loss_recovered`` is
     ``(ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (SAELens / SAEBench); FVU and L0 are over the
-    spliced positions, overall and per token kind.
+    spliced positions, overall and per token kind. ``special_ids`` are token ids counted as SPECIAL besides the
+    config's (a chat template's control tokens: :func:`vlmsae.special_token_ids` with the tokenizer): they are
+    not spliced as text, nor scored as next tokens.
 
     Raises:
         LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
@@ -78,7 +81,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     with warnings.catch_warnings():  # check_sae has warned once if this is not the SAE's own site
         warnings.simplefilter("ignore", HookNameWarning)
         for batch in tqdm(data, desc="evaluate", leave=False):
-            with record(model, [layer], site=site) as rec:
+            with record(model, [layer], site=site, special_ids=special_ids) as rec:
                 clean = model(**batch).logits
             # On a model spread over devices the logits, the inputs and the layer may each be on another.
             ids = batch[info.ids_key].to(clean.device)
@@ -90,7 +93,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
                 s = sums[w]
                 s["tokens"] += positions.sum()
                 s["clean"] += ce_clean[positions].sum()
-                with splice(model, layer, sae, where=w, site=site) as spliced:
+                with splice(model, layer, sae, where=w, site=site, special_ids=special_ids) as spliced:
                     logits = model(**batch).logits
                 prev = splices.get(w)
                 splices[w] = spliced.sums if prev is None else SpliceStats(*(a + b for a, b in zip(prev, spliced.sums)))
@@ -101,7 +104,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
                     for name, value in (("zero", torch.zeros_like(mean)), ("mean", mean)):
                         def replace(r, f, value=value, mask=mask):
                             return torch.where(mask[..., None].to(r.device), value.to(r), r)
-                        with attach(model, {(layer, site): replace}):
+                        with attach(model, {(layer, site): replace}, special_ids=special_ids):
                             s[name] += token_losses(model(**batch).logits, ids)[positions].sum()
     if not splices:
         raise ConfigError("evaluate() got no batches: data yielded nothing")
