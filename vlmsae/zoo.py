@@ -84,6 +84,8 @@ class Layout:
     """Keyword of the token types the forward wants with images (1 at image placeholders), or ``None``."""
     prefix_types: bool = False
     """Token types mark the prefix instead: 0 for the prompt, 1 for what follows it (PaliGemma's prefix-LM)."""
+    randomised: tuple[str, ...] = ()
+    """Parameters transformers initialises to zero that would cut the image off; the tiny model draws them."""
 
 
 LAYOUTS = {
@@ -94,7 +96,8 @@ LAYOUTS = {
     "qwen3-vl": Layout("qwen3_vl", (VISION_START, IMAGE, VISION_END), "qwen", "mm_token_type_ids"),
     # processing_gemma3.py: <bos> ... <start_of_image> <image_soft_token>... <end_of_image>; token_type_ids 1 at
     # the image, where Gemma 3 attends bidirectionally
-    "gemma3": Layout("gemma3", (BOS, VISION_START, IMAGE, VISION_END), "images", "token_type_ids"),
+    "gemma3": Layout("gemma3", (BOS, VISION_START, IMAGE, VISION_END), "images", "token_type_ids",
+                     randomised=("model.multi_modal_projector.mm_input_projection_weight",)),
     # processing_paligemma.py: <image>... <bos> prompt; token_type_ids 0 over the prefix (bidirectional), 1 after
     "paligemma": Layout("paligemma", (IMAGE, BOS), "images", "token_type_ids", prefix_types=True),
     # processing_idefics3.py: <fake_token_around_image> <global-img> <image>... <fake_token_around_image>
@@ -213,7 +216,12 @@ def tiny_model(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size:
     """A tiny random-weight model of ``family`` in eval mode, deterministic in ``seed``."""
     config = tiny_config(family, n_layers=n_layers, d_model=d_model, vocab_size=vocab_size)
     torch.manual_seed(seed)
-    model = _CLASSES[family](config).to(dtype).eval()
+    model = _CLASSES[family](config)
+    with torch.no_grad():
+        for name in LAYOUTS[family].randomised:  # else every image gives the same (zero) soft tokens
+            param = model.get_parameter(name)
+            param.copy_(torch.randn(param.shape) / param.shape[0] ** 0.5)
+    model = model.to(dtype).eval()
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = EOS
     # A random model would happily emit <image> or <bos>; keep generated tokens text, so that a generated
