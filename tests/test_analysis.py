@@ -48,7 +48,7 @@ def brute_force(model, sae, data, where_kinds, features):
     return torch.stack(peaks, 1), torch.stack(positions, 1), heats, ids
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "vit-gpt2"])
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "vit-gpt2", "gemma3", "paligemma", "idefics3", "smolvlm"])
 def test_running_topk_equals_brute_force(family):
     model = tiny_model(family, n_layers=2)
     sae = relu_sae(64)
@@ -80,7 +80,7 @@ def test_running_topk_equals_brute_force(family):
     if family == "vit-gpt2":
         assert top.heat is None and top.layout is None
     else:
-        assert top.layout == PatchLayout((4, 4), 1) if family == "llava" else PatchLayout((8, 8), 2)
+        assert top.layout == PatchLayout((4, 4), 1) if family in ("llava", "paligemma") else PatchLayout((8, 8), 2)
 
 
 def test_fewer_examples_than_k_leave_empty_slots():
@@ -130,7 +130,9 @@ def test_qwen_heatmap_follows_the_2x2_merge():
 
 def test_patch_layout_of_zoo_models():
     for family, want in (("llava", PatchLayout((4, 4), 1)), ("qwen2-vl", PatchLayout((8, 8), 2)),
-                         ("vit-gpt2", None)):
+                         ("vit-gpt2", None), ("paligemma", PatchLayout((4, 4), 1)),
+                         ("gemma3", PatchLayout((8, 8), 2)), ("idefics3", PatchLayout((8, 8), 2)),
+                         ("smolvlm", PatchLayout((8, 8), 2))):
         model = tiny_model(family, n_layers=1)
         assert patch_layout(model, tiny_inputs(model, 1)) == want
     with pytest.raises(ConfigError, match="16 image tokens"):
@@ -265,3 +267,25 @@ def test_heatmaps_put_the_hot_patch_on_the_object():
     print(f"hot patch on an object: {sum(on_object)}/{len(on_object)}; "
           f"on an object of the feature's colour: {sum(on_colour)}/{len(on_colour)}")
     assert len(on_object) >= 8 and sum(on_object) >= 0.9 * len(on_object)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "idefics3", "smolvlm"])
+def test_merged_image_tokens_land_on_their_patches(family):
+    """Each image token of Gemma 3 (average pool) and Idefics3 / SmolVLM (pixel shuffle) is made, by the model's own
+    projector, from the patches ``patch_grid`` puts it on: patch i enters as the one-hot vector e_i."""
+    model = tiny_model(family, n_layers=1)
+    layout = patch_layout(model, tiny_inputs(model, 1))
+    n_patches = layout.grid[0] * layout.grid[1]
+    one_hot = torch.eye(n_patches)[None]  # (1, patches, vision hidden = patches)
+    with torch.no_grad():
+        if family == "gemma3":
+            projector = model.model.multi_modal_projector
+            projector.mm_input_projection_weight.copy_(torch.eye(n_patches))  # keep the pooled one-hots as they are
+            tokens = projector(one_hot)[0]  # (tokens, patches)
+        else:
+            tokens = model.model.connector.pixel_shuffle(one_hot, model.config.scale_factor)[0]
+            tokens = tokens.reshape(layout.n_tokens, -1, n_patches).sum(1)  # the merged patches' one-hots, side by side
+    made_from = tokens != 0  # (tokens, patches): which patches each token holds
+    for t in range(layout.n_tokens):
+        where = patch_grid(torch.eye(layout.n_tokens)[t], layout).flatten() != 0  # the patches the heatmap gives t
+        assert torch.equal(made_from[t], where), t

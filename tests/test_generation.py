@@ -24,7 +24,9 @@ SPECIAL_IDS = list(range(FIRST_TEXT_ID))  # pad, bos, eos, image, vision start /
 GREEDY = dict(max_new_tokens=NEW, do_sample=False, suppress_tokens=SPECIAL_IDS)
 LAYER_PATHS = {"vit-gpt2": "decoder.transformer.h", "llava": "model.language_model.layers",
                "qwen2-vl": "model.language_model.layers", "qwen2.5-vl": "model.language_model.layers",
-               "qwen3-vl": "model.language_model.layers"}
+               "qwen3-vl": "model.language_model.layers", "gemma3": "model.language_model.layers",
+               "paligemma": "model.language_model.layers", "idefics3": "model.text_model.layers",
+               "smolvlm": "model.text_model.layers"}
 
 
 def reference_generate(model, family, inputs, ids_key, mask_key, vector, where):

@@ -38,7 +38,9 @@ def identity_sae(d_in=64):
 # Where transformers keeps each zoo family's decoder layers: the reference below hooks them itself.
 DECODER_LAYERS = {"vit-gpt2": "decoder.transformer.h", "llava": "model.language_model.layers",
                   "qwen2-vl": "model.language_model.layers", "qwen2.5-vl": "model.language_model.layers",
-                  "qwen3-vl": "model.language_model.layers"}
+                  "qwen3-vl": "model.language_model.layers", "gemma3": "model.language_model.layers",
+                  "paligemma": "model.language_model.layers", "idefics3": "model.text_model.layers",
+                  "smolvlm": "model.text_model.layers"}
 
 
 def id_keys(inputs):
@@ -214,12 +216,14 @@ def test_every_form_of_where_selects_the_same_positions(model):
     with torch.no_grad():
         recon, _ = topk_by_hand(sae, x)
     text = real & (ids >= zoo.FIRST_TEXT_ID)
+    # the family's tokenizer names every special token of the prompt (Idefics3's image wrapping is known to no config)
+    special = vlmsae.special_token_ids(model, zoo.tokenizer(model))
     cases = [("text", text), (Kind.TEXT, text), (["text"], text),
              (lambda fwd: fwd.ids >= zoo.FIRST_TEXT_ID, text), (lambda fwd: fwd.ids == zoo.BOS, ids == zoo.BOS)]
     if info.has_image_tokens:
         cases.append(([Kind.IMAGE, "text"], text | (real & (ids == zoo.IMAGE))))
     for where, chosen in cases:
-        got = spliced_residual(model, inputs, sae=sae, where=where)
+        got = spliced_residual(model, inputs, sae=sae, where=where, special_ids=special)
         torch.testing.assert_close(got, torch.where(chosen[..., None], recon, x), rtol=1e-5, atol=1e-5, msg=str(where))
 
 
@@ -506,13 +510,14 @@ def own_text(model, seed):
 def test_evaluate(model):
     info = vlmsae.layers(model)
     batches = [own_text(model, seed) for seed in range(2)]
-    perfect = vlmsae.evaluate(model, LAYER, identity_sae(), batches)
+    special = vlmsae.special_token_ids(model, zoo.tokenizer(model))  # Idefics3's image wrapping: only its tokenizer
+    perfect = vlmsae.evaluate(model, LAYER, identity_sae(), batches, special_ids=special)
     assert isinstance(perfect, pd.DataFrame)
     assert list(perfect.index) == (["all", "image", "text"] if info.has_image_tokens else ["all"])
     for row in perfect.itertuples():
         assert row.loss_recovered == pytest.approx(1.0, abs=1e-5)
         assert abs(row.kl) < 1e-6 and row.fvu < 1e-10
-    untrained = vlmsae.evaluate(model, LAYER, make_sae(), batches)
+    untrained = vlmsae.evaluate(model, LAYER, make_sae(), batches, special_ids=special)
     assert (untrained["ce_zero"] > untrained["ce_clean"]).all()
     assert untrained.loc["all", "loss_recovered"] < 0.8 and (untrained["loss_recovered"] < 1).all()
     assert (untrained["kl"] > 0).all()

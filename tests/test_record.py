@@ -5,12 +5,14 @@ import torch
 
 import vlmsae
 from vlmsae import Kind
+from vlmsae import zoo
 from vlmsae.zoo import tiny_inputs, with_sequences
 
 from conftest import logits
 
 # The module applying the final norm, whose output transformers reports as the last hidden state.
-FINAL_NORM = {"vit-gpt2": "decoder.transformer.ln_f", "llava": "model.language_model.norm"}
+FINAL_NORM = {"vit-gpt2": "decoder.transformer.ln_f", "idefics3": "model.text_model.norm",
+              "smolvlm": "model.text_model.norm"}
 
 
 def hidden_states(model, inputs):
@@ -47,12 +49,21 @@ def test_record_equals_output_hidden_states(model, padding):
         torch.testing.assert_close(norm(post[info.n_layers - 1]), hs[-1], rtol=0, atol=1e-6)
 
 
-def test_mask_kinds(model):
+# Special tokens of each zoo family's prompt (vlmsae.zoo.LAYOUTS): <bos> and the begin / end of image.
+N_SPECIAL = {"vit-gpt2": 1, "llava": 1, "qwen2-vl": 2, "qwen2.5-vl": 2, "qwen3-vl": 2, "gemma3": 3, "paligemma": 1,
+             "idefics3": 4, "smolvlm": 4}
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False])
+def test_mask_kinds(model, family, with_tokenizer):
     info = vlmsae.layers(model)
+    special = vlmsae.special_token_ids(model, zoo.tokenizer(model) if with_tokenizer else None)
+    # Idefics3 / SmolVLM: only the tokenizer names <fake_token_around_image> <global-img> <fake_token_around_image>
+    unnamed = 3 if family in ("idefics3", "smolvlm") and not with_tokenizer else 0
     for padding in ("right", "left"):
         inputs = tiny_inputs(model, 3, padding=padding)
         ids, attn = inputs[info.ids_key], inputs[info.mask_key]
-        with torch.no_grad(), vlmsae.record(model, [0]) as rec:
+        with torch.no_grad(), vlmsae.record(model, [0], special_ids=special) as rec:
             model(**inputs)
         kinds = rec.kinds(0)
         assert kinds.shape == ids.shape and kinds.dtype == torch.int8
@@ -64,9 +75,8 @@ def test_mask_kinds(model):
             assert n_image[0] > 0
         else:
             assert n_image.sum() == 0  # ViT-GPT2: the image enters by cross-attention, never as decoder tokens
-        n_special = 2 if info.family.startswith("qwen") else 1  # <vision_start> <vision_end>, or <bos>
-        assert (kinds == Kind.SPECIAL).sum(1).tolist() == [n_special] * 3
-        assert (kinds == Kind.TEXT).sum(1).tolist() == [8, 7, 6]
+        assert (kinds == Kind.SPECIAL).sum(1).tolist() == [N_SPECIAL[family] - unnamed] * 3
+        assert (kinds == Kind.TEXT).sum(1).tolist() == [8 + unnamed, 7 + unnamed, 6 + unnamed]
 
 
 def test_generate_captures_join_to_uncached_forward(model):

@@ -13,6 +13,10 @@ CLASS_NAMES = {
     "qwen2-vl": "Qwen2VLForConditionalGeneration",
     "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3-vl": "Qwen3VLForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "paligemma": "PaliGemmaForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
 }
 
 
@@ -61,3 +65,15 @@ def test_zoo_rejects_bad_requests():
         zoo.tiny_model("gpt4")
     with pytest.raises(vlmsae.ConfigError, match="padding='middle'"):
         zoo.tiny_inputs(zoo.tiny_model("llava", n_layers=1), padding="middle")
+
+
+def test_the_image_reaches_the_decoder_stream(model, family):
+    """Two images give two different residuals at the image tokens (no zero-initialised projector cuts them off)."""
+    info = vlmsae.layers(model)
+    if not info.has_image_tokens:
+        pytest.skip("ViT-GPT2: the image enters by cross-attention")
+    inputs = zoo.build_inputs(model, torch.rand(2, 3, zoo.IMAGE_SIZE, zoo.IMAGE_SIZE), [[9, 10], [9, 10]])
+    with torch.no_grad(), vlmsae.record(model, [0]) as rec:
+        model(**inputs)
+    image = rec.kinds(0)[0] == vlmsae.Kind.IMAGE
+    assert (rec[0][0, image] - rec[0][1, image]).abs().amax(-1).min() > 1e-3

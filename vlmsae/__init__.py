@@ -1,7 +1,7 @@
 """vlmsae: sparse autoencoders on live vision-language models."""
 
 from . import metrics, plots
-from .adapters import FAMILIES, Kind, ModelInfo, layers, load_model
+from .adapters import FAMILIES, Kind, ModelInfo, layers, load_model, special_token_ids
 from .analysis import (ImageQuestionGrid, PatchLayout, Scan, TopExamples, concept_aurocs, latent_table,
                        image_question_grid, patch_grid, patch_layout, scan)
 from .buffer import RingBuffer
@@ -21,7 +21,7 @@ from .trainer import SAETrainer, SAETrainerConfig, TrainMetrics
 
 __all__ = [
     # models and hooks
-    "FAMILIES", "Kind", "ModelInfo", "layers", "load_model", "SITES", "Forward", "attach", "Recording", "record",
+    "FAMILIES", "Kind", "ModelInfo", "layers", "load_model", "special_token_ids", "SITES", "Forward", "attach", "Recording", "record",
     # SAEs and training
     "SAE", "SAEConfig", "SAEOutput", "SAETrainer", "SAETrainerConfig", "TrainMetrics", "metrics",
     "RingBuffer", "train", "OnlineRunConfig", "TrainResult", "harvest", "Shards",

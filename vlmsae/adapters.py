@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .sites import hook_name
 
 Model = nn.Module
@@ -52,10 +52,33 @@ class Family:
     """Config attributes (top or text config) whose ids count as special tokens."""
     hf_class: str
     """The transformers class that loads a checkpoint of this family."""
+    control_tokens: tuple[str, ...] = ()
+    """Token strings of the family's prompt format (chat template, image wrapping) that count as special when the
+    tokenizer has them, whether or not the tokenizer itself marks them special (:func:`special_token_ids`)."""
+    top_config_ids: bool = True
+    """Whether the top config's token-id attributes are read too (``False``: only the text config's)."""
+    patch_grid: str = "vision_config"
+    """Where the image's patch grid comes from: ``"vision_config"`` (``image_size // patch_size`` per side, the
+    merge from the image tokens per image) or ``"image_grid_thw"`` (the batch's, merged by ``spatial_merge_size``)."""
 
 
 _QWEN_SPECIAL = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "video_token_id")
 _QWEN_PATHS = ("model.language_model.layers", "language_model.layers")
+# Qwen's chat template and vision wrapping (tokenizer_config.json of Qwen2-VL / Qwen2.5-VL / Qwen3-VL).
+_QWEN_CONTROL = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+_QWEN = dict(layer_paths=_QWEN_PATHS, text_config="text_config", ids_key="input_ids", mask_key="attention_mask",
+             image_token="image_token_id", special_tokens=_QWEN_SPECIAL, control_tokens=_QWEN_CONTROL,
+             patch_grid="image_grid_thw")
+# Idefics3 / SmolVLM: an image is <fake_token_around_image> <global-img> <image>... <fake_token_around_image>, and
+# each crop of a split image <fake_token_around_image> <row_r_col_c> <image>...; turns end with <end_of_utterance>
+# (processing_idefics3.py, processing_smolvlm.py). No config attribute names these: only the tokenizer knows them.
+_IDEFICS3_CONTROL = ("<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<global-img>", "<image>",
+                     *(f"<row_{r}_col_{c}>" for r in range(1, 9) for c in range(1, 9)))
+_IDEFICS3 = dict(layer_paths=("model.text_model.layers",), text_config="text_config", ids_key="input_ids",
+                 mask_key="attention_mask", image_token="image_token_id", special_tokens=("bos_token_id", "eos_token_id"),
+                 control_tokens=_IDEFICS3_CONTROL,
+                 top_config_ids=False)  # its top-level pad_token_id is deprecated and not the decoder's (5.24)
 
 FAMILIES = (
     Family(
@@ -73,21 +96,26 @@ FAMILIES = (
         image_token="image_token_index", special_tokens=("bos_token_id", "eos_token_id"),
         hf_class="LlavaForConditionalGeneration",
     ),
+    Family(name="qwen2-vl", model_types=("qwen2_vl",), hf_class="Qwen2VLForConditionalGeneration", **_QWEN),
+    Family(name="qwen2.5-vl", model_types=("qwen2_5_vl",), hf_class="Qwen2_5_VLForConditionalGeneration", **_QWEN),
+    Family(name="qwen3-vl", model_types=("qwen3_vl",), hf_class="Qwen3VLForConditionalGeneration", **_QWEN),
     Family(
-        name="qwen2-vl", model_types=("qwen2_vl",), layer_paths=_QWEN_PATHS, text_config="text_config",
-        ids_key="input_ids", mask_key="attention_mask", image_token="image_token_id", special_tokens=_QWEN_SPECIAL,
-        hf_class="Qwen2VLForConditionalGeneration",
+        # <bos> ... <start_of_image> <image_soft_token>... <end_of_image> ... in <start_of_turn> / <end_of_turn> turns
+        name="gemma3", model_types=("gemma3",), layer_paths=("model.language_model.layers",),
+        text_config="text_config", ids_key="input_ids", mask_key="attention_mask", image_token="image_token_index",
+        special_tokens=("bos_token_id", "eos_token_id", "boi_token_index", "eoi_token_index"),
+        control_tokens=("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                        "<image_soft_token>"),
+        hf_class="Gemma3ForConditionalGeneration",
     ),
     Family(
-        name="qwen2.5-vl", model_types=("qwen2_5_vl",), layer_paths=_QWEN_PATHS, text_config="text_config",
-        ids_key="input_ids", mask_key="attention_mask", image_token="image_token_id", special_tokens=_QWEN_SPECIAL,
-        hf_class="Qwen2_5_VLForConditionalGeneration",
+        # the prefix: <image>... <bos> prompt \n, attended bidirectionally; then the causal suffix
+        name="paligemma", model_types=("paligemma",), layer_paths=("model.language_model.layers",),
+        text_config="text_config", ids_key="input_ids", mask_key="attention_mask", image_token="image_token_index",
+        special_tokens=("bos_token_id", "eos_token_id"), hf_class="PaliGemmaForConditionalGeneration",
     ),
-    Family(
-        name="qwen3-vl", model_types=("qwen3_vl",), layer_paths=_QWEN_PATHS, text_config="text_config",
-        ids_key="input_ids", mask_key="attention_mask", image_token="image_token_id", special_tokens=_QWEN_SPECIAL,
-        hf_class="Qwen3VLForConditionalGeneration",
-    ),
+    Family(name="idefics3", model_types=("idefics3",), hf_class="Idefics3ForConditionalGeneration", **_IDEFICS3),
+    Family(name="smolvlm", model_types=("smolvlm",), hf_class="SmolVLMForConditionalGeneration", **_IDEFICS3),
 )
 
 
@@ -113,7 +141,13 @@ class ModelInfo:
     image_token_id: int | None
     """``None`` where images never enter the decoder stream (ViT-GPT2)."""
     special_ids: frozenset[int]
+    """Ids counted as SPECIAL: those the config names (``Family.special_tokens``); a tokenizer adds more
+    (:func:`special_token_ids`)."""
     pad_token_id: int | None
+    control_tokens: tuple[str, ...] = ()
+    """The family's ``Family.control_tokens``."""
+    patch_grid: str = "vision_config"
+    """The family's ``Family.patch_grid``."""
 
     @property
     def has_image_tokens(self) -> bool:
@@ -216,7 +250,7 @@ def layers(model: Model) -> ModelInfo:
     text = getattr(config, family.text_config)
 
     def ids(attr):
-        values = [getattr(c, attr, None) for c in (config, text)]
+        values = [getattr(c, attr, None) for c in ((config, text) if family.top_config_ids else (text,))]
         flat = []
         for v in values:
             flat.extend(v if isinstance(v, (list, tuple)) else [v])
@@ -230,7 +264,36 @@ def layers(model: Model) -> ModelInfo:
         d_model=int(text.hidden_size), ids_key=family.ids_key, mask_key=family.mask_key,
         image_token_id=None if image is None else int(image),
         special_ids=frozenset(special), pad_token_id=min(pad) if pad else None,
+        control_tokens=family.control_tokens, patch_grid=family.patch_grid,
     )
+
+
+def special_token_ids(model: Model, tokenizer=None) -> frozenset[int]:
+    """The token ids that count as SPECIAL in ``model``'s stream: pass them as ``special_ids=`` to any entry point.
+
+    Without a tokenizer: the ids the config names (BOS, EOS, begin / end of image, ...: ``Family.special_tokens``).
+    With one (a tokenizer, or a processor holding it as ``.tokenizer``), also its ``all_special_ids``, every added
+    token it marks special, and each of the family's ``Family.control_tokens`` (``<|im_start|>``,
+    ``<start_of_turn>``, ``<fake_token_around_image>``, ...) that its vocabulary holds, special or not: chat
+    templates' control tokens are not always marked special. Image placeholders stay IMAGE (they outrank SPECIAL).
+
+    Raises:
+        UnsupportedModelError: the model is not a supported family.
+        ConfigError: ``tokenizer`` is neither a transformers tokenizer nor a processor holding one.
+    """
+    info = layers(model)
+    ids = set(info.special_ids)
+    if tokenizer is None:
+        return frozenset(ids)
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if not hasattr(tok, "all_special_ids") or not hasattr(tok, "convert_tokens_to_ids"):
+        raise ConfigError(f"tokenizer={type(tokenizer).__name__} is not a transformers tokenizer or a processor with "
+                          "one (.tokenizer); pass AutoTokenizer.from_pretrained(...) or AutoProcessor.from_pretrained(...)")
+    ids.update(int(i) for i in tok.all_special_ids)
+    ids.update(int(i) for i, added in getattr(tok, "added_tokens_decoder", {}).items() if added.special)
+    vocab = tok.get_vocab()
+    ids.update(int(vocab[text]) for text in info.control_tokens if text in vocab)
+    return frozenset(ids)
 
 
 def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:

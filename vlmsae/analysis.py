@@ -16,6 +16,7 @@ the latent's activation at every image token, mapped back onto the patch grid by
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ class PatchLayout:
     grid: tuple[int, int]
     """(rows, cols) of patches."""
     merge: int
-    """Patches per token along each side: 1 for LLaVA, ``spatial_merge_size`` (2) for Qwen-VL."""
+    """Patches per token along each side: 1 for LLaVA and PaliGemma, ``spatial_merge_size`` (2) for Qwen-VL, the
+    pooling kernel for Gemma 3, ``scale_factor`` (the pixel shuffle) for Idefics3 / SmolVLM."""
 
     @property
     def n_tokens(self) -> int:
@@ -57,16 +59,28 @@ class PatchLayout:
 def patch_layout(model: Model, batch: dict) -> PatchLayout | None:
     """The patch layout of the images in ``batch``; ``None`` for families without image tokens.
 
+    Where the family's ``patch_grid`` is ``"vision_config"`` the grid is ``image_size // patch_size`` per side and
+    the merge follows from the image tokens of the first example (merged tokens run row-major over ``merge x
+    merge`` blocks: LLaVA, PaliGemma, Gemma 3's average pool, Idefics3's pixel shuffle); ``"image_grid_thw"``
+    (Qwen-VL) reads the batch's grid.
+
     Raises:
-        ConfigError: a Qwen-VL batch without ``image_grid_thw``, or with images of several sizes or frames.
+        ConfigError: a Qwen-VL batch without ``image_grid_thw``, or with images of several sizes or frames; an
+            example whose image tokens do not tile the patch grid (several images, or an image split into crops).
     """
     info = layers(model)
     if not info.has_image_tokens:
         return None
     vision = info.model.config.vision_config
-    if info.family == "llava":
+    if info.patch_grid == "vision_config":
         side = vision.image_size // vision.patch_size
-        return PatchLayout((side, side), 1)
+        count = int((batch[info.ids_key][0] == info.image_token_id).sum())
+        merge = math.isqrt(side * side // count) if count else 0
+        if not count or merge * merge * count != side * side:
+            raise ConfigError(f"{count} image tokens in the first example do not tile a {side}x{side} patch grid; "
+                              "heatmaps need one image per example, not split into crops (Idefics3 / SmolVLM: "
+                              "do_image_splitting=False)")
+        return PatchLayout((side, side), merge)
     grid_thw = batch.get("image_grid_thw")
     if grid_thw is None:
         raise ConfigError(f"a {info.family} batch needs image_grid_thw to place image tokens on the patch grid")
@@ -202,15 +216,19 @@ def _merge_top(top: tuple[Tensor, ...], new: tuple[Tensor, ...], n: int) -> tupl
 @torch.no_grad()
 def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples: int = 8,
          latents: Iterable[int] | None = None, where: Where = DEFAULT_WHERE, context: int = 4,
-         site: str = "resid_post", max_top_bytes: int = MAX_TOP_BYTES) -> Scan:
+         site: str = "resid_post", special_ids: Iterable[int] | None = None,
+         max_top_bytes: int = MAX_TOP_BYTES) -> Scan:
     """One pass over ``data`` (batches of model inputs): latent statistics and each latent's top ``n_examples``.
 
     ``latents`` limits the top examples (not the statistics) to some latents: their memory is
     ``F x n_examples x (image tokens + 2 context + 1)`` values on the SAE's device (twice that while a
     batch is merged in), which for a large SAE on a model with hundreds of image tokens is worth
-    limiting; beyond ``max_top_bytes`` scan stops at the first batch and says what to pass. ``where`` chooses the positions read
-    (kind names as in :func:`vlmsae.steer`). Examples are numbered across batches in order.
-    Activations are in the SAE's latent units; counts in positions.
+    limiting; beyond ``max_top_bytes`` scan stops at the first batch and says what to pass. ``where``
+    chooses the positions read (kind names as in :func:`vlmsae.steer`); ``special_ids`` are token ids
+    counted as SPECIAL besides the config's (a chat template's control tokens:
+    :func:`vlmsae.special_token_ids` with the tokenizer), so the default ``where`` leaves them out.
+    Examples are numbered across batches in order. Activations are in the SAE's latent units; counts
+    in positions.
 
     Raises:
         ConfigError: ``n_examples < 1``, ``context < 0``, a bad latent index, ``data`` yields nothing,
@@ -241,7 +259,7 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
     top: tuple[Tensor, ...] | None = None
     layout, offset = None, 0
     for batch in tqdm(data, desc="scan", leave=False):
-        with record(model, [layer], site=site, stop=True) as rec:
+        with record(model, [layer], site=site, stop=True, special_ids=special_ids) as rec:
             model(**batch)
         fwd = rec.forwards[0]
         kinds = rec.kinds(layer).to(device)
@@ -436,13 +454,15 @@ class ImageQuestionGrid:
 @torch.no_grad()
 def image_question_grid(model: Model, layer: int, sae: SAE, images: Sequence, questions: Sequence[str],
                         inputs: Callable[[Sequence, str], dict], *, latents: Iterable[int], where: Where = "text",
-                        reduce: str = "max", batch_size: int = 64, site: str = "resid_post") -> ImageQuestionGrid:
+                        reduce: str = "max", batch_size: int = 64, site: str = "resid_post",
+                        special_ids: Iterable[int] | None = None) -> ImageQuestionGrid:
     """Record ``latents`` for every pair of ``images`` and ``questions``.
 
     ``inputs(images, question)`` builds one batch of model inputs asking ``question`` about each
     image (e.g. ``lambda s, q: shapes.qa_inputs(s, tokenizer, q, labels=False)``). Each pair's
     value is the latent's ``reduce`` (``max``, ``mean``, or ``last``: the last selected position,
     which predicts the answer) over the ``where`` positions. ``values`` is ``(F, n_images, n_questions)``.
+    ``special_ids`` as in :func:`scan`.
 
     Raises:
         ConfigError: an unknown ``reduce``, no latents or a bad index, a question whose ``where`` selects
@@ -462,7 +482,7 @@ def image_question_grid(model: Model, layer: int, sae: SAE, images: Sequence, qu
         column = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            with record(model, [layer], site=site, stop=True) as rec:
+            with record(model, [layer], site=site, stop=True, special_ids=special_ids) as rec:
                 model(**inputs(chunk, question))
             read = where_mask(where, kinds_read, rec.forwards[0]).to(device)  # (B, T)
             if not bool(read.any(1).all()):

@@ -41,11 +41,14 @@ class LiveSource:
     (:meth:`describe`). :meth:`start` positions it; then each :meth:`fill` runs one forward per batch,
     stopped after the deepest layer, writing every layer's buffer through its sink. Raises
     ``UnsupportedModelError`` for a model without an adapter, ``ConfigError`` when the data cannot be
-    iterated again, or a batch with images holds no image token.
+    iterated again, or a batch with images holds no image token. ``special_ids`` are token ids counted as SPECIAL
+    besides the config's (a chat template's control tokens: :func:`vlmsae.special_token_ids` with the tokenizer),
+    which the buffers leave out unless their ``kinds`` ask for them.
     """
 
-    def __init__(self, model, data: Iterable[dict], site: str):
+    def __init__(self, model, data: Iterable[dict], site: str, special_ids: Iterable[int] | None = None):
         self.info, self.data, self.site = adapter_info(model), data, site
+        self.special_ids = frozenset(int(i) for i in (special_ids or ()))
         self.d_model = self.info.d_model
         self.layers, self.it, self.used = [], iter(()), 0
 
@@ -97,7 +100,8 @@ class LiveSource:
         ``(batch, seq, d_model)`` to ``sink(layer, resid, fwd)``."""
         batch = self._next()
         self._check(batch)
-        with torch.no_grad(), record(self.info.model, self.layers, site=self.site, stop=True, sink=sink):
+        with torch.no_grad(), record(self.info.model, self.layers, site=self.site, stop=True, sink=sink,
+                                     special_ids=self.special_ids):
             self.info.model(**batch)
 
     def _check(self, batch: dict) -> None:

@@ -68,7 +68,8 @@ def row_kl(clean: Tensor, other: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where: str | Iterable[str] | None = None,
-             site: str = "resid_post", ablations: bool = True) -> pd.DataFrame:
+             site: str = "resid_post", ablations: bool = True, special_ids: Iterable[int] | None = None,
+             ) -> pd.DataFrame:
     """Cross-entropy clean / spliced / zero- and mean-ablated, loss recovered, KL, FVU and L0.
 
     One row per choice of spliced positions: ``where`` is a list of kind names (default: ``all``,
@@ -79,7 +80,9 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     there and ``CHUNK_ROWS`` positions at a time (the float32 log-probabilities of a whole batch over a
     large vocabulary would be gigabytes); ``loss_recovered`` is
     ``(ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (SAELens / SAEBench); FVU and L0 are over the
-    spliced positions, overall and per token kind.
+    spliced positions, overall and per token kind. ``special_ids`` are token ids counted as SPECIAL besides the
+    config's (a chat template's control tokens: :func:`vlmsae.special_token_ids` with the tokenizer): they are
+    not spliced as text, nor scored as next tokens.
 
     Raises:
         LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
@@ -98,7 +101,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     with warnings.catch_warnings():  # check_sae has warned once if this is not the SAE's own site
         warnings.simplefilter("ignore", HookNameWarning)
         for batch in tqdm(data, desc="evaluate", leave=False):
-            with record(model, [layer], site=site) as rec:
+            with record(model, [layer], site=site, special_ids=special_ids) as rec:
                 logits = model(**batch).logits
             # On a model spread over devices the logits, the inputs and the layer may each be on another.
             positions = loss_positions(rec.kinds(layer)).to(logits.device)
@@ -112,7 +115,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
                 s = sums[w]
                 s["tokens"] += positions.sum()
                 s["clean"] += ce_clean
-                with splice(model, layer, sae, where=w, site=site) as spliced:
+                with splice(model, layer, sae, where=w, site=site, special_ids=special_ids) as spliced:
                     logits = predicting(model(**batch).logits, positions)
                 prev = splices.get(w)
                 splices[w] = spliced.sums if prev is None else SpliceStats(*(a + b for a, b in zip(prev, spliced.sums)))
@@ -123,7 +126,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
                     for name, value in (("zero", torch.zeros_like(mean)), ("mean", mean)):
                         def replace(r, f, value=value, mask=mask):
                             return torch.where(mask[..., None].to(r.device), value.to(r), r)
-                        with attach(model, {(layer, site): replace}):
+                        with attach(model, {(layer, site): replace}, special_ids=special_ids):
                             s[name] += row_losses(predicting(model(**batch).logits, positions), targets).sum()
     if not splices:
         raise ConfigError("evaluate() got no batches: data yielded nothing")

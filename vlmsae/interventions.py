@@ -141,14 +141,16 @@ _ACTIVE: set[tuple[int, int, str, int]] = set()  # (id(model), layer, site, id(s
 @renamed_kwargs(error="use_error_term")
 @contextmanager
 def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, where: Where = None,
-           site: str = "resid_post", edit: Callable[[Tensor, Forward], Tensor] | None = None) -> Iterator[Splice]:
+           site: str = "resid_post", edit: Callable[[Tensor, Forward], Tensor] | None = None,
+           special_ids: Iterable[int] | None = None) -> Iterator[Splice]:
     """Replace the residual at ``layer`` by the SAE's reconstruction on every forward inside the block.
 
     ``use_error_term=True`` keeps the error term (SAELens' name), so downstream sees the original residual
     except for what ``edit(latents, fwd) -> latents`` changes (latents ``(batch, seq, d_sae)``). ``where``
     restricts the splice to some positions. The SAE runs in its own dtype and device; the result goes
     back in the model's dtype onto the layer's device (:func:`place` puts the SAE there). Yields a :class:`Splice`: ``s.latents`` of the last forward, ``s.stats()`` FVU
-    and L0 per token kind.
+    and L0 per token kind. ``special_ids`` are token ids counted as SPECIAL besides the config's (a chat template's
+    control tokens: :func:`vlmsae.special_token_ids` with the tokenizer), for ``where`` and the stats.
 
     Raises:
         LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
@@ -184,7 +186,7 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
 
     _ACTIVE.add(key)
     try:
-        with attach(model, {(layer, site): hook}):
+        with attach(model, {(layer, site): hook}, special_ids=special_ids):
             yield state
     finally:
         _ACTIVE.discard(key)
@@ -193,18 +195,20 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
 @renamed_kwargs(features="latents")
 @contextmanager
 def ablate(model: Model, layer: int, sae: SAE, latents: Iterable[int], *, mode: str = "zero",
-           means: Tensor | None = None, where: Where = None, site: str = "resid_post") -> Iterator[Splice]:
+           means: Tensor | None = None, where: Where = None, site: str = "resid_post",
+           special_ids: Iterable[int] | None = None) -> Iterator[Splice]:
     """Set ``latents`` to zero (or to their mean activation, ``mode="mean"``) with the error term kept.
 
     Only those latents change: the residual moves by ``(new - activation) * W_dec[i]`` per latent ``i``.
-    ``means`` is ``(d_sae,)``, e.g. ``latent_stats(model, layer, sae, data).mean``.
+    ``means`` is ``(d_sae,)``, e.g. ``latent_stats(model, layer, sae, data).mean``. ``special_ids`` as in :func:`splice`.
 
     Raises:
         ConfigError: a latent index outside ``0..d_sae - 1``, an unknown ``mode``, or ``mode="mean"``
             without ``means`` of shape ``(d_sae,)``; and everything :func:`splice` raises.
     """
     edit = ablation_edit(sae, latents, mode=mode, means=means)
-    with splice(model, layer, sae, use_error_term=True, where=where, site=site, edit=edit) as state:
+    with splice(model, layer, sae, use_error_term=True, where=where, site=site, edit=edit,
+                special_ids=special_ids) as state:
         yield state
 
 
@@ -271,12 +275,13 @@ def steering_vector(target, latents: Mapping[int, float] | None = None, *, stren
 @contextmanager
 def steer(model: Model, layer: int, target: SAE | Tensor, latents: Mapping[int, float] | None = None, *,
           strength: float = 1.0, where: Where = None, relative_to: Tensor | None = None,
-          site: str = "resid_post") -> Iterator[Tensor]:
+          site: str = "resid_post", special_ids: Iterable[int] | None = None) -> Iterator[Tensor]:
     """Add decoder directions (or a raw vector) at ``where`` positions on every forward inside the block.
 
     ``target`` is an SAE (with ``latents={index: strength}``) or a ``(d_model,)`` direction (with
     ``strength``); see :func:`steering_vector`. Under ``generate()`` the vector is added to the new
-    position at every decode step, not only to the prompt. Yields the ``(d_in,)`` vector added.
+    position at every decode step, not only to the prompt. Yields the ``(d_in,)`` vector added. ``special_ids`` as
+    in :func:`splice`.
 
     Raises:
         LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
@@ -295,7 +300,7 @@ def steer(model: Model, layer: int, target: SAE | Tensor, latents: Mapping[int, 
         mask = where_mask(where, kinds, fwd).to(resid.device)
         return resid + mask[..., None].to(resid.dtype) * vector.to(resid.device, resid.dtype)
 
-    with attach(model, {(layer, site): hook}):
+    with attach(model, {(layer, site): hook}, special_ids=special_ids):
         yield vector
 
 
@@ -312,10 +317,11 @@ class LatentStats(NamedTuple):
 
 @torch.no_grad()
 def latent_stats(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where: Where = None,
-                 site: str = "resid_post") -> LatentStats:
+                 site: str = "resid_post", special_ids: Iterable[int] | None = None) -> LatentStats:
     """Mean, mean-when-firing and firing density of every latent over ``data`` (batches of model inputs).
 
     Each field is ``(d_sae,)`` float64 on the SAE's device, in latent activation units (density: a fraction).
+    ``special_ids`` as in :func:`splice`.
 
     Raises:
         LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
@@ -330,7 +336,7 @@ def latent_stats(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, wh
     fired = torch.zeros_like(total)
     tokens = torch.zeros((), dtype=torch.float64, device=total.device)
     for batch in tqdm(data, desc="latent stats", leave=False):
-        with record(model, [layer], site=site, stop=True) as rec:
+        with record(model, [layer], site=site, stop=True, special_ids=special_ids) as rec:
             model(**batch)
         mask = where_mask(where, kinds, rec.forwards[0]).to(total.device)
         latents = sae.encode(rec[layer].to(total.device))[mask].to(torch.float64)

@@ -35,12 +35,15 @@ from .record import record
 @torch.no_grad()
 def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str | os.PathLike, *,
             site: str = "resid_post", kinds=("image", "text", "generated"), outlier_factor: float | None = 10.0,
-            shard_rows: int = 65536, dtype: torch.dtype = torch.float32) -> Path:
+            shard_rows: int = 65536, dtype: torch.dtype = torch.float32, special_ids: Iterable[int] | None = None,
+            ) -> Path:
     """Run ``data`` through the model once and write the residuals of ``layers`` as shards under ``out``.
 
     Each shard ``L{layer}-{i:05d}.safetensors`` holds up to ``shard_rows`` admitted rows: ``acts``
     ``(rows, d_model)`` in ``dtype`` and each row's kind, position, token and sample; ``vlmsae.Shards(out)``
-    reads them back for training. Returns ``out``.
+    reads them back for training. ``special_ids`` are token ids counted as SPECIAL besides the config's (a chat
+    template's control tokens: :func:`vlmsae.special_token_ids` with the tokenizer), left out unless ``kinds`` asks.
+    Returns ``out``.
 
     Raises:
         LayerIndexError, SiteError, UnsupportedModelError: as :func:`vlmsae.record`.
@@ -81,7 +84,7 @@ def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str |
             flush(L)
 
     for batch in tqdm(data, desc="harvest"):
-        with record(info.model, layers, site=site, stop=True, sink=sink):
+        with record(info.model, layers, site=site, stop=True, sink=sink, special_ids=special_ids):
             info.model(**batch)
         samples += next(iter(batch.values())).shape[0]
         batch_index += 1

@@ -62,6 +62,9 @@ class OnlineRunConfig:
     it is refilled between read phases."""
     kinds: tuple[str, ...] = ("image", "text", "generated")
     """Token kinds that enter the buffer (special tokens and padding never do)."""
+    special_ids: tuple[int, ...] = ()
+    """Token ids counted as SPECIAL besides the model config's, e.g. a chat template's control tokens
+    (``vlmsae.special_token_ids(model, processor)``): kept out of the buffer like every special token."""
     quota: dict[str, float] | None = None
     """Share of each batch per kind, e.g. {"image": 0.5, "text": 0.5}; None keeps the data's own mix."""
     outlier_factor: float | None = 10.0
@@ -323,7 +326,8 @@ class OnlineRun:
                 raise ConfigError(f"training from Shards under {self.world.size} ranks is not supported yet; "
                                   "train from shards in one process, or from live data under torchrun")
             data = distributed.RankShard(data, self.world.rank, self.world.size)
-        self.source = ShardSource(data, cfg.site) if isinstance(data, Shards) else LiveSource(model, data, cfg.site)
+        self.source = ShardSource(data, cfg.site) if isinstance(data, Shards) else \
+            LiveSource(model, data, cfg.site, special_ids=cfg.special_ids)
         self.saes = _saes_by_layer(self.source.d_model, layer, sae)
         self.source.check(sorted(self.saes))
         self.devices = {L: self.source.device_of(L, cfg.device) for L in self.saes}

@@ -9,18 +9,33 @@ All families share one small vocabulary layout so that tests can reason about id
 
     0 <pad>   1 <bos>   2 <eos>   3 <image>   4 <vision_start>   5 <vision_end>   6 <video>
     7 .. vocab_size-1   ordinary text tokens
+
+Ids 4 and 5 are each family's begin / end of image: Qwen's ``<|vision_start|>`` / ``<|vision_end|>``, Gemma 3's
+``<start_of_image>`` / ``<end_of_image>``, Idefics3's and SmolVLM's ``<fake_token_around_image>`` /
+``<global-img>`` (which only their tokenizer names: :func:`tokenizer`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from transformers import (
     CLIPVisionConfig,
+    Gemma2Config,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
     GPT2Config,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
     PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -28,6 +43,10 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMVisionConfig,
     VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
     ViTConfig,
@@ -38,22 +57,58 @@ from .errors import ConfigError
 PAD, BOS, EOS, IMAGE, VISION_START, VISION_END, VIDEO = range(7)
 FIRST_TEXT_ID = 7
 
-FAMILIES = ("vit-gpt2", "llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+FAMILIES = ("vit-gpt2", "llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3", "paligemma", "idefics3", "smolvlm")
 
 IMAGE_SIZE = 32  # pixels, square
-PATCH = 8  # ViT / CLIP patch: (32 / 8)^2 = 16 patches
+PATCH = 8  # ViT / CLIP / PaliGemma's SigLIP patch: (32 / 8)^2 = 16 patches, one image token each
 QWEN_PATCH = 4  # Qwen patch: (32 / 4)^2 = 64 patches, 2x2 merge -> 16 image tokens
 QWEN_MERGE = 2
 QWEN_TEMPORAL = 2
+SMALL_PATCH = 4  # Gemma 3 (2x2 average pool) and Idefics3 / SmolVLM (2x2 pixel shuffle): 64 patches -> 16 tokens
+MERGE = 2
+
+_N_IMG = (IMAGE_SIZE // PATCH) ** 2  # 16 image tokens per image in every family with image tokens
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a zoo family lays out one sample's prompt, and what else its forward wants."""
+
+    model_type: str
+    prefix: tuple[int, ...]
+    """Ids before the text; ``IMAGE`` stands for the image's ``_N_IMG`` placeholders."""
+    pixels: str
+    """``pixel_values``: ``"images"`` ``(n, C, H, W)``, ``"qwen"`` flattened patches with ``image_grid_thw``,
+    ``"per_sample"`` ``(n, 1, C, H, W)`` (Idefics3 / SmolVLM: images per sample)."""
+    token_types: str | None = None
+    """Keyword of the token types the forward wants with images (1 at image placeholders), or ``None``."""
+    prefix_types: bool = False
+    """Token types mark the prefix instead: 0 for the prompt, 1 for what follows it (PaliGemma's prefix-LM)."""
+    randomised: tuple[str, ...] = ()
+    """Parameters transformers initialises to zero that would cut the image off; the tiny model draws them."""
+
+
+LAYOUTS = {
+    "vit-gpt2": Layout("vision-encoder-decoder", (BOS,), "images"),
+    "llava": Layout("llava", (BOS, IMAGE), "images"),
+    "qwen2-vl": Layout("qwen2_vl", (VISION_START, IMAGE, VISION_END), "qwen", "mm_token_type_ids"),
+    "qwen2.5-vl": Layout("qwen2_5_vl", (VISION_START, IMAGE, VISION_END), "qwen", "mm_token_type_ids"),
+    "qwen3-vl": Layout("qwen3_vl", (VISION_START, IMAGE, VISION_END), "qwen", "mm_token_type_ids"),
+    # processing_gemma3.py: <bos> ... <start_of_image> <image_soft_token>... <end_of_image>; token_type_ids 1 at
+    # the image, where Gemma 3 attends bidirectionally
+    "gemma3": Layout("gemma3", (BOS, VISION_START, IMAGE, VISION_END), "images", "token_type_ids",
+                     randomised=("model.multi_modal_projector.mm_input_projection_weight",)),
+    # processing_paligemma.py: <image>... <bos> prompt; token_type_ids 0 over the prefix (bidirectional), 1 after
+    "paligemma": Layout("paligemma", (IMAGE, BOS), "images", "token_type_ids", prefix_types=True),
+    # processing_idefics3.py: <fake_token_around_image> <global-img> <image>... <fake_token_around_image>
+    "idefics3": Layout("idefics3", (BOS, VISION_START, VISION_END, IMAGE, VISION_START), "per_sample"),
+    "smolvlm": Layout("smolvlm", (BOS, VISION_START, VISION_END, IMAGE, VISION_START), "per_sample"),
+}
 
 
 def image_token_count(family: str) -> int:
     """Image tokens one image contributes to the decoder stream (0 where images enter by cross-attention)."""
-    if family == "vit-gpt2":
-        return 0
-    if family == "llava":
-        return (IMAGE_SIZE // PATCH) ** 2
-    return (IMAGE_SIZE // QWEN_PATCH // QWEN_MERGE) ** 2
+    return 0 if family == "vit-gpt2" else _N_IMG
 
 
 def tiny_config(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size: int = 128):
@@ -101,6 +156,23 @@ def tiny_config(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size
             vision_feature_layer=-1, vision_feature_select_strategy="default",
             pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
         )
+    siglip = dict(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=2, num_attention_heads=heads,
+                  image_size=IMAGE_SIZE, patch_size=SMALL_PATCH)
+    if family == "gemma3":
+        text = Gemma3TextConfig(**common_text, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention"] * (n_layers // 2)
+                                + ["sliding_attention"] * (n_layers % 2))
+        return Gemma3Config(text_config=text, vision_config=SiglipVisionConfig(**siglip), mm_tokens_per_image=_N_IMG,
+                            image_token_index=IMAGE, boi_token_index=VISION_START, eoi_token_index=VISION_END)
+    if family == "paligemma":  # PaliGemma 2: a Gemma 2 decoder
+        text = Gemma2Config(**common_text, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=8)
+        return PaliGemmaConfig(text_config=text, vision_config=SiglipVisionConfig(**dict(siglip, patch_size=PATCH)),
+                               image_token_index=IMAGE, projection_dim=d_model, hidden_size=d_model)
+    if family in ("idefics3", "smolvlm"):
+        config, vision = (Idefics3Config, Idefics3VisionConfig) if family == "idefics3" else \
+            (SmolVLMConfig, SmolVLMVisionConfig)
+        return config(text_config=LlamaConfig(**common_text, head_dim=head_dim), vision_config=vision(**siglip),
+                      image_token_id=IMAGE, scale_factor=MERGE, pad_token_id=PAD)
     # Qwen: multimodal rotary sections (t, h, w) must sum to head_dim / 2.
     half = head_dim // 2
     mrope = [half - 2 * (half // 4), half // 4, half // 4]
@@ -132,6 +204,10 @@ _CLASSES = {
     "qwen2-vl": Qwen2VLForConditionalGeneration,
     "qwen2.5-vl": Qwen2_5_VLForConditionalGeneration,
     "qwen3-vl": Qwen3VLForConditionalGeneration,
+    "gemma3": Gemma3ForConditionalGeneration,
+    "paligemma": PaliGemmaForConditionalGeneration,
+    "idefics3": Idefics3ForConditionalGeneration,
+    "smolvlm": SmolVLMForConditionalGeneration,
 }
 
 
@@ -140,7 +216,12 @@ def tiny_model(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size:
     """A tiny random-weight model of ``family`` in eval mode, deterministic in ``seed``."""
     config = tiny_config(family, n_layers=n_layers, d_model=d_model, vocab_size=vocab_size)
     torch.manual_seed(seed)
-    model = _CLASSES[family](config).to(dtype).eval()
+    model = _CLASSES[family](config)
+    with torch.no_grad():
+        for name in LAYOUTS[family].randomised:  # else every image gives the same (zero) soft tokens
+            param = model.get_parameter(name)
+            param.copy_(torch.randn(param.shape) / param.shape[0] ** 0.5)
+    model = model.to(dtype).eval()
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = EOS
     # A random model would happily emit <image> or <bos>; keep generated tokens text, so that a generated
@@ -153,11 +234,42 @@ def tiny_model(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size:
 
 def family_of_config(config) -> str:
     """The zoo family name of a config built by :func:`tiny_config` (or a real checkpoint's config)."""
-    names = {"vision-encoder-decoder": "vit-gpt2", "llava": "llava", "qwen2_vl": "qwen2-vl",
-             "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+    names = {layout.model_type: family for family, layout in LAYOUTS.items()}
     if config.model_type not in names:
         raise ConfigError(f"model_type={config.model_type!r} has no zoo inputs; zoo families: {FAMILIES}")
     return names[config.model_type]
+
+
+# What each family's tokenizer calls the image placeholder and the begin / end of image (ids 3, 4, 5).
+_IMAGE_NAMES = {
+    "qwen2-vl": ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"),
+    "gemma3": ("<image_soft_token>", "<start_of_image>", "<end_of_image>"),
+    "idefics3": ("<image>", "<fake_token_around_image>", "<global-img>"),
+}
+_IMAGE_NAMES.update({"qwen2.5-vl": _IMAGE_NAMES["qwen2-vl"], "qwen3-vl": _IMAGE_NAMES["qwen2-vl"],
+                     "smolvlm": _IMAGE_NAMES["idefics3"]})
+
+
+def tokenizer(model: PreTrainedModel):
+    """An offline tokenizer (WordLevel, no hub) over the zoo's id layout, with the family's own token names.
+
+    Ids 3, 4, 5 carry the family's names for the image placeholder and the begin / end of image
+    (``<|vision_start|>``, ``<start_of_image>``, ``<fake_token_around_image>``, ...); text id ``i`` is
+    ``t{i}``. Only ``<pad>``, ``<bos>``, ``<eos>`` and the image placeholder are marked special, as a real
+    tokenizer may leave a chat template's control tokens unmarked.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    family = family_of_config(model.config)
+    image, start, end = _IMAGE_NAMES.get(family, ("<image>", "<vision_start>", "<vision_end>"))
+    vocab = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS, image: IMAGE, start: VISION_START, end: VISION_END,
+             "<video>": VIDEO}
+    vocab.update({f"t{i}": i for i in range(FIRST_TEXT_ID, model.config.get_text_config().vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   extra_special_tokens=[image], name_or_path=f"vlmsae-zoo-{family}")
 
 
 def qwen_patchify(images: torch.Tensor, patch: int = QWEN_PATCH, merge: int = QWEN_MERGE,
@@ -211,13 +323,8 @@ def build_inputs(model: PreTrainedModel, images: torch.Tensor, texts: list[list[
     batch = len(texts)
     if images.shape != (batch, 3, IMAGE_SIZE, IMAGE_SIZE):
         raise ConfigError(f"images of shape {tuple(images.shape)}; the zoo expects {(batch, 3, IMAGE_SIZE, IMAGE_SIZE)}")
-    n_img = image_token_count(family)
-    if family == "vit-gpt2":
-        prefix = [BOS]
-    elif family == "llava":
-        prefix = [BOS] + [IMAGE] * n_img
-    else:
-        prefix = [VISION_START] + [IMAGE] * n_img + [VISION_END]
+    layout = LAYOUTS[family]
+    prefix = [i for t in layout.prefix for i in ([IMAGE] * _N_IMG if t == IMAGE else [t])]
     rows = [prefix + list(text) for text in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((batch, width), PAD, dtype=torch.long)
@@ -230,12 +337,16 @@ def build_inputs(model: PreTrainedModel, images: torch.Tensor, texts: list[list[
     dtype = next(model.parameters()).dtype
     if family == "vit-gpt2":
         return {"pixel_values": pixels.to(dtype), "decoder_input_ids": ids, "decoder_attention_mask": mask}
-    if family == "llava":
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(dtype)}
-    flat, grid = qwen_patchify(pixels)
-    out = {"input_ids": ids, "attention_mask": mask, "pixel_values": flat.to(dtype), "image_grid_thw": grid}
-    # Qwen2-VL and Qwen3-VL want the token types (0 text, 1 image) whenever images are passed.
-    out["mm_token_type_ids"] = (ids == IMAGE).long()
+    out = {"input_ids": ids, "attention_mask": mask}
+    if layout.pixels == "qwen":
+        flat, grid = qwen_patchify(pixels)
+        out.update(pixel_values=flat.to(dtype), image_grid_thw=grid)
+    else:
+        out["pixel_values"] = (pixels[:, None] if layout.pixels == "per_sample" else pixels).to(dtype)
+    if layout.token_types:
+        # Qwen2-VL, Qwen3-VL and Gemma 3 want the token types (0 text, 1 image) whenever images are passed;
+        # PaliGemma's mark its bidirectional prefix (0: the whole prompt).
+        out[layout.token_types] = torch.zeros_like(ids) if layout.prefix_types else (ids == IMAGE).long()
     return out
 
 
@@ -279,6 +390,9 @@ def with_sequences(model: PreTrainedModel, inputs: dict[str, torch.Tensor], sequ
     out[info_ids] = sequences
     grown = torch.ones(sequences.shape[0], sequences.shape[1] - prompt, dtype=inputs[info_mask].dtype)
     out[info_mask] = torch.cat([inputs[info_mask], grown], 1)
-    if "mm_token_type_ids" in out:
-        out["mm_token_type_ids"] = (sequences == IMAGE).long()
+    layout = LAYOUTS[family_of_config(model.config)]
+    if layout.token_types in out:
+        # as generate() extends them: PaliGemma's generated tokens are the causal suffix (1)
+        out[layout.token_types] = torch.cat([inputs[layout.token_types], grown], 1) if layout.prefix_types \
+            else (sequences == IMAGE).long()
     return out
