@@ -44,13 +44,18 @@ from vlmsae.sparse import SparseCode, entry_dots, gather_pre_acts, sparse_decode
 SYNC_EVERY = 100
 """Readout cadence of an SAETrainer whose config leaves ``sync_every`` unset (``vlmsae.train`` uses its own)."""
 
-DENSE_AUXK_FACTOR = {"cpu": 8.0, "cuda": 16.0}
+DENSE_AUXK_FACTOR = {"cpu": 8.0, "cuda": 32.0}
 """AuxK runs dense while its candidates number at most this many times aux_k, per device type (others: cpu's).
 
-The sparse pass gathers aux_k rows of d_in per token five times (memory-bound); the dense one does six
-matmuls over n_candidates columns (compute-bound). Measured by benchmarks/bench_auxk.py:
-cpu: 2-core x86, d_in 768, d_sae 24576, k 32, batch 4096, aux_k 384, fp32 (see benchmarks/RESULTS.md);
-cuda: H200, d_in 4096, d_sae 65536, k 64, batch 16384, aux_k 2048, bf16 matmuls (see benchmarks/RESULTS.md).
+The sparse pass gathers aux_k rows of d_in per token in each of its kernels (memory-bound); the dense
+one does six matmuls over the candidates' columns (compute-bound), so its cost grows with their number.
+Measured with benchmarks/bench_auxk.py (benchmarks/RESULTS.md, "Dense vs sparse AuxK"):
+cpu: 2 shared x86 cores, fp32, d_in 768, d_sae 24576, k 32, batch 4096, aux_k 384: dense / sparse AuxK
+time 0.27 at 1x aux_k candidates, 0.60 at 2.6x, 0.99 at 7.8x, 1.10 at 15.6x.
+cuda: H200, bf16 matmuls, d_in 4096, d_sae 65536, k 64, batch 16384, aux_k 2048: 0.005 at 1x, 0.01 at 4x,
+0.02 at 8x, 0.03 at 16x (49 ms against 1619 ms). Dense wins far beyond 32x there, but its
+(n_tokens, n_candidates) activations grow with the candidates; at 32x they are the size of the
+(n_tokens, d_sae) block of that run's selection, and above it the sparse pass (aux_k per token) bounds memory.
 """
 
 
