@@ -420,7 +420,8 @@ class SAETrainer:
 
         Dense over the candidates D (Gao et al. 2024 §A.2): pre = u @ W_enc[:, D] + b_enc[D], the top aux_k
         per token among those still `dead` ((d_sae,) bool; the others are -inf, 0 after ReLU), decoded with
-        W_dec[D]. Equal to the sparse pass (the same latents and values), in `compute_dtype` matmuls.
+        W_dec[D]. The sparse pass's loss and gradients in the weights' dtype; under a lower `compute_dtype`
+        (bf16 on CUDA) its matmuls run in that dtype, where the sparse pass recomputes the values in full.
         """
         sae, candidates = self.sae, self.aux_candidates
         with self._autocast(u):
