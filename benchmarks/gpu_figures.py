@@ -7,9 +7,10 @@ a) SAE training step, TopK with Adam, d_in 4096 / d_sae 65536 / k 64 / batch 163
    - no dead latents (the start of training): no side runs AuxK;
    - AuxK on: the same fixed eighth of the latents is dead on every side at every step. vlmsae runs
      its AuxK pass (aux_k = d_in / 2 dead latents, coefficient 1/32) over the latents a readout has
-     seen dead (forced here: one readout before the timed steps); sae-lens runs its AuxK loss (k_aux = d_in / 2, coefficient 1.0, its
-     default) whenever its trainer's mask has a dead latent; sparsify runs its AuxK loss (k_aux =
-     d_in / 2) only when its trainer has ``auxk_alpha > 0`` (its default is 0; 1/32 here). Both
+     seen dead (forced here: one readout before the timed steps); sae-lens runs its AuxK loss
+     (k_aux = d_in / 2, coefficient 1.0, its default) whenever its trainer's mask has a dead latent;
+     sparsify runs its AuxK loss (k_aux = d_in / 2) only when its trainer has ``auxk_alpha > 0``
+     (its default is 0; 1/32 here). Both
      peers count the dead latents on the host at every step (one sync each).
    The peers' steps include their trainers' per-step firing counters; sae-lens runs under bf16
    autocast (its ``autocast=True``), sparsify under the bf16 autocast of its own forward.
