@@ -6,8 +6,13 @@ Adam, at the same d_in / d_sae / k / batch. The variants take turns within every
 round (the peers as long-lived workers), so drift in the machine hits them alike;
 the median step time over all rounds is reported. The floor is the step's one
 unavoidable dense matmul, the encoder forward x @ W_enc, timed in the same rounds.
+With ``--dead N`` the same N latents are dead at every step on every side, so that
+every side runs its AuxK loss (Gao et al. 2024 §A.2): vlmsae over the latents a
+readout has seen dead (aux_k = d_in / 2, coefficient 1/32), sparsify with
+``auxk_alpha`` 1/32, sae-lens with its default coefficient 1.0.
 
     python benchmarks/bench_sae_step.py                    # CPU: d_in 768, d_sae 24576, k 32, batch 4096
+    python benchmarks/bench_sae_step.py --dead 3072        # the same, with an eighth of the latents dead
     python benchmarks/bench_sae_step.py --device cuda --d-in 4096 --d-sae 65536 --k 64 --batch 16384 --peers
 """
 
@@ -86,19 +91,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     parser.add_argument("--peers", nargs="*", default=["saelens", "sparsify"], help="none: vlmsae and the floor only")
     parser.add_argument("--bf16-cpu", action="store_true", help="also vlmsae with bf16 encoder matmuls on the CPU")
+    parser.add_argument("--dead", type=int, default=0, help="latents dead at every step on every side (AuxK on)")
     parser.add_argument("--interop-python", type=Path, default=REPO / ".venv-interop" / "bin" / "python")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in, device=device)
 
+    dead = torch.zeros(args.d_sae, dtype=torch.bool, device=device)
+    dead[torch.randperm(args.d_sae, device=device)[:args.dead]] = True
+
+    def vlmsae_step(trainer: SAETrainer):
+        if not args.dead:
+            return lambda: trainer.step(x)
+        trainer.tokens_since_fired.masked_fill_(dead, trainer.sae.cfg.dead_tokens)
+        trainer.read_metrics()  # a readout sees them dead: AuxK runs over them from now on
+
+        def step():
+            # the fixed dead set, as on the peers' side (a latent that fired in the main TopK dies again)
+            trainer.tokens_since_fired.masked_fill_(dead, trainer.sae.cfg.dead_tokens)
+            trainer.step(x)
+        return step
+
     sae = SAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k, device=device)
     trainer = SAETrainer(sae, sync_every=10**9)  # no readout inside the timed steps
-    variants = {"vlmsae": lambda: trainer.step(x)}
+    variants = {"vlmsae": vlmsae_step(trainer)}
     if args.bf16_cpu and device.type == "cpu":
         sae_bf16 = SAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k, device=device)
         trainer_bf16 = SAETrainer(sae_bf16, sync_every=10**9, compute_dtype="bfloat16")
-        variants["vlmsae (bf16 matmul)"] = lambda: trainer_bf16.step(x)
+        variants["vlmsae (bf16 matmul)"] = vlmsae_step(trainer_bf16)
     W_enc = sae.W_enc.detach().clone()
     # The floor at the step's compute dtype (bf16 on CUDA, as the step runs there).
     floor_dtype = trainer.compute_dtype
@@ -112,7 +133,7 @@ def main() -> None:
         if args.peers:
             if not args.interop_python.exists():
                 sys.exit(f"no interop venv at {args.interop_python}: run tests/interop/setup_venv.sh, or pass --peers")
-            save_file({"x": x.cpu()}, Path(tmp) / "x.safetensors")
+            save_file({"x": x.cpu()} | ({"dead": dead.cpu()} if args.dead else {}), Path(tmp) / "x.safetensors")
             for name in args.peers:
                 peers[name] = Peer(args.interop_python, name, Path(tmp) / "x.safetensors", args.d_sae, args.k, args.device)
         times: dict[str, list[float]] = {name: [] for name in [*variants, *peers]}
@@ -127,13 +148,14 @@ def main() -> None:
     median = {name: statistics.median(ts) for name, ts in times.items()}
     ours, floor = median["vlmsae"], median["dense floor (x @ W_enc)"]
     print(f"\nTopK SAE training step, Adam: d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} "
-          f"on {args.device} ({torch.get_num_threads()} threads), median of {args.rounds}x{args.steps} steps")
+          f"on {args.device} ({torch.get_num_threads()} threads), median of {args.rounds}x{args.steps} steps, "
+          + (f"AuxK on every side ({args.dead} latents dead)" if args.dead else "no dead latents (no AuxK)"))
     print(f"{'variant':28} {'s/step':>9} {'tokens/s':>11} {'time / vlmsae':>14}")
     for name, seconds in median.items():
         print(f"{name:28} {seconds:9.3f} {args.batch / seconds:11,.0f} {seconds / ours:13.2f}x")
     print(f"vlmsae / dense floor: {floor / ours:.2f} of the floor's tokens/s")
     for name in peers:
-        print(f"vlmsae / {name}: {median[name] / ours:.2f}x")
+        print(f"vlmsae / {name} tokens/s{' with AuxK' if args.dead else ''}: {median[name] / ours:.2f}x")
     if device.type == "cuda":
         print(f"vlmsae / H200 ceiling ({H200_CEILING_TOKENS_PER_S:.1e} tokens/s): {args.batch / ours / H200_CEILING_TOKENS_PER_S:.2f}")
 

@@ -6,10 +6,11 @@ a) SAE training step, TopK with Adam, d_in 4096 / d_sae 65536 / k 64 / batch 163
    all variants taking turns in every repeat:
    - no dead latents (the start of training): no side runs AuxK;
    - AuxK on: the same fixed eighth of the latents is dead on every side at every step. vlmsae runs
-     its AuxK pass (aux_k = d_in / 2 dead latents, coefficient 1/32) once a readout has seen a dead
-     latent (forced here); sae-lens runs its AuxK loss (k_aux = d_in / 2, coefficient 1.0, its
-     default) whenever its trainer's mask has a dead latent; sparsify runs its AuxK loss (k_aux =
-     d_in / 2) only when its trainer has ``auxk_alpha > 0`` (its default is 0; 1/32 here). Both
+     its AuxK pass (aux_k = d_in / 2 dead latents, coefficient 1/32) over the latents a readout has
+     seen dead (forced here: one readout before the timed steps); sae-lens runs its AuxK loss
+     (k_aux = d_in / 2, coefficient 1.0, its default) whenever its trainer's mask has a dead latent;
+     sparsify runs its AuxK loss (k_aux = d_in / 2) only when its trainer has ``auxk_alpha > 0``
+     (its default is 0; 1/32 here). Both
      peers count the dead latents on the host at every step (one sync each).
    The peers' steps include their trainers' per-step firing counters; sae-lens runs under bf16
    autocast (its ``autocast=True``), sparsify under the bf16 autocast of its own forward.
@@ -180,13 +181,14 @@ def section_sae_step(args, device, now, report: Report) -> dict:
         trainer = trainers[name] = SAETrainer(sae, sync_every=10**9)  # no readout inside the timed steps
         if not auxk:
             return lambda: trainer.step(x)
-        if not (hasattr(trainer, "aux_active") and hasattr(trainer, "tokens_since_fired")):
-            raise RuntimeError("SAETrainer has no aux_active / tokens_since_fired: cannot force AuxK")
+        if not hasattr(trainer, "tokens_since_fired"):
+            raise RuntimeError("SAETrainer has no tokens_since_fired: cannot force AuxK")
+        trainer.tokens_since_fired.masked_fill_(dead, sae.cfg.dead_tokens)
+        trainer.read_metrics()  # a readout sees them: AuxK runs over them from now on
 
         def step():
-            # the fixed dead set, as on the peers' side; the trainer's flag as after a readout that saw them
+            # the fixed dead set, as on the peers' side (a latent that fired in the main TopK dies again)
             trainer.tokens_since_fired.masked_fill_(dead, sae.cfg.dead_tokens)
-            trainer.aux_active = True
             trainer.step(x)
         return step
 

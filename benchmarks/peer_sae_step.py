@@ -2,7 +2,8 @@
 
     python peer_sae_step.py {saelens,sparsify} ACTIVATIONS D_SAE K DEVICE
 
-Reads "x" (batch, d_in) from ACTIVATIONS, builds the peer's TopK SAE, then for
+Reads "x" (batch, d_in) from ACTIVATIONS, and "dead" (d_sae,) bool if there (a fixed
+dead-latent mask that turns the peer's AuxK loss on), builds the peer's TopK SAE, then for
 each line "N" on stdin runs N full training steps (forward, loss, backward,
 Adam, the peer's decoder upkeep) and prints one JSON list of seconds per step.
 Each step is the one the peer's own trainer runs, minus data loading and logging.
@@ -86,8 +87,10 @@ def sparsify_step(x: torch.Tensor, d_sae: int, k: int, dead: torch.Tensor | None
 
 def main() -> None:
     peer, activations, d_sae, k, device = sys.argv[1:]
-    x = load_file(activations)["x"].to(device)
-    step = {"saelens": saelens_step, "sparsify": sparsify_step}[peer](x, int(d_sae), int(k))
+    tensors = load_file(activations)
+    x, dead = tensors["x"].to(device), tensors.get("dead")
+    step = {"saelens": saelens_step, "sparsify": sparsify_step}[peer](
+        x, int(d_sae), int(k), dead=None if dead is None else dead.to(device))
     step()  # warm-up
     print(json.dumps("ready"), flush=True)
     for line in sys.stdin:

@@ -93,7 +93,7 @@ def test_trainer_sparse_step_equals_dense_autograd_step(kind):
     sae, reference = float64_sae(kind, 16, 128, 4), float64_sae(kind, 16, 128, 4)
     trainer = SAETrainer(sae, lr=1e-3, init_from_first_batch=False, sync_every=1)
     trainer.tokens_since_fired[:40] = sae.cfg.dead_tokens  # 40 dead latents
-    trainer.aux_active = True
+    trainer.read_metrics()  # a readout sees them: AuxK's candidates
     trainer.step(x)
 
     # Dense reference, written from the definitions: MSE + coef * scale * AuxK MSE.
@@ -118,6 +118,71 @@ def test_trainer_sparse_step_equals_dense_autograd_step(kind):
     # a one-step window reads out that step's loss and AuxK loss
     assert metrics_.loss == pytest.approx((loss + reference.cfg.aux_coefficient * aux).item(), rel=1e-9)
     assert metrics_.aux_loss == pytest.approx(aux.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+@pytest.mark.parametrize("factor", [0.0, math.inf], ids=["sparse_auxk", "dense_auxk"])
+@pytest.mark.parametrize("n_dead", [5, 40])  # fewer dead latents than aux_k = 8 (the loss scaled down), and more
+def test_auxk_loss_and_gradients_equal_the_dense_reference(kind, factor, n_dead):
+    """Both AuxK passes give the loss and every gradient of the definition (Gao et al. 2024 §A.2), over the
+    latents dead at the last readout that are still dead: one revived since is left out, one dead since too."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 16, dtype=torch.float64)
+    sae, reference = float64_sae(kind, 16, 128, 4), float64_sae(kind, 16, 128, 4)
+    trainer = SAETrainer(sae, init_from_first_batch=False, dense_auxk_factor=factor)
+    dead_tokens = sae.cfg.dead_tokens
+    trainer.tokens_since_fired[:n_dead] = dead_tokens
+    trainer.read_metrics()  # the readout: latents 0..n_dead-1 are AuxK's candidates
+    trainer.tokens_since_fired[0] = 0  # revived since the readout
+    trainer.tokens_since_fired[100] = dead_tokens  # died since: joins at the next readout
+    assert trainer.aux_candidates.tolist() == list(range(n_dead))
+    assert trainer.auxk_is_dense(sae.cfg.aux_k) == (factor > 0)
+    out = trainer._sparse_loss(x)
+    out.loss.backward()
+    got = grads(sae)
+
+    # Dense reference from the definitions: MSE + coef * min(n_dead / aux_k, 1) * AuxK MSE.
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[1:n_dead] = True
+    full = reference.train()(x)
+    aux_k = reference.cfg.aux_k
+    values, latents = full.pre_acts.masked_fill(~dead, -math.inf).topk(aux_k, dim=1)
+    aux_latents = torch.zeros_like(full.pre_acts).scatter(1, latents, values.relu())
+    residual = (x - full.recon).detach()
+    aux = metrics.mse(residual, aux_latents @ reference.W_dec) * min((n_dead - 1) / aux_k, 1.0)
+    loss = metrics.mse(x, full.recon) + reference.cfg.aux_coefficient * aux
+    loss.backward()
+    expected = grads(reference)
+    torch.testing.assert_close(out.aux_loss, aux.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.loss, loss.detach(), rtol=1e-12, atol=0)
+    assert got.keys() == expected.keys() == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-13, msg=name)
+    assert got["W_enc"].T.is_contiguous()  # the layout Adam's alias of W_enc expects (see SAETrainer.__init__)
+
+
+def test_a_readout_refreshes_the_auxk_candidates():
+    """The candidates are the latents dead at the last readout; AuxK is off until a readout has seen one."""
+    sae = SAE(d_in=8, d_sae=32, k=2)
+    trainer = SAETrainer(sae, sync_every=10**6)
+    assert not trainer.aux_active
+    trainer.tokens_since_fired[[3, 7, 30]] = sae.cfg.dead_tokens
+    assert not trainer.aux_active  # no readout yet
+    assert trainer.read_metrics().dead_fraction == 3 / 32
+    assert trainer.aux_active and trainer.aux_candidates.tolist() == [3, 7, 30]
+    tensors, meta = trainer.state_dict()
+    resumed = SAETrainer(SAE(d_in=8, d_sae=32, k=2))
+    resumed.load_state_dict(tensors, meta)
+    assert resumed.aux_candidates.tolist() == [3, 7, 30]
+    del tensors["aux_candidates"]  # a checkpoint written before the candidates: those dead now, if AuxK ran
+    resumed.load_state_dict(tensors, meta | {"aux_active": True})
+    assert resumed.aux_candidates.tolist() == [3, 7, 30]
+    trainer.tokens_since_fired[7] = 0
+    trainer.read_metrics()
+    assert trainer.aux_candidates.tolist() == [3, 30]
+    trainer.tokens_since_fired.zero_()
+    trainer.read_metrics()
+    assert not trainer.aux_active
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
@@ -297,15 +362,21 @@ def test_cuda_step_has_no_host_sync():
     trainer = SAETrainer(sae, sync_every=1000)
     x = torch.randn(512, 64, device="cuda")
     trainer.step(x)
-    trainer.aux_active = True
     trainer.tokens_since_fired[:100] = sae.cfg.dead_tokens
+    trainer.read_metrics()  # the readout (a sync) makes those 100 AuxK's candidates
+    trainer.tokens_since_fired[:10] = 0  # revived since
+    trainer.tokens_since_fired[200:210] = sae.cfg.dead_tokens  # died since
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
-            trainer.step(x)
+        for factor in (0.0, math.inf):  # the sparse AuxK pass, then the dense one
+            trainer.dense_auxk_factor = factor
+            assert trainer.auxk_is_dense(sae.cfg.aux_k) == (factor > 0)
+            for _ in range(3):
+                trainer.step(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(p.dtype == torch.float32 for p in sae.parameters())
+    assert trainer.read_metrics().aux_loss > 0
 
 
 

@@ -6,7 +6,17 @@ touch only the chosen rows (`vlmsae.sparse`). ReLU and JumpReLU latents are
 not sparse enough early in training for that to pay, so they take the dense
 path under autocast. Metrics accumulate on the device; every `sync_every`
 steps one readout moves them to the host, appends them to `history`, and
-refreshes whether any latent is dead (which gates the AuxK pass).
+stores the latents dead at that moment: AuxK's candidates until the next one.
+
+AuxK (Gao et al. 2024 §A.2) models the residual with the top `aux_k`
+pre-activations among dead latents. Its latents are the candidates of the last
+readout that are still dead now (a device mask, no sync); a latent that dies
+between two readouts joins at the next one, `sync_every` steps later, which is
+negligible against a dead window of millions of tokens. Knowing the candidates
+on the host lets the pass be dense, one matmul over the candidates' encoder
+columns and one over their decoder rows, when there are few enough of them
+(`DENSE_AUXK_FACTOR`); otherwise it takes the sparse kernels at `aux_k`
+entries per token.
 
 An SAE stored in float16 or bfloat16 trains a float32 copy (master weights:
 Adam updates smaller than a half-precision step would round away, and CPU
@@ -34,6 +44,20 @@ from vlmsae.sparse import SparseCode, entry_dots, gather_pre_acts, sparse_decode
 SYNC_EVERY = 100
 """Readout cadence of an SAETrainer whose config leaves ``sync_every`` unset (``vlmsae.train`` uses its own)."""
 
+DENSE_AUXK_FACTOR = {"cpu": 8.0, "cuda": 32.0}
+"""AuxK runs dense while its candidates number at most this many times aux_k, per device type (others: cpu's).
+
+The sparse pass gathers aux_k rows of d_in per token in each of its kernels (memory-bound); the dense
+one does six matmuls over the candidates' columns (compute-bound), so its cost grows with their number.
+Measured with benchmarks/bench_auxk.py (benchmarks/RESULTS.md, "Dense vs sparse AuxK"):
+cpu: 2 shared x86 cores, fp32, d_in 768, d_sae 24576, k 32, batch 4096, aux_k 384: dense / sparse AuxK
+time 0.27 at 1x aux_k candidates, 0.60 at 2.6x, 0.99 at 7.8x, 1.10 at 15.6x.
+cuda: H200, bf16 matmuls, d_in 4096, d_sae 65536, k 64, batch 16384, aux_k 2048: 0.005 at 1x, 0.01 at 4x,
+0.02 at 8x, 0.03 at 16x (49 ms against 1619 ms). Dense wins far beyond 32x there, but its
+(n_tokens, n_candidates) activations grow with the candidates; at 32x they are the size of the
+(n_tokens, d_sae) block of that run's selection, and above it the sparse pass (aux_k per token) bounds memory.
+"""
+
 
 @dataclass
 class SAETrainerConfig:
@@ -58,6 +82,9 @@ class SAETrainerConfig:
     """Tokens per chunk of the selection matmul; None means 256 on CPU (so that a chunk of pre-activations stays in cache) and the whole batch on CUDA."""
     init_from_first_batch: bool = True
     """Set b_dec and the input scale from the first batch (turn off when resuming a trained SAE)."""
+    dense_auxk_factor: float | None = None
+    """AuxK runs dense while its candidate latents number at most this times aux_k (0: always sparse, inf:
+    always dense); None means ``DENSE_AUXK_FACTOR`` of the device type."""
 
     def __post_init__(self):
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
@@ -73,6 +100,9 @@ class SAETrainerConfig:
             raise ConfigError(f"compute_dtype={self.compute_dtype!r} must be None or one of {', '.join(DTYPES)}")
         if self.encode_chunk is not None and (not isinstance(self.encode_chunk, int) or self.encode_chunk < 1):
             raise ConfigError(f"encode_chunk={self.encode_chunk!r} must be None or an integer >= 1")
+        if self.dense_auxk_factor is not None and not (isinstance(self.dense_auxk_factor, (int, float))
+                                                        and self.dense_auxk_factor >= 0):
+            raise ConfigError(f"dense_auxk_factor={self.dense_auxk_factor!r} must be None or a number >= 0")
 
 
 @dataclass
@@ -98,9 +128,9 @@ class Selection(NamedTuple):
     values: Tensor
     """(N,) pre-activations at `code`'s entries."""
     aux_values: Tensor
-    """(n_tokens, aux_k) pre-activations of the AuxK picks (-inf where fewer latents are dead than aux_k)."""
+    """(n_tokens, aux_k) pre-activations of the sparse AuxK picks (-inf where fewer latents are dead than aux_k)."""
     aux_latents: Tensor
-    """(n_tokens, aux_k) their latents, ascending per token; aux_k is 0 when AuxK is off."""
+    """(n_tokens, aux_k) their latents, ascending per token; aux_k is 0 when AuxK is off or runs dense."""
 
 
 class StepLoss(NamedTuple):
@@ -183,6 +213,8 @@ class SAETrainer:
             torch.bfloat16 if device.type == "cuda" else sae.W_dec.dtype
         )
         self.encode_chunk = cfg.encode_chunk or (256 if device.type == "cpu" else 1 << 62)
+        self.dense_auxk_factor = (cfg.dense_auxk_factor if cfg.dense_auxk_factor is not None
+                                  else DENSE_AUXK_FACTOR.get(device.type, DENSE_AUXK_FACTOR["cpu"]))
         lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
         options = dict(lr=lr, betas=cfg.betas, eps=cfg.eps)
         # Fused Adam copies a non-contiguous parameter twice per step. W_enc is
@@ -201,7 +233,8 @@ class SAETrainer:
         self.n_steps = 0
         self.n_tokens = 0
         self.history: list[TrainMetrics] = []
-        self.aux_active = False
+        # (n_candidates,) long, ascending: the latents dead at the last readout, AuxK's candidates (Gao et al. 2024 §A.2)
+        self.aux_candidates = torch.zeros(0, dtype=torch.long, device=device)
         self.initialized = not cfg.init_from_first_batch
         # Under N ranks: global tokens of the steps since the last readout, on the device (no host sync per step).
         self.pending_tokens = torch.zeros((), dtype=torch.long, device=device)
@@ -340,11 +373,12 @@ class SAETrainer:
         dead (Gao et al. 2024 §A.2). `k`: this step's sparsity; None: the SAE's own."""
         sae, cfg = self.sae, self.sae.cfg
         k = cfg.k if k is None else k
-        dead = self.tokens_since_fired >= cfg.dead_tokens
         aux_k = cfg.aux_k if self.aux_active and cfg.aux_coefficient > 0 else 0
+        dense_aux = aux_k > 0 and self.auxk_is_dense(aux_k)
+        dead = self._aux_dead()
         x_n = x * sae.act_scale.to(x.dtype)
         u = sae.center(x)
-        chosen = self._select(u, dead, aux_k, k)
+        chosen = self._select(u, dead, 0 if dense_aux else aux_k, k)
         acts, aux_acts, aux_code = self._encode_selected(u, chosen)
         if cfg.architecture == "batchtopk":
             self._update_threshold(acts.detach())
@@ -355,13 +389,47 @@ class SAETrainer:
             # The dead latents model what the live ones left over; scaled down
             # while few latents are dead (Gao et al. 2024 §A.2).
             residual = (x_n - recon_n).detach()
-            aux_loss = metrics.mse(residual, sparse_decode(aux_acts, sae.W_dec, aux_code))
+            aux_recon = (self._dense_aux_decode(u, dead, aux_k) if dense_aux
+                         else sparse_decode(aux_acts, sae.W_dec, aux_code))
+            aux_loss = metrics.mse(residual, aux_recon)
             aux_loss = aux_loss * (dead.sum() / aux_k).clamp(max=1)
             loss = loss + cfg.aux_coefficient * aux_loss
         nonzero = (acts != 0).sum()
         fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device).index_add_(
             0, chosen.code.cols, (acts != 0).long())
         return StepLoss(loss, recon_n, nonzero, fired, aux_loss)
+
+    @property
+    def aux_active(self) -> bool:
+        """Whether the last readout found a dead latent, so that AuxK runs (known on the host)."""
+        return self.aux_candidates.numel() > 0
+
+    def auxk_is_dense(self, aux_k: int) -> bool:
+        """Whether AuxK takes the dense pass: few enough candidates for its matmuls to beat the sparse gathers."""
+        return self.aux_candidates.numel() <= self.dense_auxk_factor * aux_k
+
+    @torch.no_grad()
+    def _aux_dead(self) -> Tensor:
+        """(d_sae,) bool: the latents AuxK may pick, the last readout's candidates that are still dead (no sync)."""
+        dead = self.tokens_since_fired >= self.sae.cfg.dead_tokens
+        candidate = torch.zeros_like(dead).index_fill_(0, self.aux_candidates, True)
+        return dead & candidate
+
+    def _dense_aux_decode(self, u: Tensor, dead: Tensor, aux_k: int) -> Tensor:
+        """(n_tokens, d_in) AuxK reconstruction (no b_dec) from centred inputs `u` (n_tokens, d_in), with grad.
+
+        Dense over the candidates D (Gao et al. 2024 §A.2): pre = u @ W_enc[:, D] + b_enc[D], the top aux_k
+        per token among those still `dead` ((d_sae,) bool; the others are -inf, 0 after ReLU), decoded with
+        W_dec[D]. The sparse pass's loss and gradients in the weights' dtype; under a lower `compute_dtype`
+        (bf16 on CUDA) its matmuls run in that dtype, where the sparse pass recomputes the values in full.
+        """
+        sae, candidates = self.sae, self.aux_candidates
+        with self._autocast(u):
+            pre = torch.addmm(sae.b_enc[candidates], u, sae.W_enc.T[candidates].T)  # (n_tokens, n_candidates)
+            pre = pre.masked_fill(~dead[candidates], -math.inf)
+            top = pre.topk(min(aux_k, candidates.numel()), dim=1, sorted=False)
+            acts = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+            return (acts @ sae.W_dec[candidates]).to(u.dtype)
 
     def _encode_selected(self, u: Tensor, chosen: Selection) -> tuple[Tensor, Tensor, SparseCode | None]:
         """(acts (N,), aux_acts (n_tokens * aux_k,), aux code): the chosen latents' ReLU activations, with grad."""
@@ -492,11 +560,14 @@ class SAETrainer:
         self._fold_pending_tokens()
         cfg, window = self.sae.cfg, self.window
         tokens, steps = max(window.tokens, 1), max(self.n_steps - window.start, 1)
-        *sums, dead, dense = torch.cat([
+        dead_mask = self.tokens_since_fired >= cfg.dead_tokens
+        dead_first = torch.sort((~dead_mask).to(torch.uint8), stable=True).indices  # dead latents first, ascending
+        *sums, n_dead, dense = torch.cat([
             window.sums,
-            metrics.dead_fraction(self.tokens_since_fired, cfg.dead_tokens).double().view(1),
+            dead_mask.sum().double().view(1),
             metrics.dense_fraction(window.fire_count, tokens).double().view(1),
         ]).tolist()
+        dead = n_dead / cfg.d_sae
         sums = WindowSums(*sums)
         if not math.isfinite(sums.loss):
             raise NonFiniteError(
@@ -504,8 +575,9 @@ class SAETrainer:
                 "check the activations for NaN/Inf or lower the learning rate"
             )
         window.reset(self.n_steps)
-        # The one place that learns, on the host, whether AuxK has work to do.
-        self.aux_active = dead > 0
+        # The one place that learns, on the host, which latents AuxK may pick until the next readout. Under N
+        # ranks the counters are global, so every rank holds the same candidates.
+        self.aux_candidates = dead_first[:int(n_dead)].clone()
         return TrainMetrics(
             step=self.n_steps,
             tokens=self.n_tokens,
@@ -526,10 +598,10 @@ class SAETrainer:
         for index, slots in optim["state"].items():
             tensors |= {f"optim.{index}.{k}": torch.as_tensor(v).contiguous() for k, v in slots.items()}
         tensors |= {"tokens_since_fired": self.tokens_since_fired, "fire_count": self.window.fire_count,
-                    "sums": self.window.sums}
+                    "sums": self.window.sums, "aux_candidates": self.aux_candidates}
         meta = {"param_groups": optim["param_groups"], "n_steps": self.n_steps, "n_tokens": self.n_tokens,
                 "window_start": self.window.start, "window_tokens": self.window.tokens,
-                "aux_active": bool(self.aux_active), "initialized": self.initialized,
+                "initialized": self.initialized,
                 "history": [asdict(m) for m in self.history]}
         return tensors, meta
 
@@ -557,7 +629,12 @@ class SAETrainer:
         self.window.sums.copy_(tensors["sums"])
         self.n_steps, self.n_tokens = meta["n_steps"], meta["n_tokens"]
         self.window.start, self.window.tokens = meta["window_start"], meta["window_tokens"]
-        self.aux_active, self.initialized = meta["aux_active"], meta["initialized"]
+        self.initialized = meta["initialized"]
+        if "aux_candidates" in tensors:
+            self.aux_candidates = tensors["aux_candidates"].to(self.aux_candidates.device).clone()
+        else:  # a checkpoint from before the candidates: AuxK's latents are those dead now, if it ran
+            dead = self.tokens_since_fired >= self.sae.cfg.dead_tokens
+            self.aux_candidates = dead.nonzero().view(-1) if meta.get("aux_active") else self.aux_candidates[:0]
         self.history = [TrainMetrics(**m) for m in meta["history"]]
         self._store()
 
