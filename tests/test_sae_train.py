@@ -8,6 +8,7 @@ import torch
 from vlmsae import metrics
 from vlmsae.errors import ConfigError, NonFiniteError
 from vlmsae.sae import ARCHITECTURES, SAE
+from vlmsae.saeconfig import SAEConfig
 from vlmsae.sparse import SparseCode, gather_pre_acts, sparse_decode
 from vlmsae.trainer import SAETrainer, SAETrainerConfig
 
@@ -118,6 +119,63 @@ def test_trainer_sparse_step_equals_dense_autograd_step(kind):
     # a one-step window reads out that step's loss and AuxK loss
     assert metrics_.loss == pytest.approx((loss + reference.cfg.aux_coefficient * aux).item(), rel=1e-9)
     assert metrics_.aux_loss == pytest.approx(aux.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_matryoshka_step_equals_the_dense_sum_of_prefix_losses(kind):
+    """Matryoshka (Bussmann et al. 2025): the step's loss is the MSE of the whole SAE plus that of each inner
+    prefix of the latents decoding the same selection; one sparse step lands where the dense reference lands."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 16, dtype=torch.float64)
+    widths = (8, 32, 128)
+    sae, reference = float64_sae(kind, 16, 128, 4), float64_sae(kind, 16, 128, 4)
+    for s in (sae, reference):
+        s.cfg.matryoshka_widths = widths
+    trainer = SAETrainer(sae, lr=1e-3, init_from_first_batch=False, sync_every=1)
+    trainer.step(x)
+
+    out = reference.train()(x)
+    loss = metrics.mse(x, out.recon)
+    for width in widths[:-1]:
+        inner = out.latents[:, :width] @ reference.W_dec[:width] + reference.b_dec
+        loss = loss + metrics.mse(x, inner)
+    loss.backward()
+    reference.remove_parallel_decoder_grad_()
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, eps=6.25e-10)
+    optimizer.step()
+    reference.normalize_decoder_()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(getattr(sae, name), p, rtol=1e-9, atol=1e-12, msg=name)
+    assert trainer.history[-1].loss == pytest.approx(loss.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_one_matryoshka_level_is_the_plain_architecture(kind):
+    """matryoshka_widths=[d_sae] (one level) trains exactly as plain TopK / BatchTopK (as SAELens tests)."""
+    torch.manual_seed(0)
+    xs = [torch.randn(64, 16) for _ in range(4)]
+    plain, nested = float64_sae(kind, 16, 128, 4).float(), float64_sae(kind, 16, 128, 4).float()
+    nested.cfg.matryoshka_widths = (128,)
+    for sae in (plain, nested):
+        trainer = SAETrainer(sae, sync_every=2)
+        for x in xs:
+            trainer.step(x)
+    for name, p in plain.state_dict().items():
+        assert torch.equal(nested.state_dict()[name], p), name
+
+
+def test_matryoshka_widths_are_checked_and_saved(tmp_path):
+    cfg = SAEConfig(d_in=16, d_sae=64, architecture="batchtopk", matryoshka_widths=[4, 16])
+    assert cfg.matryoshka_widths == (4, 16, 64)  # the whole SAE is the last level
+    for bad, match in (([16, 4], "increase strictly"), ([0, 64], "increase strictly"), ([], "non-empty"),
+                       ([4, 128], "increase strictly"), ("4,16", "list of integers")):
+        with pytest.raises(ConfigError, match=match):
+            SAEConfig(d_in=16, d_sae=64, architecture="batchtopk", matryoshka_widths=bad)
+    with pytest.raises(ConfigError, match="topk architectures, not architecture='relu'"):
+        SAEConfig(d_in=16, d_sae=64, architecture="relu", matryoshka_widths=[4, 64])
+    sae = SAE(d_in=16, d_sae=64, architecture="batchtopk", k=4, matryoshka_widths=[4, 16])
+    sae.save(tmp_path / "m")
+    assert SAE.load(tmp_path / "m").cfg.matryoshka_widths == (4, 16, 64)
 
 
 @pytest.mark.parametrize("kind", ["topk", "batchtopk"])

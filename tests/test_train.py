@@ -33,9 +33,12 @@ def held_out(model, layer):
     return torch.cat(xs)
 
 
-def make_sae(seed=0, d_in=64):
+MATRYOSHKA = {"architecture": "batchtopk", "matryoshka_widths": (16, 64, 256)}
+
+
+def make_sae(seed=0, d_in=64, **fields):
     torch.manual_seed(seed)
-    return SAE(d_in=d_in, d_sae=256, k=8)
+    return SAE(d_in=d_in, d_sae=256, k=8, **fields)
 
 
 def kinds_by_row(model, data, layer):
@@ -141,14 +144,15 @@ def test_printed_metrics_match_recomputed(capsys, monkeypatch):
         assert kind_l0 == pytest.approx((latents[sel] != 0).sum(-1).float().mean().item(), abs=0.51), kind
 
 
-def test_interrupt_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("recipe", [{}, MATRYOSHKA], ids=["topk", "matryoshka"])
+def test_interrupt_resume_equals_uninterrupted(tmp_path, recipe):
     from vlmsae.zoo import tiny_model
 
     model = tiny_model("qwen2-vl")
     data = batches(model, 10)
     cfg = dict(FAST, steps=96, checkpoint_every=16)
     ref_history, resumed_history = [], []
-    ref = train(model, LAYER, data, make_sae(), out=tmp_path / "ref", history=ref_history, **cfg).sae
+    ref = train(model, LAYER, data, make_sae(**recipe), out=tmp_path / "ref", history=ref_history, **cfg).sae
 
     class Interrupt(Exception):
         pass
@@ -163,15 +167,16 @@ def test_interrupt_resume_equals_uninterrupted(tmp_path):
                 yield b
 
     with pytest.raises(Interrupt):
-        train(model, LAYER, Flaky(), make_sae(), out=tmp_path / "run", **cfg)
+        train(model, LAYER, Flaky(), make_sae(**recipe), out=tmp_path / "run", **cfg)
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt is not None and 0 < json.loads((ckpt / "state.json").read_text())["step"] < 96
-    resumed = train(model, LAYER, data, make_sae(seed=123), out=tmp_path / "run", resume=True,
+    resumed = train(model, LAYER, data, make_sae(seed=123, **recipe), out=tmp_path / "run", resume=True,
                     history=resumed_history, **cfg).sae
     for name, tensor in ref.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
     assert resumed_history[-1] == ref_history[-1]  # the printed metrics continue exactly too
     assert SAE.load(tmp_path / "run" / f"L{LAYER}").cfg.d_sae == 256
+    assert SAE.load(tmp_path / "run" / f"L{LAYER}").cfg.matryoshka_widths == recipe.get("matryoshka_widths")
 
 
 def test_two_layers_from_one_forward_equal_each_alone():
@@ -217,12 +222,13 @@ def test_several_saes_on_one_layer_and_quota(monkeypatch):
     assert sorted((h["sae"], h["step"]) for h in history) == [(0, 25), (1, 25)]
 
 
-def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("recipe", [{}, MATRYOSHKA], ids=["topk", "matryoshka"])
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, recipe):
     from vlmsae.zoo import tiny_model
 
     model = tiny_model("llava")
     cfg = dict(FAST, steps=64, checkpoint_every=8)
-    train(model, LAYER, batches(model, 6), make_sae(), out=tmp_path, **cfg)
+    train(model, LAYER, batches(model, 6), make_sae(**recipe), out=tmp_path, **cfg)
     good = latest_checkpoint(tmp_path)
     before = {p.name: p.read_bytes() for p in good.iterdir()}
     calls = {"n": 0}
@@ -233,7 +239,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
     with vlmsae.attach(model, {(LAYER - 1, "resid_post"): poison}):
         with pytest.raises(vlmsae.NonFiniteError, match=rf"activations of layer {LAYER} at step \d+.*{good}"):
-            train(model, LAYER, batches(model, 6), make_sae(), out=tmp_path, resume=True,
+            train(model, LAYER, batches(model, 6), make_sae(**recipe), out=tmp_path, resume=True,
                   **dict(cfg, steps=128, outlier_factor=None))
     assert latest_checkpoint(tmp_path) == good
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before

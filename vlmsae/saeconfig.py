@@ -46,6 +46,11 @@ class SAEConfig:
     """A latent that has not fired for this many training tokens counts as dead (Gao et al. 2024)."""
     batchtopk_threshold_lr: float = 0.01
     """batchtopk: rate of the moving average that learns the inference threshold (Bussmann et al. 2024)."""
+    matryoshka_widths: tuple[int, ...] | None = None
+    """topk architectures: nested prefixes of the latents, each trained to reconstruct the input on its own
+    (Matryoshka SAEs: Bussmann et al. 2025, Nabeshima 2024; SAELens ``matryoshka_widths``), strictly increasing,
+    the last d_sae (added when left out); the losses of the prefixes are summed. None: one level, plain
+    TopK / BatchTopK. Changes training only: the SAE encodes and decodes as its architecture does."""
     l1_coefficient: float = 1e-3
     """relu: weight of the L1 penalty on latents times decoder row norms."""
     l0_coefficient: float = 1e-3
@@ -75,6 +80,8 @@ class SAEConfig:
         _check_int("k", self.k, 1)
         if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ConfigError(f"k={self.k} must be in 1..d_sae={self.d_sae}; lower k or raise d_sae")
+        if self.matryoshka_widths is not None:
+            self.matryoshka_widths = _matryoshka_widths(self.matryoshka_widths, self.d_sae, self.architecture)
         if self.aux_k is None:
             self.aux_k = min(self.d_in // 2, self.d_sae)
         _check_int("aux_k", self.aux_k, 0)
@@ -103,6 +110,22 @@ class SAEConfig:
 
 
 SAEConfig.__init__ = renamed_kwargs(kind="architecture")(SAEConfig.__init__)
+
+
+def _matryoshka_widths(widths, d_sae: int, architecture: str) -> tuple[int, ...]:
+    """The checked widths as a tuple ending at ``d_sae``; raises ``ConfigError`` naming the bad value."""
+    if architecture not in ("topk", "batchtopk"):
+        raise ConfigError(f"matryoshka_widths is for the topk architectures, not architecture={architecture!r}; "
+                          "use architecture='batchtopk' (Matryoshka BatchTopK) or 'topk'")
+    widths = list(widths) if isinstance(widths, (list, tuple)) else widths
+    if not isinstance(widths, list) or not widths or any(isinstance(w, bool) or not isinstance(w, int) for w in widths):
+        raise ConfigError(f"matryoshka_widths={widths!r} must be a non-empty list of integers, e.g. "
+                          f"[{d_sae // 16}, {d_sae // 4}, {d_sae}]")
+    if widths[-1] != d_sae:
+        widths.append(d_sae)
+    if widths[0] < 1 or any(a >= b for a, b in zip(widths, widths[1:])) or widths[-1] != d_sae:
+        raise ConfigError(f"matryoshka_widths={widths!r} must increase strictly from >= 1 to d_sae={d_sae}")
+    return tuple(widths)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

@@ -27,7 +27,7 @@ import reprlib
 from dataclasses import asdict, fields
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -182,6 +182,12 @@ def _typed(key: str, value: Any, hint: Any, cfg_path: Path) -> Any:
     """`value` if JSON gave it the type `hint` names (`int | None`, `float`, ...); an int where a float
     belongs becomes a float."""
     allowed = get_args(hint) or (hint,)
+    if any(get_origin(t) is tuple for t in allowed):  # a JSON list of ints (matryoshka_widths)
+        if value is None and type(None) in allowed:
+            return None
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise SAEFileError(f"{cfg_path}: key {key!r} = {reprlib.repr(value)} must be a list of integers")
+        return tuple(value)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         try:
             return float(value)

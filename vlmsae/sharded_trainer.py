@@ -48,6 +48,9 @@ class ShardedTrainer:
         if sae.cfg.architecture not in ("topk", "batchtopk"):
             raise ConfigError(f"ShardedTrainer trains topk and batchtopk SAEs, not {sae.cfg.architecture!r}; train "
                               "relu and jumprelu SAEs unsharded with SAETrainer")
+        if sae.cfg.matryoshka_widths is not None:
+            raise ConfigError(f"ShardedTrainer has no Matryoshka losses (matryoshka_widths="
+                              f"{list(sae.cfg.matryoshka_widths)}); train Matryoshka SAEs unsharded with SAETrainer")
         self.sae, self.cfg = sae, cfg
         lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
         options = dict(lr=lr, betas=cfg.betas, eps=cfg.eps)

@@ -370,7 +370,8 @@ class SAETrainer:
 
     def _sparse_loss(self, x: Tensor, k: int | None = None) -> StepLoss:
         """TopK / BatchTopK loss on `x` (n_tokens, d_in): MSE of a sparse decode, plus AuxK while latents are
-        dead (Gao et al. 2024 §A.2). `k`: this step's sparsity; None: the SAE's own."""
+        dead (Gao et al. 2024 §A.2), plus with ``matryoshka_widths`` the MSE of each inner prefix's decode of
+        the same selection (Bussmann et al. 2025). `k`: this step's sparsity; None: the SAE's own."""
         sae, cfg = self.sae, self.sae.cfg
         k = cfg.k if k is None else k
         aux_k = cfg.aux_k if self.aux_active and cfg.aux_coefficient > 0 else 0
@@ -384,6 +385,9 @@ class SAETrainer:
             self._update_threshold(acts.detach())
         recon_n = sparse_decode(acts, sae.W_dec, chosen.code) + sae.b_dec
         loss = metrics.mse(x_n, recon_n)
+        for width in (cfg.matryoshka_widths or ())[:-1]:  # each inner prefix reconstructs x on its own
+            loss = loss + metrics.mse(x_n, sparse_decode(acts * (chosen.code.cols < width), sae.W_dec,
+                                                         chosen.code) + sae.b_dec)
         aux_loss = torch.zeros((), device=x.device)
         if aux_k:
             # The dead latents model what the live ones left over; scaled down
