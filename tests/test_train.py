@@ -144,6 +144,32 @@ def test_printed_metrics_match_recomputed(capsys, monkeypatch):
         assert kind_l0 == pytest.approx((latents[sel] != 0).sum(-1).float().mean().item(), abs=0.51), kind
 
 
+def test_the_run_prints_its_token_mix_and_offers_a_balanced_quota(capsys):
+    """The default mix is the data's (mostly image rows on LLaVA): the run says so once, after the first fill;
+    quota="balanced" gives image and text equal shares (text alone without image tokens); a quota the data cannot
+    fill stops with an error instead of forwarding for ever."""
+    from vlmsae.zoo import tiny_model
+
+    model = tiny_model("llava")
+    data = batches(model, 6)
+    train(model, LAYER, data, make_sae(), steps=2, **dict(FAST, progress=True))
+    said = capsys.readouterr()
+    line = [x for x in (said.out + said.err).splitlines() if x.startswith("buffer rows by token kind")]
+    assert len(line) == 1 and "quota='balanced'" in line[0], line
+    image, text = map(int, re.search(r"layer 1: image (\d+)%, text (\d+)%", line[0]).groups())
+    assert image + text == 100 and image > 60  # the data's own mix: mostly image rows
+    run = train(model, LAYER, data, make_sae(), steps=2, quota="balanced", **FAST)
+    assert run.sae.metadata["token_kinds"] == ["image", "text"]
+    captioner = tiny_model("vit-gpt2")
+    text_only = train(captioner, LAYER, batches(captioner, 6), make_sae(), steps=2, quota="balanced", **FAST)
+    assert text_only.sae.metadata["token_kinds"] == ["text"]
+    with pytest.raises(vlmsae.ConfigError, match=r"20 forwards added no row to layer 1's buffer.*\[\['image'\]\]"):
+        train(captioner, LAYER, batches(captioner, 6), make_sae(), steps=2, quota={"image": 0.5, "text": 0.5},
+              **FAST)
+    with pytest.raises(vlmsae.ConfigError, match="quota='even' must be"):
+        train(model, LAYER, data, make_sae(), steps=2, quota="even", **FAST)
+
+
 @pytest.mark.parametrize("recipe", [{}, MATRYOSHKA], ids=["topk", "matryoshka"])
 def test_interrupt_resume_equals_uninterrupted(tmp_path, recipe):
     from vlmsae.zoo import tiny_model

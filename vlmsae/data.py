@@ -33,6 +33,10 @@ def read_table(path: Path) -> pd.DataFrame:
     raise ConfigError(f"table={str(path)!r} must be .parquet or .jsonl")
 
 
+STALLED_FORWARDS = 20
+"""Forwards in a row that add no row to a buffer with free rows before filling gives up (``ConfigError``)."""
+
+
 class LiveSource:
     """Fills ring buffers by running ``model`` over ``data`` batches (re-iterated for more epochs).
 
@@ -90,9 +94,29 @@ class LiveSource:
         self.used += 1
         return batch
 
+    @property
+    def has_image_tokens(self) -> bool:
+        """Whether the model's decoder stream holds image tokens (so a quota can ask for them)."""
+        return self.info.has_image_tokens
+
     def fill(self, buffers: dict) -> None:
-        """Forwards until every buffer ``{layer: RingBuffer}`` has no free rows (one host sync per forward)."""
-        while any(b.free_rows() for b in buffers.values()):  # one sync per forward
+        """Forwards until every buffer ``{layer: RingBuffer}`` has no free rows (one host sync per forward).
+
+        Raises ``ConfigError`` when ``STALLED_FORWARDS`` forwards in a row add no row to a buffer that still
+        has free rows: its kinds or quota ask for tokens this data does not have (e.g. image rows from a
+        model without image tokens), and filling would never end.
+        """
+        free, stalled = None, 0
+        while any(now := [b.free_rows() for b in buffers.values()]):  # one sync per forward
+            stalled = stalled + 1 if now == free else 0
+            if stalled >= STALLED_FORWARDS:
+                L = next(L for L, n in zip(buffers, now) if n)
+                kinds = [[k.name.lower() for k in seg.kinds] for seg in buffers[L].segments
+                         if seg.free.numel() > int(seg.filled)]
+                raise ConfigError(f"{STALLED_FORWARDS} forwards added no row to layer {L}'s buffer, which still has "
+                                  f"{now[list(buffers).index(L)]} free rows for kinds {kinds}: the data brings none; "
+                                  "admit other kinds (kinds=, quota=) or use data that has them")
+            free = now
             self.forward(lambda L, resid, fwd: buffers[L].write(resid, fwd))
 
     def forward(self, sink) -> None:

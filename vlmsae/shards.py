@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .adapters import Kind, layers as adapter_info
+from .adapters import FAMILIES, Kind, layers as adapter_info
 from .buffer import Rows, outliers, parse_kinds, tag_rows
 from .errors import ConfigError, NonFiniteError, SAEFileError
 from .files import write_atomic, write_text_atomic
@@ -156,6 +156,12 @@ class ShardSource:
             raise ConfigError(f"the shards hold site {shards.site!r} but site={site!r}; pass site={shards.site!r}")
         self.shards, self.site, self.d_model = shards, site, shards.d_model
         self.rows_used, self.streams = {}, {}
+
+    @property
+    def has_image_tokens(self) -> bool:
+        """Whether the harvested family's decoder stream holds image tokens (its adapter row names an image token)."""
+        family = self.shards.manifest.get("family")
+        return not any(f.name == family and f.image_token is None for f in FAMILIES)
 
     def device_of(self, layer: int, device: str | None = None) -> torch.device:
         """Where a layer's buffer and SAEs live: ``device``, else the CPU."""
