@@ -93,3 +93,41 @@ def test_demo_on_your_own_captioner_folder_and_images(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "nlpconnect/vit-gpt2-image-captioning" in err and "--local-dir" in err
     assert not (tmp_path / "hub").exists()
+
+
+def test_evaluate_and_dashboard_commands(tmp_path, capsys):
+    """``vlmsae evaluate`` and ``vlmsae dashboard`` on an SAE folder over a folder of images: the layer comes from
+    the SAE's hook_name; a bad argument or an SAE that does not fit the model exits with the reason and writes
+    nothing."""
+    import json
+
+    import pytest
+    import torch
+
+    import vlmsae
+
+    data = image_folder(tmp_path / "images", n=6)
+    torch.manual_seed(0)
+    sae = vlmsae.SAE(d_in=64, d_sae=128, k=8, metadata={"hook_name": "blocks.1.hook_resid_post"})
+    sae.save(tmp_path / "sae")
+    common = ["--model", "zoo:llava", "--sae", str(tmp_path / "sae"), "--data", str(data), "--data-batch", "3"]
+    main(["evaluate", *common, "--out", str(tmp_path / "table.json")])
+    printed = capsys.readouterr().out
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert sorted(table) == ["all", "image", "text"] and "loss_recovered" in printed
+    assert table["all"]["loss_tokens"] > 0 and 0 < table["all"]["l0"] <= 8
+    main(["dashboard", *common, "--batches", "1", "--out", str(tmp_path / "page.html"), "--latents", "0", "1", "2"])
+    page = (tmp_path / "page.html").read_text()
+    assert "wrote" in capsys.readouterr().out and page.count("data:image/png;base64") >= 1
+    wrong = vlmsae.SAE(d_in=32, d_sae=64, k=4)
+    wrong.save(tmp_path / "wrong")
+    for argv, reason in ((["evaluate", *common, "--out", str(tmp_path / "t.csv")], "must end in .json"),
+                         (["dashboard", *common, "--out", str(tmp_path / "p.png")], "must end in .html"),
+                         (["evaluate", *common, "--batches", "0"], "--batches 0 must be at least 1"),
+                         (["evaluate", *common[:2], "--sae", str(tmp_path / "wrong"), *common[4:], "--layer", "1",
+                           "--out", str(tmp_path / "w.json")], "d_in=32"),
+                         (["evaluate", *common[:2], "--sae", str(tmp_path / "wrong"), *common[4:]], "pass --layer")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert reason in capsys.readouterr().err, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "page.html", "sae", "table.json", "wrong"]

@@ -91,6 +91,76 @@ def train_command(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / f'L{L}'}")
 
 
+def _sae_and_data(args: argparse.Namespace):
+    """The model, the SAE (``--sae``), its layer and site (``--layer``, else the SAE's ``hook_name``), the data
+    folder's batches (the first ``--batches``) and the folder itself. Raises ``ConfigError`` for a bad argument."""
+    from itertools import islice
+
+    from .errors import ConfigError
+    from .sites import parse_site
+
+    sae = SAE.load(args.sae)
+    hook = args.layer if args.layer is not None else sae.metadata.get("hook_name")
+    if hook is None:
+        raise ConfigError(f"{args.sae} names no hook_name in its metadata; pass --layer (a decoder layer index or a "
+                          "hook name such as blocks.9.hook_resid_post)")
+    layer, site = parse_site(int(hook) if str(hook).isdigit() else hook)
+    if args.batches is not None and args.batches < 1:
+        raise ConfigError(f"--batches {args.batches} must be at least 1")
+    model, to_inputs = model_and_inputs(args.model, args.device)
+    sae = sae.to(args.device)
+    folder = ImageTextFolder(args.data, to_inputs, batch_size=args.data_batch)
+    n = len(folder) if args.batches is None else min(args.batches, len(folder))
+    return model, sae, layer, site, list(islice(folder, n)), folder, n * args.data_batch
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    """Evaluate an SAE folder on a model over a folder of images: CE clean / spliced / ablated, KL, FVU, L0."""
+    from .errors import ConfigError
+    from .evaluate import evaluate
+    from .files import write_text_atomic
+
+    if args.out is not None and not args.out.endswith(".json"):
+        raise ConfigError(f"--out {args.out!r} must end in .json (the table is written as JSON)")
+    model, sae, layer, site, batches, _, _ = _sae_and_data(args)
+    table = evaluate(model, layer, sae, tqdm(batches, desc="batches", disable=not sys.stderr.isatty()),
+                     where=args.where, site=site)
+    print(table.to_string(float_format="{:.4f}".format))
+    if args.out is not None:  # computed first: a failure above writes nothing
+        write_text_atomic(args.out, table.to_json(orient="index", indent=1))
+        print(f"wrote {args.out}")
+
+
+def dashboard_command(args: argparse.Namespace) -> None:
+    """Scan an SAE over a folder of images and write its latent dashboard (one self-contained HTML page)."""
+    from PIL import Image
+
+    from .analysis import scan
+    from .dashboard import write_dashboard
+    from .errors import ConfigError
+
+    if not args.out.endswith(".html"):
+        raise ConfigError(f"--out {args.out!r} must end in .html")
+    model, sae, layer, site, batches, folder, n_images = _sae_and_data(args)
+    found = scan(model, layer, sae, tqdm(batches, desc="scan", disable=not sys.stderr.isatty()),
+                 n_examples=args.n_examples, latents=args.latents, site=site)
+    names = folder.table[folder.image_column].iloc[:n_images]
+    images = [Image.open(folder.folder / name).convert("RGB") for name in names]
+    path = write_dashboard(args.out, found, images, latents=args.latents,
+                           title=f"{Path(args.sae).name}: {found.top.latents.numel()} latents")
+    print(f"wrote {path}")
+
+
+def _sae_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a local model folder, a hub id, or zoo:FAMILY")
+    p.add_argument("--sae", required=True, help="an SAE folder (vlmsae / SAELens / sparsify)")
+    p.add_argument("--data", required=True, help="a folder of images with captions.jsonl / .parquet")
+    p.add_argument("--layer", default=None, help="layer index or hook name (default: the SAE's hook_name)")
+    p.add_argument("--batches", type=int, default=None, help="read only the first N batches")
+    p.add_argument("--data-batch", type=int, default=8, help="images per model forward")
+    p.add_argument("--device", default="cpu")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlmsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,10 +203,21 @@ def main(argv: list[str] | None = None) -> None:
                    help="under N ranks: every rank trains every SAE on its share of each batch (data), or each "
                         "rank trains only its layers, fed by every rank's forwards (layers)")
     p.set_defaults(run=train_command)
+    p = sub.add_parser("evaluate", help=evaluate_command.__doc__)
+    _sae_args(p)
+    p.add_argument("--where", nargs="+", default=None, help="spliced positions: all, image, text (default: each)")
+    p.add_argument("--out", default=None, help="also write the table to this .json file")
+    p.set_defaults(run=evaluate_command)
+    p = sub.add_parser("dashboard", help=dashboard_command.__doc__)
+    _sae_args(p)
+    p.add_argument("--out", required=True, help="the .html page to write")
+    p.add_argument("--latents", type=int, nargs="+", default=None, help="only these latents (default: all)")
+    p.add_argument("--n-examples", type=int, default=8, help="top examples kept per latent")
+    p.set_defaults(run=dashboard_command)
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (VlmsaeError, ValueError) as err:
+    except (VlmsaeError, ValueError, OSError) as err:
         parser.exit(2, f"vlmsae {args.command}: {err}\n")
 
 
