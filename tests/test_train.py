@@ -170,6 +170,20 @@ def test_the_run_prints_its_token_mix_and_offers_a_balanced_quota(capsys):
         train(model, LAYER, data, make_sae(), steps=2, quota="even", **FAST)
 
 
+def test_readouts_report_fvu_l0_and_dead_latents_per_token_kind():
+    """Each readout adds FVU, L0 and the dead fraction (latents silent on all those tokens) of the batch's image
+    rows and of its text rows, with the tokens they were measured on."""
+    from vlmsae.zoo import tiny_model
+
+    model = tiny_model("llava")
+    history = []
+    train(model, LAYER, batches(model, 6), make_sae(), steps=25, quota="balanced", history=history, **FAST)
+    last = history[-1]
+    assert last["tokens_image"] == last["tokens_text"] == FAST["batch_size"] // 2
+    for kind in ("image", "text"):
+        assert 0 < last[f"fvu_{kind}"] < 2 and 0 < last[f"l0_{kind}"] <= 8 and 0 < last[f"dead_{kind}"] < 1
+
+
 @pytest.mark.parametrize("recipe", [{}, MATRYOSHKA], ids=["topk", "matryoshka"])
 def test_interrupt_resume_equals_uninterrupted(tmp_path, recipe):
     from vlmsae.zoo import tiny_model

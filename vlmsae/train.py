@@ -495,14 +495,54 @@ class OnlineRun:
         self.since_checkpoint += 1
 
     def readout(self, rows, bar, logger) -> None:
-        """After the trainers' readout: stop on NaN/Inf, show and hand out the metrics."""
+        """After the trainers' readout: stop on NaN/Inf, show and hand out the metrics (with per-kind ones)."""
         self.guard_finite()
-        bar.set_postfix_str(_postfix(self.trainers, self.saes, dict(zip(self.trained, rows))), refresh=False)
-        latest = self.readout_metrics()
-        self.history.extend({"layer": L, "sae": i, **asdict(m)} for (L, i), m in latest.items())
+        by_kind = self.kind_metrics(dict(zip(self.trained, rows)))
+        latest = {key: {**asdict(m), **by_kind.get(key, {})} for key, m in self.readout_metrics().items()}
+        bar.set_postfix_str(_postfix(latest, self.saes), refresh=False)
+        self.history.extend({"layer": L, "sae": i, **m} for (L, i), m in latest.items())
         if logger is not None:
-            logger.log({f"L{L}.{i}/{k}": v for (L, i), m in latest.items() for k, v in asdict(m).items()},
-                       step=self.step_count)
+            logger.log({f"L{L}.{i}/{k}": v for (L, i), m in latest.items() for k, v in m.items()}, step=self.step_count)
+
+    @torch.no_grad()
+    def kind_metrics(self, rows: dict) -> dict[tuple[int, int], dict[str, float]]:
+        """FVU, L0 and dead fraction of each SAE on the image rows and on the text rows of this step's batch
+        (``rows``: by layer): ``{(layer, i): {"fvu_image": ..., "l0_image": ..., "dead_image": ..., "tokens_image":
+        ..., ...text}}``. ``dead_*``: latents that fired on none of those tokens (the window is ``tokens_*``).
+        Global under data parallel (the batch's sums are all-reduced), the owner's whole batch under
+        ``parallel="layers"``; one host sync per SAE, at readouts only."""
+        kinds = (Kind.IMAGE, Kind.TEXT)
+        out = {}
+        for (L, i), t in self.trainers.items():
+            r, sae = rows[L], t.sae
+            x = r.acts.to(sae.W_dec.dtype)
+            codes = sae(x)
+            err = (codes.recon.float() - x.float()).pow(2).sum(-1)
+            parts = []
+            for kind in kinds:
+                sel = r.kind == kind
+                xs = x[sel].double()
+                fired = (codes.latents[sel] != 0)
+                parts.append(torch.cat([torch.stack([sel.sum().double(), err[sel].double().sum(), xs.pow(2).sum(),
+                                                     fired.sum().double()]), xs.sum(0), fired.any(0).double()]))
+            sums = torch.stack(parts)
+            if self.world is not None and self.owners is None:
+                sums = self.world.sum_(sums)
+            d_in = sae.cfg.d_in
+            metrics_ = {}
+            for kind, row in zip(kinds, sums.cpu()):
+                n, sq_err, sq_x, nonzero = row[:4].tolist()
+                if n < 2:
+                    continue
+                variance = sq_x - float(row[4:4 + d_in].pow(2).sum()) / n
+                name = kind.name.lower()
+                metrics_ |= {f"fvu_{name}": sq_err / variance if variance > 0 else None,
+                             f"l0_{name}": nonzero / n, f"dead_{name}": float((row[4 + d_in:] == 0).double().mean()),
+                             f"tokens_{name}": int(n)}
+            out[(L, i)] = metrics_
+        if self.owners is not None:
+            out = self.owners.gather(out)
+        return out
 
     def readout_metrics(self) -> dict[tuple[int, int], TrainMetrics]:
         """The metrics each trainer read out at this step, by (layer, SAE index).
@@ -572,27 +612,14 @@ def _check_finite(first_bad, step, saes, last_checkpoint) -> None:
                                      f"{where}. Lower the learning rate or check the activations")
 
 
-def _postfix(trainers, saes, rows) -> str:
-    """Live metrics of the last readout, and FVU / L0 per token kind on the current batch (``rows``: by layer)."""
+def _postfix(latest: dict, saes) -> str:
+    """The bar's text: each SAE's readout, and its FVU / L0 on the batch's image and text rows."""
     parts = []
-    for (L, i), t in trainers.items():
-        if not t.history:
-            continue
-        m = t.history[-1]
+    for (L, i), m in latest.items():
         tag = f"L{L}" + (f"#{i}" if len(saes[L]) > 1 else "")
-        parts.append(f"{tag} fvu {m.fvu:.3f} l0 {m.l0:.1f} dead {m.dead_fraction:.2f}")
-        r = rows[L]
-        with torch.no_grad():
-            out = t.sae(r.acts)
-            err = (out.recon.float() - r.acts.float()).pow(2).sum(-1)
-        for kind in (Kind.IMAGE, Kind.TEXT):
-            sel = r.kind == kind
-            n = int(sel.sum())
-            if n > 1:
-                x = r.acts[sel].float()
-                fvu = err[sel].sum() / (x - x.mean(0)).pow(2).sum()
-                l0 = (out.latents[sel] != 0).sum(-1).float().mean()
-                parts.append(f"{kind.name.lower()} {fvu:.3f}/{l0:.0f}")
+        parts.append(f"{tag} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_fraction']:.2f}")
+        parts += [f"{kind} {m[f'fvu_{kind}']:.3f}/{m[f'l0_{kind}']:.0f}" for kind in ("image", "text")
+                  if m.get(f"fvu_{kind}") is not None]
     return " | ".join(parts)
 
 
