@@ -43,7 +43,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    PreTrainedTokenizerFast,
+)
 
 from ..errors import ConfigError
 from ..files import write_folder_atomic
@@ -62,13 +68,13 @@ MAX_TEXT = 32  # tokens: three full object phrases joined by "and" (26 words), <
 class ShapesClipConfig:
     """How Shapes-CLIP is built (widths, depths) and trained (steps, batch, schedule, seed)."""
 
-    steps: int = 1000
+    steps: int = 1500
     """Optimizer steps; each sees a fresh batch."""
     batch: int = 128
     """Image-text pairs per step (the contrastive batch)."""
     lr: float = 2e-3
     """Peak AdamW learning rate (linear warmup, cosine decay to 5% of it)."""
-    warmup: int = 50
+    warmup: int = 40
     """Warmup steps."""
     weight_decay: float = 0.01
     """AdamW weight decay (matrices only)."""
@@ -80,15 +86,17 @@ class ShapesClipConfig:
     """Text tower layers."""
     projection_dim: int = 64
     """Width of the joint embedding space."""
+    patch: int = shapes.PATCH
+    """Vision patch, pixels: the grid is ``IMAGE_SIZE / patch`` square (8: 6 x 6, 6: 8 x 8)."""
     p_full: float = 0.25
     """Probability that a training text is the full caption; otherwise each attribute is kept with p=1/2."""
-    patch_aux: float = 0.0
+    patch_aux: float = 1.0
     """Weight of a training-only loss that makes every patch token of the vision tower's last layer predict
     the shape of the object it shows (0: off); the head is not part of the saved model."""
     seed: int = TRAIN_SEED
     """Seeds the weights, the training images and the choice of descriptions."""
-    threads: int = 2
-    """``torch.set_num_threads`` while training."""
+    threads: int = 1
+    """``torch.set_num_threads`` while training (1: on a shared 2-core machine 2 threads ran 6-10x slower)."""
     init: str = ""
     """A checkpoint folder to continue training from; empty: fresh weights."""
 
@@ -99,6 +107,8 @@ class ShapesClipConfig:
             raise ConfigError(f"steps={self.steps} must be >= 1 and batch={self.batch} >= 2 (a contrastive batch)")
         if not 0 <= self.warmup < self.steps:
             raise ConfigError(f"warmup={self.warmup} must be in 0..steps-1={self.steps - 1}")
+        if shapes.IMAGE_SIZE % self.patch:
+            raise ConfigError(f"patch={self.patch} must divide IMAGE_SIZE={shapes.IMAGE_SIZE}")
         if not 0.0 <= self.p_full <= 1.0:
             raise ConfigError(f"p_full={self.p_full} must be in [0, 1]")
 
@@ -115,7 +125,7 @@ def clip_config(cfg: ShapesClipConfig, tokenizer: PreTrainedTokenizerFast) -> CL
     heads = 4
     vision = CLIPVisionConfig(
         hidden_size=cfg.d_model, intermediate_size=2 * cfg.d_model, num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=heads, image_size=shapes.IMAGE_SIZE, patch_size=shapes.PATCH,
+        num_attention_heads=heads, image_size=shapes.IMAGE_SIZE, patch_size=cfg.patch,
         projection_dim=cfg.projection_dim,
     )
     text = CLIPTextConfig(
@@ -204,12 +214,12 @@ def clip_inputs(samples: list[shapes.Sample], tokenizer, texts: list[str] | None
 # ---------------------------------------------------------------------------------------- training
 
 
-def _patch_targets(samples: list[shapes.Sample]) -> torch.Tensor:
-    """``(batch * N_PATCHES,)``: 0 for a background patch, else 1 + the shape of the object it shows."""
+def _patch_targets(samples: list[shapes.Sample], patch: int) -> torch.Tensor:
+    """``(batch * patches,)``: 0 for a background patch, else 1 + the shape of the object it shows."""
     rows = []
     for s in samples:
         kinds = [1 + shapes.SHAPES.index(o.shape) for o in s.objects]
-        rows.append([0 if k < 0 else kinds[k] for k in s.patch_labels().reshape(-1)])  # row-major, as CLIP's
+        rows.append([0 if k < 0 else kinds[k] for k in s.patch_labels(patch).reshape(-1)])  # row-major, as CLIP's
     return torch.tensor(rows, dtype=torch.long).reshape(-1)
 
 
@@ -226,7 +236,7 @@ def _loss(model: CLIPModel, inputs: dict[str, torch.Tensor], match: torch.Tensor
     loss = (image_to_text + text_to_image) / 2
     if patch_head is None:
         return loss
-    patches = out.vision_model_output.last_hidden_state[:, 1:]  # (batch, N_PATCHES, d_model), CLS dropped
+    patches = out.vision_model_output.last_hidden_state[:, 1:]  # (batch, patches, d_model), CLS dropped
     return loss + patch_aux * F.cross_entropy(patch_head(patches.reshape(-1, patches.shape[-1])), patch_targets)
 
 
@@ -262,7 +272,7 @@ def train_clip(out: str | Path | None = CLIP_DIR, cfg: ShapesClipConfig | None =
         inputs = clip_inputs(samples, tokenizer, [d.text for d in descriptions])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        patch_targets = _patch_targets(samples) if patch_head else None
+        patch_targets = _patch_targets(samples, cfg.patch) if patch_head else None
         loss = _loss(model, inputs, match_matrix(samples, descriptions), patch_head, patch_targets,
                      cfg.patch_aux)
         opt.zero_grad(set_to_none=True)
@@ -345,8 +355,8 @@ def _accuracy(model, tokenizer, samples: list[shapes.Sample], reduce: str, batch
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
         for s, p in zip(chunk, zero_shot(model, tokenizer, chunk, reduce)):
-            for concept in hits:
-                hits[concept].append(p[concept] == tuple(o.value(concept) for o in s.objects))
+            for concept, found in hits.items():
+                found.append(p[concept] == tuple(o.value(concept) for o in s.objects))
     return {c: sum(v) / len(v) for c, v in hits.items()}
 
 
