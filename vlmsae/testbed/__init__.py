@@ -4,6 +4,7 @@ concept metrics for SAE latents. The library core and the analysis layer never i
 - :mod:`vlmsae.testbed.shapes`: images with their captions, answers and labels, deterministic from a seed;
 - :mod:`vlmsae.testbed.models`: train, load and run the captioner and the QA model shipped in ``checkpoints/``
   (``python -m vlmsae.testbed train|eval``);
+- :mod:`vlmsae.testbed.clip`: Shapes-CLIP, a dual encoder trained contrastively on Shapes, shipped beside them;
 - :mod:`vlmsae.testbed.data`: ``ShapesData``, batches of Shapes inputs;
 - :mod:`vlmsae.testbed.concepts`: concept AUROC of SAE latents and steering success;
 - :mod:`vlmsae.testbed.demo`: ``vlmsae demo``.
@@ -12,7 +13,7 @@ concept metrics for SAE latents. The library core and the analysis layer never i
 import importlib
 import warnings
 
-SUBMODULES = ("shapes", "models", "data", "concepts", "demo")
+SUBMODULES = ("shapes", "models", "clip", "data", "concepts", "demo")
 
 
 def __getattr__(name: str):

@@ -27,9 +27,7 @@ image patch predict the object it shows (see ``_loss``); it is not part of the s
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,41 +323,5 @@ def evaluate_qa(model, tokenizer, n: int = 500, seed: int = EVAL_SEED, batch: in
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlmsae.testbed", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train a testbed model and save it")
-    tr.add_argument("model", choices=["captioner", "qa"])
-    tr.add_argument("--out", type=Path, help="folder (default: the shipped one)")
-    for field, default in TestbedModelConfig.__dataclass_fields__.items():
-        tr.add_argument(f"--{field.replace('_', '-')}", type=type(default.default), default=default.default)
-    ev = sub.add_parser("eval", help="exact-match accuracy on fresh samples")
-    ev.add_argument("model", choices=["captioner", "qa"])
-    ev.add_argument("--path", type=Path, help="folder (default: the shipped one)")
-    ev.add_argument("--n", type=int, default=1000)
-    ev.add_argument("--seed", type=int, default=EVAL_SEED)
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        cfg = TestbedModelConfig(**{f: getattr(args, f) for f in TestbedModelConfig.__dataclass_fields__})
-        out = args.out or (CAPTIONER_DIR if args.model == "captioner" else QA_DIR)
-        t0 = time.perf_counter()
-        model, tok = (train_captioner if args.model == "captioner" else train_qa)(out, cfg)
-        print(f"trained {args.model} in {time.perf_counter() - t0:.0f} s -> {out}")
-        evaluate = evaluate_captioner if args.model == "captioner" else evaluate_qa
-        print({k: round(v, 4) for k, v in evaluate(model, tok, n=500).items()})
-        return
-    torch.set_num_threads(2)
-    if args.model == "captioner":
-        model, tok = load_captioner(args.path or CAPTIONER_DIR)
-        result = evaluate_captioner(model, tok, n=args.n, seed=args.seed)
-    else:
-        model, tok = load_qa(args.path or QA_DIR)
-        result = evaluate_qa(model, tok, n=args.n, seed=args.seed)
-    print({k: round(v, 4) for k, v in result.items()})
-
-
 __getattr__ = renamed_attributes(__name__, {"TrainConfig": "TestbedModelConfig"}, globals())
 
-
-if __name__ == "__main__":
-    main()
