@@ -183,6 +183,13 @@ def run_fsdp(world, out: Path) -> None:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
+    try:
+        with torch.no_grad():
+            sharded(**inputs)  # FSDP2's first forward on CPU tensors
+    except AttributeError as err:  # torch 2.6: FSDP2 asks the CPU for CUDA-only stream events
+        (out / f"fsdp.rank{world.rank}.json").write_text(json.dumps(
+            {"skipped": f"FSDP2 does not run on CPU under torch {torch.__version__} ({err})"}))
+        return
     ran = []
     for i, layer in enumerate(layers):
         layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i))

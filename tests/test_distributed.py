@@ -167,6 +167,8 @@ def test_fsdp2_sharded_model_stops_early_without_raising_and_trains_the_same_sae
     hidden state, and online training on the sharded model equals training on a plain replica."""
     meta0, meta1 = [json.loads((ranks / f"fsdp.rank{r}.json").read_text()) for r in (0, 1)]
     if "skipped" in meta0:
+        # FSDP2 runs on CPU from some release after 2.6 on; 2.11 and 2.13 were seen to: there a skip is a failure
+        assert tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 11), meta0["skipped"]
         pytest.skip(meta0["skipped"])
     for meta in (meta0, meta1):
         assert meta["record_equal"] and meta["returned_none"] and meta["ran"] == [0, 1] and meta["finished"][0]
