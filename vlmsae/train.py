@@ -308,7 +308,7 @@ class OnlineRun:
     counts, dead latents, FVU variance, initial ``b_dec``), :meth:`agree_filled` (the stop
     condition: a rank whose data fails stops every rank), :meth:`guard_finite`,
     :meth:`readout_metrics` and the checkpoints. Progress, logging and the saved SAEs are rank 0's
-    (the bar's per-kind FVU / L0 are of rank 0's current batch; every other figure is global).
+    (every figure is global; the per-kind ones are of the readout step's global batch).
     With ``parallel="layers"`` each rank instead trains only the layers it owns (``owners``,
     :class:`vlmsae.layer_owners.LayerOwners`), on whole global batches in a whole global buffer fed by
     every rank's forwards; ``trained`` lists this rank's layers (every layer otherwise).
