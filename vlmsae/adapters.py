@@ -292,8 +292,10 @@ class ModelInfo:
             kinds = {Kind.SPECIAL, Kind.TEXT, Kind.GENERATED} | ({Kind.IMAGE} if self.has_image_tokens else set())
         elif site in OUTPUT_SITES:
             kinds = {Kind.TEXT if stream == "text" else Kind.IMAGE}
+        elif stream == "text":
+            kinds = {Kind.SPECIAL, Kind.TEXT}
         else:
-            kinds = {Kind.SPECIAL, Kind.TEXT if stream == "text" else Kind.IMAGE}
+            kinds = {Kind.IMAGE} | ({Kind.SPECIAL} if self.towers[stream][1].cls_token else set())
         return frozenset(kinds)
 
     def hook_name(self, layer: int, site: str = "resid_post") -> str:
