@@ -310,3 +310,20 @@ def test_site_names_and_errors():
     with pytest.raises(vlmsae.ConfigError, match="vision.resid_post site has width"):
         with vlmsae.splice(model, "vision.blocks.0.hook_resid_post", sae):
             pass
+
+
+@pytest.mark.parametrize("family", ["vit-gpt2", "qwen2.5-vl"])
+def test_evaluate_at_a_vision_site_reads_the_decoders_loss(family):
+    """The loss is the decoder's, at the same positions, whichever site is spliced: ce_clean and loss_tokens equal a
+    decoder-site evaluation's; the vision SAE's FVU is over every patch."""
+    model = tiny_model(family)
+    batches = [tiny_inputs(model, 3, seed=i, padding="left") for i in range(2)]
+    width = vlmsae.layers(model).width("vision.resid_post")
+    vision = vlmsae.evaluate(model, "vision.blocks.0.hook_resid_post", vlmsae.SAE(d_in=width, d_sae=64, k=8), batches)
+    decoder = vlmsae.evaluate(model, 1, vlmsae.SAE(d_in=vlmsae.layers(model).d_model, d_sae=64, k=8), batches)
+    assert list(vision.index) == ["all"]
+    assert vision.loc["all", "ce_clean"] == pytest.approx(decoder.loc["all", "ce_clean"], rel=1e-6)
+    assert vision.loc["all", "loss_tokens"] == decoder.loc["all", "loss_tokens"]
+    assert vision.loc["all", "ce_spliced"] != vision.loc["all", "ce_clean"]
+    patches = (4 * 4 + 1) if family == "vit-gpt2" else 64  # ViT's class token is spliced too (where=None)
+    assert vision.loc["all", "spliced_tokens"] == 6 * patches
