@@ -327,3 +327,44 @@ def test_evaluate_at_a_vision_site_reads_the_decoders_loss(family):
     assert vision.loc["all", "ce_spliced"] != vision.loc["all", "ce_clean"]
     patches = (4 * 4 + 1) if family == "vit-gpt2" else 64  # ViT's class token is spliced too (where=None)
     assert vision.loc["all", "spliced_tokens"] == 6 * patches
+
+
+def narrow_vision(family: str):
+    """A tiny model whose vision tower is 48 wide and its decoder 64: widths read from the right config field."""
+    from transformers import LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    from vlmsae.zoo import tiny_config
+
+    config = tiny_config(family)
+    vision = config.vision_config
+    if family == "qwen2-vl":  # the ViT's width is embed_dim; hidden_size is the merger's output (the decoder's)
+        vision.embed_dim = 48
+    else:
+        vision.hidden_size, vision.intermediate_size = 48, 96
+    torch.manual_seed(0)
+    cls = LlavaForConditionalGeneration if family == "llava" else Qwen2VLForConditionalGeneration
+    return cls(config).eval()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_vision_widths_come_from_the_towers_config(family):
+    model = narrow_vision(family)
+    info = vlmsae.layers(model)
+    assert (info.width("vision.resid_post"), info.width("vision.proj_out"), info.d_model) == (48, 64, 64)
+    inputs = tiny_inputs(model, 2)
+    with torch.no_grad(), vlmsae.record(model, "vision.blocks.1.hook_resid_post") as rec, \
+            vlmsae.record(model, "vision.hook_proj_out") as proj:
+        model(**inputs)
+    assert rec[1].shape[-1] == 48 and proj[0].shape[-1] == 64
+
+
+def test_harvest_at_a_vision_site_then_train_from_the_shards(tmp_path):
+    model = narrow_vision("llava")
+    batches = [tiny_inputs(model, 2, seed=i) for i in range(2)]
+    folder = vlmsae.harvest(model, [1], batches, tmp_path / "shards", site="vision.resid_post")
+    sae = vlmsae.SAE(d_in=48, d_sae=64, k=4)
+    vlmsae.train(None, 1, vlmsae.Shards(folder), sae, steps=2, batch_size=8, buffer_size=32, progress=False,
+                 site="vision.resid_post", k_start=None, warmup_steps=1)
+    assert sae.metadata["hook_name"] == "vision.blocks.1.hook_resid_post"
+    with vlmsae.splice(model, "vision.blocks.1.hook_resid_post", sae, use_error_term=True):
+        model(**batches[0])
