@@ -368,3 +368,15 @@ def test_harvest_at_a_vision_site_then_train_from_the_shards(tmp_path):
     assert sae.metadata["hook_name"] == "vision.blocks.1.hook_resid_post"
     with vlmsae.splice(model, "vision.blocks.1.hook_resid_post", sae, use_error_term=True):
         model(**batches[0])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
+def test_gradients_flow_through_an_edit_at_a_vision_site(family):
+    """The in-place write is recorded by autograd: d(logits)/d(v) for a v added at the tower is that of the model."""
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, 2)
+    for name in ("vision.blocks.1.hook_resid_pre", "vision.blocks.1.hook_resid_post", "vision.hook_proj_out"):
+        v = torch.zeros(vlmsae.layers(model).width(vlmsae.sites.parse_site(name)[1]), requires_grad=True)
+        with vlmsae.attach(model, {name: lambda resid, fwd: resid + v}):
+            model(**inputs).logits.pow(2).sum().backward()
+        assert v.grad is not None and v.grad.abs().sum() > 0, name

@@ -485,12 +485,12 @@ def _pre_hook(key, fn: HookFn, tracker: _Tracker, device: torch.device | None, l
 
 
 def _write(x: torch.Tensor, new: torch.Tensor, view: View | None) -> None:
-    """Write ``new`` (``(batch, seq, d)``) into a tower's own tensor ``x``, in place."""
-    with torch.no_grad():
-        if view is None:
-            x.copy_(new)
-        else:
-            view.put(x, new.to(x.device))
+    """Write ``new`` (``(batch, seq, d)``) into a tower's own tensor ``x``, in place (recorded by autograd when grad
+    is on, so gradients flow through the edit as through a returned replacement)."""
+    if view is None:
+        x.copy_(new)
+    else:
+        view.put(x, new.to(x.device))
 
 
 def _stopping(inner):
