@@ -96,8 +96,9 @@ class TowerCall:
 
     def __init__(self, tower: Tower, module: nn.Module, args: tuple, kwargs: dict):
         self.tower, self.module = tower, module
-        if args:
-            kwargs = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
+        if args:  # positional inputs: name them as the forward's signature does, its **kwargs flattened
+            named = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
+            kwargs = {**named.pop("kwargs", {}), **named}
         self.grid_thw = kwargs.get("grid_thw") if tower.flat else None
         self.patch_mask = kwargs.get(tower.patch_mask) if tower.patch_mask else None
         self.window = _window_index(module, self.grid_thw, kwargs) if tower.window and self.grid_thw is not None \
@@ -148,7 +149,7 @@ def _window_index(module: nn.Module, grid_thw: Tensor, kwargs: dict) -> Tensor:
     """Qwen2.5-VL's window order of the merged blocks, as the tower computes it (``window_index[j]``: the block at
     window position ``j``): the caller's precomputed ``window_index`` if it passed one, else transformers' own
     ``get_vision_window_index`` (5.x), else the tower's ``get_window_index`` method (4.x)."""
-    given = kwargs.get("kwargs", {}).get("window_index") if "kwargs" in kwargs else kwargs.get("window_index")
+    given = kwargs.get("window_index")
     if given is not None:
         return given
     try:
