@@ -5,13 +5,15 @@ statistics and, for each latent, the running ``n_examples`` examples where it pe
 the SAE's device. An example's activation is its peak over the selected positions, so the top examples
 are distinct examples (images), not several patches of one image.
 
-For families whose decoder stream holds image tokens (LLaVA, Qwen-VL), each top example keeps
-the latent's activation at every image token, mapped back onto the patch grid by
-:func:`patch_grid`:
+For families whose decoder stream holds image tokens (LLaVA, Qwen-VL), and at every vision-tower site and
+projector output, each top example keeps the latent's activation at every image token (patch), mapped back onto
+the patch grid by :func:`patch_grid`:
 
 - LLaVA: one token per patch, row-major over the ``image_size / patch_size`` grid;
 - Qwen-VL: one token per ``merge x merge`` block of patches (the vision tower's spatial merge),
-  row-major over the merged grid, so each token's value covers its whole block.
+  row-major over the merged grid, so each token's value covers its whole block;
+- a vision tower: one position per patch (after the class token, where there is one), row-major; Qwen-VL's
+  ViT runs over ``merge x merge`` blocks of patches (the image processor's order), the blocks row-major.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -49,31 +51,39 @@ class PatchLayout:
     """(rows, cols) of patches."""
     merge: int
     """Patches per token along each side: 1 for LLaVA and PaliGemma, ``spatial_merge_size`` (2) for Qwen-VL, the
-    pooling kernel for Gemma 3, ``scale_factor`` (the pixel shuffle) for Idefics3 / SmolVLM."""
+    pooling kernel for Gemma 3, ``scale_factor`` (the pixel shuffle) for Idefics3 / SmolVLM; 1 in a vision tower."""
+    block: int = 1
+    """The tokens run over ``block x block`` blocks, row-major inside each block and the blocks row-major (Qwen-VL's
+    vision tower: ``spatial_merge_size``); 1: plainly row-major."""
 
     @property
     def n_tokens(self) -> int:
         return (self.grid[0] // self.merge) * (self.grid[1] // self.merge)
 
 
-def patch_layout(model: Model, batch: dict) -> PatchLayout | None:
-    """The patch layout of the images in ``batch``; ``None`` for families without image tokens.
+def patch_layout(model: Model, batch: dict, site: str = "resid_post") -> PatchLayout | None:
+    """The patch layout of the images in ``batch`` at ``site``; ``None`` where the site holds no image tokens (a
+    ViT-GPT2 decoder, a text tower, pooled embeddings).
 
-    Where the family's ``patch_grid`` is ``"vision_config"`` the grid is ``image_size // patch_size`` per side and
-    the merge follows from the image tokens of the first example (merged tokens run row-major over ``merge x
-    merge`` blocks: LLaVA, PaliGemma, Gemma 3's average pool, Idefics3's pixel shuffle); ``"image_grid_thw"``
-    (Qwen-VL) reads the batch's grid.
+    In the decoder and at the projector's output (``vision.proj_out``): where the family's ``patch_grid`` is
+    ``"vision_config"`` the grid is ``image_size // patch_size`` per side and the merge follows from the image
+    tokens of the first example (merged tokens run row-major over ``merge x merge`` blocks: LLaVA, PaliGemma,
+    Gemma 3's average pool, Idefics3's pixel shuffle); ``"image_grid_thw"`` (Qwen-VL) reads the batch's grid. In a
+    vision tower one position is one patch: the same grid, merge 1, and Qwen-VL's ``merge x merge`` blocks.
 
     Raises:
         ConfigError: a Qwen-VL batch without ``image_grid_thw``, or with images of several sizes or frames; an
             example whose image tokens do not tile the patch grid (several images, or an image split into crops).
     """
     info = layers(model)
-    if not info.has_image_tokens:
+    tower = site.startswith("vision.") and site != "vision.proj_out"
+    if not tower and (site not in ("resid_pre", "resid_post", "vision.proj_out") or not info.has_image_tokens):
         return None
-    vision = info.model.config.vision_config
+    vision = info.tower_config("vision")
     if info.patch_grid == "vision_config":
         side = vision.image_size // vision.patch_size
+        if tower:
+            return PatchLayout((side, side), 1)
         count = int((batch[info.ids_key][0] == info.image_token_id).sum())
         merge = math.isqrt(side * side // count) if count else 0
         if not count or merge * merge * count != side * side:
@@ -87,7 +97,8 @@ def patch_layout(model: Model, batch: dict) -> PatchLayout | None:
     if (grid_thw != grid_thw[0]).any() or int(grid_thw[0, 0]) != 1:
         raise ConfigError(f"image_grid_thw={grid_thw.tolist()}: heatmaps need one still image (t=1) per example, "
                           "all of one size; resize the images to one size")
-    return PatchLayout((int(grid_thw[0, 1]), int(grid_thw[0, 2])), int(vision.spatial_merge_size))
+    grid, merge = (int(grid_thw[0, 1]), int(grid_thw[0, 2])), int(vision.spatial_merge_size)
+    return PatchLayout(grid, 1, block=merge) if tower else PatchLayout(grid, merge)
 
 
 def patch_grid(acts: Tensor, layout: PatchLayout) -> Tensor:
@@ -101,9 +112,11 @@ def patch_grid(acts: Tensor, layout: PatchLayout) -> Tensor:
     if acts.shape[-1] != layout.n_tokens:
         raise ConfigError(f"{acts.shape[-1]} image tokens do not tile a {layout.grid} patch grid merged "
                           f"{layout.merge}x{layout.merge} ({layout.n_tokens} tokens)")
-    # stream order is row-major over merged tokens; each covers merge x merge patches
-    return repeat(acts, "... (rows cols) -> ... (rows mr) (cols mc)", rows=layout.grid[0] // layout.merge,
-                  mr=layout.merge, mc=layout.merge)
+    rows, block = layout.grid[0] // layout.merge, layout.block
+    if block > 1:  # block x block groups of tokens, row-major inside each group, the groups row-major
+        acts = rearrange(acts, "... (br bc ir ic) -> ... (br ir bc ic)", br=rows // block, ir=block, ic=block)
+    # stream order is now row-major over merged tokens; each covers merge x merge patches
+    return repeat(acts, "... (rows cols) -> ... (rows mr) (cols mc)", rows=rows, mr=layout.merge, mc=layout.merge)
 
 
 MAX_TOP_BYTES = 4 * 2**30
@@ -228,11 +241,14 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
     counted as SPECIAL besides the config's (a chat template's control tokens:
     :func:`vlmsae.special_token_ids` with the tokenizer), so the default ``where`` leaves them out.
     Examples are numbered across batches in order. Activations are in the SAE's latent units; counts
-    in positions.
+    in positions. At a vision tower's site (``"vision.blocks.3.hook_resid_post"``) an example is one image of the
+    tower's batch, its positions are patches (token ids -1; the class token is SPECIAL, so left out by default),
+    and every top example has a heatmap on the patch grid (:func:`patch_layout`); at ``vision.proj_out`` the
+    positions are the image tokens the decoder receives.
 
     Raises:
         ConfigError: ``n_examples < 1``, ``context < 0``, a bad latent index, ``data`` yields nothing,
-            the SAE's ``d_in`` is not the model's ``d_model``, the top examples would exceed
+            the SAE's ``d_in`` is not the site's width, the top examples would exceed
             ``max_top_bytes``, or (models with image tokens) an example without exactly one image, or
             images of several sizes.
         LayerIndexError, SiteError, UnsupportedModelError: as :func:`vlmsae.record`.
@@ -245,7 +261,9 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
     if context < 0:
         raise ConfigError(f"context={context} must be >= 0 (tokens shown either side of the peak)")
     info, layer, site = check_entry(model, layer, site, sae)
-    kinds_read = where_kinds(where, info)
+    kinds_read = where_kinds(where, info, site)
+    heatmaps = site in ("vision.resid_pre", "vision.resid_post", "vision.proj_out") or \
+        (site in ("resid_pre", "resid_post") and info.has_image_tokens)  # patch_layout says where
     device = sae.W_dec.device
     d_sae = sae.cfg.d_sae
     subset = None if latents is None else torch.tensor(check_latents(latents, d_sae), dtype=torch.long,
@@ -280,11 +298,12 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
         acts = codes if subset is None else codes[..., subset]  # (B, T, F)
         n_batch = acts.shape[0]
         peak, position = acts.masked_fill(~read[..., None], float("-inf")).max(1)  # (B, F)
-        ids, window_acts = _window(fwd.ids.to(device), kinds, acts, position, context)
+        ids = fwd.ids.to(device) if fwd.ids is not None else torch.full(kinds.shape, -1, device=device)  # a tower's patches
+        ids, window_acts = _window(ids, kinds, acts, position, context)
         example = torch.arange(offset, offset + n_batch, device=device)[None, :].expand(n_feat, -1)
         new = [peak.T, example, position.T, ids.transpose(0, 1), window_acts.transpose(0, 1)]
-        if info.has_image_tokens:
-            layout = _check_layout(layout, patch_layout(model, batch))
+        if heatmaps:
+            layout = _check_layout(layout, patch_layout(model, batch, site))
             image = kinds == Kind.IMAGE
             counts = image.sum(1)
             if not bool((counts == layout.n_tokens).all()):

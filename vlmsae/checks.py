@@ -16,12 +16,12 @@ from .sites import parse_site
 def check_entry(model: Model, layer: int | str, site: str, sae: SAE | None = None) -> tuple[ModelInfo, int, str]:
     """The model's info and the site in vlmsae's spelling, checked: what every entry point runs first.
 
-    ``layer`` is a decoder layer index or a TransformerLens hook name (:func:`vlmsae.sites.parse_site`).
+    ``layer`` is a layer index or a hook name (:func:`vlmsae.sites.parse_site`), of any site the model has.
 
     Raises:
         UnsupportedModelError: the model is not a supported family.
         LayerIndexError, SiteError: a bad layer or site (:func:`vlmsae.hooks.check_sites`).
-        ConfigError: the SAE's ``d_in`` is not the model's ``d_model``.
+        ConfigError: the SAE's ``d_in`` is not the site's width (``info.width(site)``).
 
     Warns:
         HookNameWarning: the SAE's ``hook_name`` metadata names another site.
@@ -40,9 +40,11 @@ def check_sae(sae: SAE, info: ModelInfo, layer: int, site: str, stacklevel: int 
     The warning (:class:`~vlmsae.errors.HookNameWarning`) names the SAE's own ``hook_name`` and the
     site it is used at: an SAE trained on layer 2 spliced at layer 1 runs, but means little.
     """
-    if sae.cfg.d_in != info.d_model:
+    width = info.width(site)
+    if sae.cfg.d_in != width:
+        what = "residual has d_model" if site in ("resid_pre", "resid_post") else f"{site} site has width"
         raise ConfigError(
-            f"the SAE reads d_in={sae.cfg.d_in} but this {info.family} model's residual has d_model={info.d_model}; "
+            f"the SAE reads d_in={sae.cfg.d_in} but this {info.family} model's {what}={width}; "
             "use an SAE trained on this model (or one of the same width)")
     trained_at, used_at = sae.metadata.get("hook_name"), info.hook_name(layer, site)
     if trained_at is not None and _same_site(trained_at) != (layer, site):

@@ -42,7 +42,8 @@ class LiveSource:
 
     Before a run it says what the run needs to know of the model: ``d_model``, where each layer runs
     (:meth:`device_of`), whether the hook site exists (:meth:`check`) and where an SAE belongs
-    (:meth:`describe`). :meth:`start` positions it; then each :meth:`fill` runs one forward per batch,
+    (:meth:`describe`). ``site`` is any site of the model (a decoder's, a vision tower's, ``vision.proj_out``,
+    ``image_embeds``): ``d_model`` is then its width. :meth:`start` positions it; then each :meth:`fill` runs one forward per batch,
     stopped after the deepest layer, writing every layer's buffer through its sink. Raises
     ``UnsupportedModelError`` for a model without an adapter, ``ConfigError`` when the data cannot be
     iterated again, or a batch with images holds no image token. ``special_ids`` are token ids counted as SPECIAL
@@ -53,7 +54,7 @@ class LiveSource:
     def __init__(self, model, data: Iterable[dict], site: str, special_ids: Iterable[int] | None = None):
         self.info, self.data, self.site = adapter_info(model), data, site
         self.special_ids = frozenset(int(i) for i in (special_ids or ()))
-        self.d_model = self.info.d_model
+        self.d_model = self.info.width(site)  # the site's width: d_model in the decoder, d_vision in a vision tower
         self.layers, self.it, self.used = [], iter(()), 0
 
     def device_of(self, layer: int, device: str | None = None) -> torch.device:
@@ -61,7 +62,7 @@ class LiveSource:
         under accelerate), else the CPU."""
         if device:
             return torch.device(device)
-        return execution_device(self.info.layers[layer]) or torch.device("cpu")
+        return execution_device(self.info.stack(self.site).modules[layer]) or torch.device("cpu")
 
     def check(self, layers: list[int]) -> None:
         """Raises ``SiteError`` / ``LayerIndexError`` unless every layer has the hook site."""
@@ -73,7 +74,7 @@ class LiveSource:
         meta.setdefault("hook_name", info.hook_name(layer, self.site))
         meta.setdefault("model_class_name", type(info.model).__name__)
         meta.setdefault("model_name", getattr(info.model.config, "_name_or_path", "") or info.family)
-        meta.setdefault("hf_layer_path", f"{info.layer_path}.{layer}")
+        meta.setdefault("hf_layer_path", info.module_path(layer, self.site))
 
     def start(self, layers: list[int], position: dict) -> None:
         """Read for ``layers`` from the data's start, skipping the ``data_batches_used`` of a checkpoint's position."""

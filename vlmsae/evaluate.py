@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Kind, Model
 from .checks import check_entry
-from .errors import ConfigError, HookNameWarning
+from .errors import ConfigError, HookNameWarning, SiteError
 from .hooks import attach
 from .interventions import splice
 from .metrics import SpliceStats, kind_stats
@@ -84,18 +84,27 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     config's (a chat template's control tokens: :func:`vlmsae.special_token_ids` with the tokenizer): they are
     not spliced as text, nor scored as next tokens.
 
+    At a vision tower's site or the projector's output (``"vision.blocks.3.hook_resid_post"``) the loss is the
+    decoder's all the same, read at the same positions; ``where`` then chooses patches (``"image"``, ``"special"``
+    for a class token), by default all of them.
+
     Raises:
-        LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
-        SiteError: ``site`` is not one of ``vlmsae.SITES``.
+        LayerIndexError: ``layer`` is outside the site's layers.
+        SiteError: ``site`` is not a site of the model, or the model has no decoder (a dual encoder).
         ConfigError: the SAE's ``d_in`` is not the model's ``d_model``, a ``where`` selects no token, or
             ``data`` yields no batch.
         UnsupportedModelError: the model is not a supported family.
     """
     info, layer, site = check_entry(model, layer, site, sae)
+    decoder = site in ("resid_pre", "resid_post")
+    if not info.n_layers:
+        raise SiteError(f"evaluate() measures a decoder's next-token loss; this {info.family} model has no decoder "
+                        "(a dual encoder): splice the SAE and read its logits_per_image instead")
     if where is None:
-        where = ["all", "image", "text"] if info.has_image_tokens else ["all"]
+        where = ["all", "image", "text"] if info.has_image_tokens and decoder else ["all"]
     where = [where] if isinstance(where, str) else list(where)
-    kinds_of = {w: where_kinds(w, info) for w in where}
+    kinds_of = {w: where_kinds(w, info, site) for w in where}
+    extra = frozenset(int(i) for i in (special_ids or ()))
     sums = {w: {k: 0.0 for k in ("clean", "spliced", "zero", "mean", "kl", "tokens")} for w in where}
     splices = {}
     with warnings.catch_warnings():  # check_sae has warned once if this is not the SAE's own site
@@ -104,7 +113,9 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
             with record(model, [layer], site=site, special_ids=special_ids) as rec:
                 logits = model(**batch).logits
             # On a model spread over devices the logits, the inputs and the layer may each be on another.
-            positions = loss_positions(rec.kinds(layer)).to(logits.device)
+            # the decoder's kinds say where the loss is read, whichever site is spliced (a vision tower's too)
+            kinds = rec.kinds(layer) if decoder else info.kinds(batch[info.ids_key], batch.get(info.mask_key), extra)
+            positions = loss_positions(kinds).to(logits.device)
             targets = batch[info.ids_key].to(logits.device)[:, 1:][positions]
             clean = predicting(logits, positions)
             del logits

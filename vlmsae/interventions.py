@@ -83,9 +83,9 @@ def place(model: Model, layer: int, sae: SAE, *, site: str = "resid_post") -> SA
     on that device. ``resid_pre`` of a layer is on the same device as its ``resid_post``.
 
     Raises:
-        LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
-        SiteError: ``site`` is not one of ``vlmsae.SITES``.
-        ConfigError: the SAE's ``d_in`` is not the model's ``d_model``, or nothing tells where the layer
+        LayerIndexError: ``layer`` is outside the site's layers (``0..n_layers - 1`` in the decoder).
+        SiteError: ``site`` is not a site of the model (``vlmsae.layers(model).sites``).
+        ConfigError: the SAE's ``d_in`` is not the site's width (``d_model`` at the decoder), or nothing tells where the layer
             runs (no accelerate hook on it or its submodules, and every weight on ``meta``).
         UnsupportedModelError: the model is not a supported family.
 
@@ -93,7 +93,7 @@ def place(model: Model, layer: int, sae: SAE, *, site: str = "resid_post") -> SA
         HookNameWarning: the SAE's ``hook_name`` metadata names another site.
     """
     info, layer, site = check_entry(model, layer, site, sae)
-    device = execution_device(info.layers[layer])
+    device = execution_device(info.stack(site).modules[layer])
     if device is None:
         raise ConfigError(f"layer {layer} of this {info.family} model has every weight on 'meta' and no accelerate "
                           "hook saying where it runs; load or dispatch the model first, or move the SAE with sae.to()")
@@ -145,6 +145,9 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
            special_ids: Iterable[int] | None = None) -> Iterator[Splice]:
     """Replace the residual at ``layer`` by the SAE's reconstruction on every forward inside the block.
 
+    ``layer`` and ``site`` name any site of the model (a decoder layer, a vision tower's, the projector's output,
+    a dual encoder's embeddings; or the hook name alone: ``splice(model, "vision.blocks.3.hook_resid_post", sae)``).
+
     ``use_error_term=True`` keeps the error term (SAELens' name), so downstream sees the original residual
     except for what ``edit(latents, fwd) -> latents`` changes (latents ``(batch, seq, d_sae)``). ``where``
     restricts the splice to some positions. The SAE runs in its own dtype and device; the result goes
@@ -153,9 +156,9 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
     control tokens: :func:`vlmsae.special_token_ids` with the tokenizer), for ``where`` and the stats.
 
     Raises:
-        LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
-        SiteError: ``site`` is not one of ``vlmsae.SITES``.
-        ConfigError: the SAE's ``d_in`` is not the model's ``d_model``, or ``where`` selects no token.
+        LayerIndexError: ``layer`` is outside the site's layers (``0..n_layers - 1`` in the decoder).
+        SiteError: ``site`` is not a site of the model (``vlmsae.layers(model).sites``).
+        ConfigError: the SAE's ``d_in`` is not the site's width (``d_model`` at the decoder), or ``where`` selects no token.
         SiteError: this SAE is already spliced at this site of this model.
         UnsupportedModelError: the model is not a supported family.
 
@@ -163,12 +166,12 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
         HookNameWarning: the SAE's ``hook_name`` metadata names another site.
     """
     info, layer, site = check_entry(model, layer, site, sae)
-    kinds = where_kinds(where, info)
+    kinds = where_kinds(where, info, site)
     key = (id(info.model), layer, site, id(sae))
     if key in _ACTIVE:
         raise SiteError(f"this SAE is already spliced at layer {layer} ({site}) of this model; "
                         "splicing it twice would reconstruct a reconstruction — close the outer splice first")
-    state = Splice(sae, info.d_model, sae.W_dec.device)
+    state = Splice(sae, info.width(site), sae.W_dec.device)
 
     @torch.no_grad()
     def hook(resid: Tensor, fwd: Forward) -> Tensor:
@@ -284,17 +287,18 @@ def steer(model: Model, layer: int, target: SAE | Tensor, latents: Mapping[int, 
     in :func:`splice`.
 
     Raises:
-        LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
-        SiteError: ``site`` is not one of ``vlmsae.SITES``.
-        ConfigError: the vector's width is not the model's ``d_model``, ``where`` selects no token, or
+        LayerIndexError: ``layer`` is outside the site's layers (``0..n_layers - 1`` in the decoder).
+        SiteError: ``site`` is not a site of the model (``vlmsae.layers(model).sites``).
+        ConfigError: the vector's width is not the site's (``d_model`` at the decoder), ``where`` selects no token, or
             anything :func:`steering_vector` rejects.
         UnsupportedModelError: the model is not a supported family.
     """
     info, layer, site = check_entry(model, layer, site, target if isinstance(target, SAE) else None)
     vector = steering_vector(target, latents, strength=strength, relative_to=relative_to)
-    if vector.shape[0] != info.d_model:
-        raise ConfigError(f"a steering vector of width {vector.shape[0]} does not fit d_model={info.d_model}")
-    kinds = where_kinds(where, info)
+    if vector.shape[0] != info.width(site):
+        what = "d_model" if site in ("resid_pre", "resid_post") else f"the width of {site}"
+        raise ConfigError(f"a steering vector of width {vector.shape[0]} does not fit {what}={info.width(site)}")
+    kinds = where_kinds(where, info, site)
 
     def hook(resid: Tensor, fwd: Forward) -> Tensor:
         mask = where_mask(where, kinds, fwd).to(resid.device)
@@ -324,13 +328,13 @@ def latent_stats(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, wh
     ``special_ids`` as in :func:`splice`.
 
     Raises:
-        LayerIndexError: ``layer`` is outside ``0..n_layers - 1``.
-        SiteError: ``site`` is not one of ``vlmsae.SITES``.
-        ConfigError: the SAE's ``d_in`` is not the model's ``d_model``, or ``where`` selects no token.
+        LayerIndexError: ``layer`` is outside the site's layers (``0..n_layers - 1`` in the decoder).
+        SiteError: ``site`` is not a site of the model (``vlmsae.layers(model).sites``).
+        ConfigError: the SAE's ``d_in`` is not the site's width (``d_model`` at the decoder), or ``where`` selects no token.
         UnsupportedModelError: the model is not a supported family.
     """
     info, layer, site = check_entry(model, layer, site, sae)
-    kinds = where_kinds(where, info)
+    kinds = where_kinds(where, info, site)
     d_sae = sae.cfg.d_sae
     total = torch.zeros(d_sae, dtype=torch.float64, device=sae.W_dec.device)
     fired = torch.zeros_like(total)

@@ -28,12 +28,13 @@ _KINDS_OF = {
 }
 
 
-def where_kinds(where: Where, info: ModelInfo) -> tuple[Kind, ...] | None:
-    """The kinds a ``where`` selects (``None`` for a callable).
+def where_kinds(where: Where, info: ModelInfo, site: str = "resid_post") -> tuple[Kind, ...] | None:
+    """The kinds a ``where`` selects at ``site`` (``None`` for a callable): of those named, the ones the site's
+    positions can hold (:meth:`ModelInfo.site_kinds`: no image in a ViT-GPT2 decoder, no text in a vision tower).
 
     Raises:
-        ConfigError: an unknown kind name, ``where=[]``, or a choice that can select no token in this
-            model (``"image"`` in a ViT-GPT2 decoder, only padding).
+        ConfigError: an unknown kind name, ``where=[]``, or a choice that can select no token at this
+            site (``"image"`` in a ViT-GPT2 decoder, ``"text"`` in a vision tower, only padding).
     """
     if callable(where) and not isinstance(where, (str, Kind)):
         return None
@@ -48,14 +49,18 @@ def where_kinds(where: Where, info: ModelInfo) -> tuple[Kind, ...] | None:
             kinds.update(_KINDS_OF[name])
         else:
             raise ConfigError(f"where={name!r} is not a token kind; use one of {WHERE_NAMES} or a callable")
-    if not info.has_image_tokens:
-        kinds.discard(Kind.IMAGE)
-        if not kinds:
+    if kinds == {Kind.PAD}:
+        raise ConfigError(f"where={where!r} selects only padding; use 'text', 'image' or None")
+    possible = info.site_kinds(site)
+    kinds = {k for k in kinds if k in possible or k == Kind.PAD}
+    if not kinds - {Kind.PAD}:
+        if site in ("resid_pre", "resid_post"):
             raise ConfigError(
                 f"where={where!r} selects no token in a {info.family} model: its decoder stream holds no image "
                 "tokens (the image enters by cross-attention); use 'text' or None")
-    if kinds == {Kind.PAD}:
-        raise ConfigError(f"where={where!r} selects only padding; use 'text', 'image' or None")
+        names = sorted(k.name.lower() for k in possible)
+        raise ConfigError(f"where={where!r} selects no position at site {site!r} of this {info.family} model, "
+                          f"whose positions are {names}; use one of those or None")
     return tuple(sorted(kinds))
 
 
@@ -71,7 +76,7 @@ def where_mask(where: Where, kinds: tuple[Kind, ...] | None, fwd: Forward) -> Te
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.ndim != 2:
         got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
         raise ConfigError(f"where={where!r} returned {got}; a callable where must return a (batch, seq) bool tensor")
-    if fwd.ids is not None:
+    if fwd.ids is not None or fwd.view is not None:
         return mask & (fwd.kinds != Kind.PAD).to(mask.device)
     if fwd.attention_mask is not None:  # inputs_embeds only: the attention mask still says where padding is
         return mask & (fwd.attention_mask[:, -mask.shape[1]:] != 0).to(mask.device)

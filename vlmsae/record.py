@@ -20,10 +20,11 @@ Sink = Callable[[int, torch.Tensor, Forward], None]
 class Recording:
     """Residuals captured inside a :func:`record` block, with the token kind of each position (``rec.kinds(L)``).
 
-    ``rec[L]`` is ``(batch, seq, d_model)``: the captures of every forward joined along the sequence.
+    ``rec[L]`` is ``(batch, seq, d)``: the captures of every forward joined along the sequence.
     Under ``generate()`` the first forward holds the prompt and each later one the token fed back
     at that decode step, so ``rec[L]`` equals one uncached forward over ``sequences[:, :-1]`` (the
-    last generated token is never fed back in).
+    last generated token is never fed back in). ``L`` may be the hook name too (``rec["vision.blocks.1.hook_resid_post"]``).
+    At pooled embeddings (``image_embeds``, ``text_embeds``: layer 0) ``rec[0]`` is ``(batch, d)``.
     """
 
     def __init__(self, layers: list[int], site: str):
@@ -31,13 +32,25 @@ class Recording:
         self.site = site
         self.forwards: list[Forward] = []
         self._steps: dict[int, list[tuple[Forward, torch.Tensor]]] = {layer: [] for layer in layers}
+        self._pooled = site in ("image_embeds", "text_embeds")
+
+    def _layer(self, key) -> int:
+        """The layer a key names: a layer index, or a hook name of this recording's site."""
+        if not isinstance(key, str):
+            return key
+        layer, site = parse_site(key, self.site)
+        if site != self.site:
+            raise KeyError(f"{key!r} is site {site!r}; this recording holds {self.site!r} "
+                           f"(layers {self.layers})")
+        return layer
 
     def _capture(self, layer: int, resid: torch.Tensor, fwd: Forward) -> None:
         if not self.forwards or self.forwards[-1] is not fwd:
             self.forwards.append(fwd)
         self._steps[layer].append((fwd, resid.detach()))
 
-    def _check(self, layer: int) -> list[tuple[Forward, torch.Tensor]]:
+    def _check(self, layer) -> list[tuple[Forward, torch.Tensor]]:
+        layer = self._layer(layer)
         if layer not in self._steps:
             raise KeyError(f"layer {layer} was not recorded; recorded layers: {self.layers}")
         steps = self._steps[layer]
@@ -53,24 +66,29 @@ class Recording:
         return steps
 
     def steps(self, layer: int) -> list[torch.Tensor]:
-        """One ``(batch, seq_i, d_model)`` tensor per forward (per decode step under ``generate()``)."""
+        """One ``(batch, seq_i, d)`` tensor per forward (per decode step under ``generate()``; ``(batch, 1, d)``
+        at pooled embeddings)."""
+        layer = self._layer(layer)
         if layer not in self._steps:
             raise KeyError(f"layer {layer} was not recorded; recorded layers: {self.layers}")
         return [resid for _, resid in self._steps[layer]]
 
     def __getitem__(self, layer: int) -> torch.Tensor:
         steps = self._check(layer)
-        return steps[0][1] if len(steps) == 1 else torch.cat([r for _, r in steps], dim=1)
+        joined = steps[0][1] if len(steps) == 1 else torch.cat([r for _, r in steps], dim=1)
+        return joined[:, 0] if self._pooled else joined
 
     def kinds(self, layer: int) -> torch.Tensor:
-        """``(batch, seq)`` int8 :class:`~vlmsae.Kind` of each position of ``rec[layer]``.
+        """``(batch, seq)`` int8 :class:`~vlmsae.Kind` of each position of ``rec[layer]`` (``(batch,)`` at pooled
+        embeddings).
 
         Raises:
             KeyError: ``layer`` was not recorded.
             ValueError: nothing was recorded, or the forwards cannot be joined (see ``steps``).
         """
         steps = self._check(layer)
-        return torch.cat([fwd.kinds for fwd, _ in steps], dim=1)
+        kinds = torch.cat([fwd.kinds for fwd, _ in steps], dim=1)
+        return kinds[:, 0] if self._pooled else kinds
 
     def mask(self, layer: int) -> torch.Tensor:
         """Deprecated name of :meth:`kinds` (it returns kinds, not a mask)."""
@@ -89,18 +107,25 @@ def record(model: Model, layers: int | Iterable[int], *, site: str = "resid_post
 
     ``rec[L]`` is ``(batch, seq, d_model)``, equal to the model's ``output_hidden_states[L + 1]`` for
     ``resid_post`` (``[L]`` for ``resid_pre``); ``rec.kinds(L)`` is ``(batch, seq)`` int8 :class:`Kind`.
+    Any site of the model is recorded alike (``site="vision.resid_post"`` or the hook names,
+    ``"vision.blocks.1.hook_resid_post"``): a vision tower's ``rec[L]`` is ``(images, patches, d_vision)``, equal to
+    its own ``output_hidden_states[L + 1]`` (Qwen-VL's flat ``(patches, d)`` split per image, in the processor's
+    patch order: :mod:`vlmsae.streams`); pooled embeddings give ``(batch, d)``. One site per block: to keep a dual
+    encoder's (image, caption) pairs, nest two blocks over one forward (``record(m, "hook_image_embeds")`` and
+    ``record(m, "hook_text_embeds")``): row ``i`` of one is paired with row ``i`` of the other.
     ``stop=True`` ends each forward right after the deepest recorded layer (the model call returns
     ``None``): no compute is spent on layers nobody reads. ``sink`` receives every capture
-    ``sink(layer, resid, fwd)`` instead of the recording keeping it. Captures are the model's own
+    ``sink(layer, resid, fwd)`` instead of the recording keeping it (``resid`` ``(batch, seq, d)``, ``seq`` 1 at pooled
+    embeddings). Captures are the model's own
     tensors, detached, in its dtype and on the layer's device. ``special_ids`` are token ids counted as
     SPECIAL besides the model's own (e.g. a chat template's control tokens). ``layers`` may be
     TransformerLens hook names (``"blocks.9.hook_resid_post"``): they give the site too, and ``rec[9]``
     holds the capture.
 
     Raises:
-        LayerIndexError: a layer outside ``0..n_layers - 1``.
-        SiteError: ``site`` is not one of ``vlmsae.SITES``, a layer is listed twice, or hook names of
-            several sites.
+        LayerIndexError: a layer outside ``0..n - 1`` for the site's ``n`` layers.
+        SiteError: ``site`` is not one of the model's sites (``vlmsae.layers(model).sites``), a layer is listed
+            twice, or hook names of several sites.
         UnsupportedModelError: the model is not a supported family (see :func:`vlmsae.layers`).
     """
     layers = [layers] if isinstance(layers, (int, str)) else list(layers)

@@ -90,7 +90,7 @@ def harvest(model, layers: int | Iterable[int], data: Iterable[dict], out: str |
         batch_index += 1
     for L in layers:
         flush(L, final=True)
-    manifest = {"layers": layers, "d_model": info.d_model, "site": site, "dtype": str(dtype).removeprefix("torch."),
+    manifest = {"layers": layers, "d_model": info.width(site), "site": site, "dtype": str(dtype).removeprefix("torch."),
                 "shards": {str(L): counts[L] for L in layers}, "family": info.family,
                 "model_class_name": type(info.model).__name__,
                 "hook_names": {str(L): info.hook_name(L, site) for L in layers}}

@@ -28,10 +28,11 @@ from .buffer import Admission, RingBuffer
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import LiveSource
 from .deprecation import renamed_attributes, warn_renamed
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, NonFiniteError, SiteError
 from .layer_owners import LayerOwners
 from .sae import SAE
 from .shards import ShardSource, Shards
+from .sites import parse_site
 from .trainer import SAETrainer, SAETrainerConfig, TrainMetrics
 
 __all__ = ["OnlineRunConfig", "OnlineRun", "TrainResult", "train", "lr_factor", "k_at", "latest_checkpoint",
@@ -74,7 +75,8 @@ class OnlineRunConfig:
     buffer_dtype: str = "float32"
     """dtype of the buffer rows (bfloat16 halves its memory on GPU)."""
     site: str = "resid_post"
-    """Hook site of every trained layer."""
+    """Hook site of every trained layer: any site of the model (``vlmsae.layers(model).sites``), e.g.
+    ``"vision.resid_post"``; ``vlmsae.train`` also reads it from hook names given as ``layer``."""
     lr: float | None = None
     """Deprecated (one release): set ``lr`` on SAETrainerConfig, or pass ``lr=`` to ``vlmsae.train``."""
     warmup_steps: int = 50
@@ -257,6 +259,10 @@ def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, 
           history: list | None = None, **fields) -> TrainResult:
     """Train SAEs on the residual of ``layer`` (one or many) from ``data`` (batches of model inputs).
 
+    ``layer`` is a layer index (at ``site=``, default the decoder's ``resid_post``) or a hook name of any site
+    of the model (``"vision.blocks.3.hook_resid_post"``, ``"vision.hook_proj_out"``, ``"hook_image_embeds"``);
+    the saved SAEs' ``hook_name`` metadata names the site.
+
     ``sae``: an SAE, a list of SAEs (one layer), a dict ``{layer: SAE or [SAE]}``, or None (TopK, 8x,
     k=32 per layer). ``fields`` set OnlineRunConfig fields (``steps=``, ``batch_size=``, ...) and
     SAETrainerConfig fields (``lr=``, ``sync_every=``, ...); ``cfg`` and ``trainer_cfg`` pass whole
@@ -278,6 +284,7 @@ def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, 
     trainer_cfg = trainer_config(cfg, trainer_cfg, {k: v for k, v in fields.items() if k in TRAINER_FIELDS})
     if resume and out is None:
         raise ConfigError("resume=True needs out= (the folder holding the checkpoints)")
+    layer, cfg = _named_layers(layer, cfg)
     run = OnlineRun(model, layer, data, sae, cfg, trainer_cfg, out, history)
     if resume:
         run.resume()
@@ -287,6 +294,21 @@ def train(model, layer: int | Iterable[int], data: Iterable[dict], sae=None, *, 
     else:
         legacy = run.saes[layer][0] if isinstance(sae, SAE) else run.saes[layer]
     return TrainResult(run.saes, run.history, run.last_checkpoint, legacy)
+
+
+def _named_layers(layer, cfg: OnlineRunConfig) -> tuple[int | list[int], OnlineRunConfig]:
+    """``layer`` as layer indices and ``cfg`` with the site its hook names give (``"vision.blocks.3.hook_resid_post"``).
+
+    Raises ``SiteError`` for hook names of several sites, or one that disagrees with ``cfg.site``."""
+    names = [layer] if isinstance(layer, (int, str)) else list(layer)
+    if not any(isinstance(name, str) for name in names):
+        return layer, cfg
+    parsed = [parse_site(name, cfg.site) for name in names]
+    sites = {site for _, site in parsed}
+    if len(sites) > 1:
+        raise SiteError(f"layer={layer!r} names sites {sorted(sites)}; train one site per run")
+    indices = [index for index, _ in parsed]
+    return (indices[0] if isinstance(layer, (int, str)) else indices), replace(cfg, site=sites.pop())
 
 
 class OnlineRun:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 from transformers import (
+    CLIPConfig,
+    CLIPModel,
     CLIPVisionConfig,
     Gemma2Config,
     Gemma3Config,
@@ -43,6 +45,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    SiglipConfig,
+    SiglipModel,
     SiglipVisionConfig,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
@@ -58,6 +62,9 @@ PAD, BOS, EOS, IMAGE, VISION_START, VISION_END, VIDEO = range(7)
 FIRST_TEXT_ID = 7
 
 FAMILIES = ("vit-gpt2", "llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3", "paligemma", "idefics3", "smolvlm")
+"""The VLMs: a decoder that reads images, generates and gives logits."""
+DUAL_ENCODERS = ("clip", "siglip")
+"""The dual encoders: an image tower and a text tower, no decoder (``logits_per_image``, no ``generate``)."""
 
 IMAGE_SIZE = 32  # pixels, square
 PATCH = 8  # ViT / CLIP / PaliGemma's SigLIP patch: (32 / 8)^2 = 16 patches, one image token each
@@ -103,18 +110,25 @@ LAYOUTS = {
     # processing_idefics3.py: <fake_token_around_image> <global-img> <image>... <fake_token_around_image>
     "idefics3": Layout("idefics3", (BOS, VISION_START, VISION_END, IMAGE, VISION_START), "per_sample"),
     "smolvlm": Layout("smolvlm", (BOS, VISION_START, VISION_END, IMAGE, VISION_START), "per_sample"),
+    # dual encoders: the images and the captions side by side, one caption per image (<bos> text)
+    "clip": Layout("clip", (BOS,), "images"),
+    "siglip": Layout("siglip", (BOS,), "images"),
 }
 
 
 def image_token_count(family: str) -> int:
-    """Image tokens one image contributes to the decoder stream (0 where images enter by cross-attention)."""
-    return 0 if family == "vit-gpt2" else _N_IMG
+    """Image tokens one image contributes to the decoder stream (0 where images enter by cross-attention, and in a
+    dual encoder, which has no decoder)."""
+    return 0 if family == "vit-gpt2" or family in DUAL_ENCODERS else _N_IMG
 
 
 def tiny_config(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size: int = 128):
-    """The config object of a tiny model of ``family`` (one of ``FAMILIES``)."""
-    if family not in FAMILIES:
-        raise ConfigError(f"family={family!r} is not in the zoo; choose one of {FAMILIES}")
+    """The config object of a tiny model of ``family`` (one of ``FAMILIES`` or ``DUAL_ENCODERS``).
+
+    A dual encoder's ``n_layers`` and ``d_model`` are its text tower's; its vision tower has 2 layers of ``d_model``,
+    and CLIP projects both into ``d_model // 2`` (SigLIP's heads keep ``d_model``)."""
+    if family not in FAMILIES + DUAL_ENCODERS:
+        raise ConfigError(f"family={family!r} is not in the zoo; choose one of {FAMILIES + DUAL_ENCODERS}")
     if d_model % 16:
         raise ConfigError(f"d_model={d_model} must be a multiple of 16 (4 heads of a head_dim divisible by 4)")
     heads = 4
@@ -158,6 +172,14 @@ def tiny_config(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size
         )
     siglip = dict(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=2, num_attention_heads=heads,
                   image_size=IMAGE_SIZE, patch_size=SMALL_PATCH)
+    if family in DUAL_ENCODERS:
+        text = dict(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
+                    num_hidden_layers=n_layers, num_attention_heads=heads, max_position_embeddings=64,
+                    bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+        if family == "clip":
+            return CLIPConfig(text_config=text, projection_dim=d_model // 2,
+                              vision_config=dict(siglip, patch_size=PATCH, projection_dim=d_model // 2))
+        return SiglipConfig(text_config=dict(text, projection_size=d_model), vision_config=dict(siglip, patch_size=PATCH))
     if family == "gemma3":
         text = Gemma3TextConfig(**common_text, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=8,
                                 layer_types=["sliding_attention", "full_attention"] * (n_layers // 2)
@@ -208,12 +230,15 @@ _CLASSES = {
     "paligemma": PaliGemmaForConditionalGeneration,
     "idefics3": Idefics3ForConditionalGeneration,
     "smolvlm": SmolVLMForConditionalGeneration,
+    "clip": CLIPModel,
+    "siglip": SiglipModel,
 }
 
 
 def tiny_model(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size: int = 128, seed: int = 0,
                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A tiny random-weight model of ``family`` in eval mode, deterministic in ``seed``."""
+    """A tiny random-weight model of ``family`` (``FAMILIES`` or ``DUAL_ENCODERS``) in eval mode, deterministic in
+    ``seed``."""
     config = tiny_config(family, n_layers=n_layers, d_model=d_model, vocab_size=vocab_size)
     torch.manual_seed(seed)
     model = _CLASSES[family](config)
@@ -222,6 +247,8 @@ def tiny_model(family: str, *, n_layers: int = 4, d_model: int = 64, vocab_size:
             param = model.get_parameter(name)
             param.copy_(torch.randn(param.shape) / param.shape[0] ** 0.5)
     model = model.to(dtype).eval()
+    if family in DUAL_ENCODERS:
+        return model  # no decoder: nothing generates
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = EOS
     # A random model would happily emit <image> or <bos>; keep generated tokens text, so that a generated

@@ -36,12 +36,12 @@ from torch import Tensor, nn
 
 from ..adapters import ModelInfo, layers
 from ..checks import check_sae
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, SiteError, UnsupportedModelError
 from ..hooks import Forward, check_sites, describe_forward
 from ..interventions import ablation_edit, reconstruct, steering_vector
 from ..positions import where_kinds, where_mask
 from ..sae import SAE
-from ..sites import parse_site
+from ..sites import SITES, parse_site
 from . import require
 
 
@@ -72,6 +72,9 @@ class _Site:
         self.info: ModelInfo = self.fwd.info
         self.layer, self.site = parse_site(layer, site)
         check_sites(self.info, [(self.layer, self.site)])
+        if self.site not in SITES:
+            raise SiteError(f"site {self.site!r}: inside an nnsight trace vlmsae reaches decoder sites only ({SITES}); "
+                            "use vlmsae.splice / ablate / steer on the model itself for a tower's sites")
         envoy = model
         for part in self.info.layer_path.split("."):  # the adapter's path, walked through nnsight's module tree
             envoy = getattr(envoy, part)
