@@ -14,7 +14,7 @@ import shutil
 import stat
 from dataclasses import fields
 from pathlib import Path
-from typing import get_args, get_type_hints
+from typing import get_args, get_origin, get_type_hints
 
 import pytest
 import torch
@@ -282,8 +282,10 @@ def test_any_wrong_value_in_cfg_json_is_an_sae_file_error(tmp_path, layout):
                 assert str(folder / "cfg.json") in str(err) or str(folder) in str(err), (path, value, err)
                 continue
             for f in fields(SAEConfig):  # it opened: every field has its declared type
-                allowed = get_args(hints[f.name]) or (hints[f.name],)
+                allowed = tuple(get_origin(t) or t for t in get_args(hints[f.name]) or (hints[f.name],))
                 got = getattr(sae.cfg, f.name)
+                if isinstance(got, tuple):  # matryoshka_widths: a tuple of ints
+                    assert all(isinstance(v, int) and not isinstance(v, bool) for v in got), (path, value, got)
                 assert isinstance(got, dict if f.name == "metadata" else allowed), (path, value, f.name, got)
                 assert isinstance(got, bool) is (bool in allowed), (path, value, f.name, got)
 
