@@ -131,3 +131,81 @@ def test_evaluate_and_dashboard_commands(tmp_path, capsys):
             main(argv)
         assert reason in capsys.readouterr().err, argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "page.html", "sae", "table.json", "wrong"]
+
+
+
+def llava_folder(path):
+    """A LLaVA folder as a user has one: weights, config and processor. Its vision tower is narrower than its
+    decoder (32 vs 64), and its chat template wraps every prompt in ``<turn>``, a token the tokenizer marks special
+    but the config does not name. Returns the folder and the id of ``<turn>``."""
+    from tokenizers import AddedToken
+    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
+
+    from vlmsae import zoo
+
+    config = zoo.tiny_config("llava", n_layers=2)
+    config.vision_config.hidden_size, config.vision_config.intermediate_size = 32, 64
+    model = LlavaForConditionalGeneration(config)
+    tok = zoo.tokenizer(model)
+    tok.add_tokens([AddedToken("<turn>", special=True)])
+    model.resize_token_embeddings(len(tok))
+    template = ("{% for m in messages %}<turn> {{ m['role'] }} {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                "{% if add_generation_prompt %}<turn> assistant {% endif %}")
+    vision = config.vision_config
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": vision.image_size}, crop_size=vision.image_size),
+        tokenizer=tok, chat_template=template, patch_size=vision.patch_size, num_additional_image_tokens=1,
+        vision_feature_select_strategy=config.vision_feature_select_strategy)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path, tok.convert_tokens_to_ids("<turn>")
+
+
+def test_train_command_at_a_vision_site_and_bad_sites(tmp_path, capsys):
+    """``--layer`` takes hook names of any site, or indices at ``--site``; the SAE is as wide as that site (32 here,
+    the decoder 64), its metadata names it; several sites, or a site the model lacks, exit with the error before
+    anything is written."""
+    import pytest
+
+    import vlmsae
+
+    folder, _ = llava_folder(tmp_path / "model")
+    data = image_folder(tmp_path / "images", n=6)
+    common = ["train", "--model", str(folder), "--data", str(data), "--steps", "4", "--batch-size", "32",
+              "--buffer-size", "128", "--k", "4", "--expansion", "2"]
+    main(common + ["--layer", "vision.blocks.1.hook_resid_post", "--out", str(tmp_path / "a")])
+    main(common + ["--layer", "0", "--site", "vision.resid_post", "--out", str(tmp_path / "b")])
+    for path, name in (("a/L1", "vision.blocks.1.hook_resid_post"), ("b/L0", "vision.blocks.0.hook_resid_post")):
+        sae = vlmsae.SAE.load(tmp_path / path)
+        assert sae.metadata["hook_name"] == name and sae.W_enc.shape == (32, 64)
+    capsys.readouterr()
+    for bad, message in ((["--layer", "blocks.1.hook_resid_post", "vision.blocks.1.hook_resid_post"], "several sites"),
+                         (["--layer", "blocks.1.hook_resid_mid"], "hook_resid_mid"),
+                         (["--layer", "1", "--site", "resid_mid"], "resid_mid")):
+        with pytest.raises(SystemExit):
+            main(common + bad + ["--out", str(tmp_path / "bad")])
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_train_command_reads_special_tokens_from_the_models_processor(tmp_path, monkeypatch):
+    """The run is told to keep the chat template's ``<turn>`` out of the buffers (which then keep it out:
+    tests/test_special_tokens.py), though only the folder's tokenizer names it."""
+    import vlmsae
+    import vlmsae.cli
+
+    folder, turn = llava_folder(tmp_path / "model")
+    assert turn not in vlmsae.special_token_ids(vlmsae.load_model(folder))
+    seen = {}
+    real_train = vlmsae.cli.train
+
+    def spy(model, layer, data, saes, *, cfg, **kwargs):
+        seen["special_ids"] = cfg.special_ids
+        seen["turns"] = sum(int((batch["input_ids"] == turn).sum()) for batch in data)
+        return real_train(model, layer, data, saes, cfg=cfg, **kwargs)
+
+    monkeypatch.setattr(vlmsae.cli, "train", spy)
+    main(["train", "--model", str(folder), "--data", str(image_folder(tmp_path / "images", n=4)), "--layer", "1",
+          "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "16", "--buffer-size", "64", "--k", "4"])
+    assert turn in seen["special_ids"] and seen["turns"] == 4 * 2  # two <turn> in each prompt

@@ -11,9 +11,9 @@ from tqdm import tqdm
 from pathlib import Path
 
 from . import distributed, zoo
-from .adapters import Kind, layers, load_model
+from .adapters import Kind, layers, load_model, special_token_ids
 from .data import ImageTextFolder, hf_processor
-from .errors import VlmsaeError
+from .errors import SiteError, VlmsaeError
 from .record import record
 from .sae import ARCHITECTURES, SAE
 from .train import OnlineRunConfig, train
@@ -56,12 +56,20 @@ def demo_command(args: argparse.Namespace) -> None:
 
 
 def model_and_inputs(name: str, device: str):
-    """``zoo:FAMILY`` (a tiny random model) or a local folder / hub id, with its ``(images, texts) -> inputs``."""
+    """``zoo:FAMILY`` (a tiny random model) or a local folder / hub id, with its ``(images, texts) -> inputs`` and
+    the token ids that count as SPECIAL (the config's; for a folder also its tokenizer's special and chat-template
+    control tokens, :func:`vlmsae.special_token_ids`)."""
     if name.startswith("zoo:"):
         model = zoo.tiny_model(name.removeprefix("zoo:")).to(device)
-        return model, zoo.processor(model)
+        return model, zoo.processor(model), special_token_ids(model)
     model = load_model(name, device=device)
-    return model, hf_processor(model)
+    to_inputs = hf_processor(model)
+    return model, to_inputs, special_token_ids(model, to_inputs.tokenizer)
+
+
+def _layer_arg(text: str) -> int | str:
+    """``--layer`` values: a layer index, or a hook name of any site (``vision.blocks.3.hook_resid_post``)."""
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -72,28 +80,35 @@ def train_command(args: argparse.Namespace) -> None:
     and ``--buffer-size`` stay global, ``--data-batch`` is images per forward on each rank. ``--parallel
     layers`` gives each rank whole layers instead (each SAE on one rank, rows sent to it by every rank).
     """
+    from .sites import parse_site
+
+    parsed = [parse_site(L, args.site) for L in args.layer]  # a bad --layer / --site fails before the model loads
+    if len({site for _, site in parsed}) > 1:
+        raise SiteError(f"--layer {' '.join(map(str, args.layer))} names several sites; train one site per run")
+    indices, site = [L for L, _ in parsed], parsed[0][1]
     world = distributed.init_from_env()
-    model, to_inputs = model_and_inputs(args.model, distributed.local_device(world, args.device))
-    info = layers(model)
+    model, to_inputs, special_ids = model_and_inputs(args.model, distributed.local_device(world, args.device))
+    width = layers(model).width(site)
     data = ImageTextFolder(args.data, to_inputs, batch_size=args.data_batch)
     if args.kind is not None:
         print("vlmsae train: --kind is deprecated and will be removed in vlmsae 0.3; use --architecture",
               file=sys.stderr)
         args.architecture = args.kind
-    saes = {L: SAE(d_in=info.d_model, d_sae=args.expansion * info.d_model, k=args.k, architecture=args.architecture)
-            for L in args.layer}
+    saes = {L: SAE(d_in=width, d_sae=args.expansion * width, k=args.k, architecture=args.architecture)
+            for L in indices}
     cfg = OnlineRunConfig(steps=args.steps, batch_size=args.batch_size, buffer_size=args.buffer_size,
                           checkpoint_every=args.checkpoint_every, wandb=args.wandb, seed=args.seed,
-                          kinds=tuple(args.kinds), parallel=args.parallel)
-    train(model, args.layer, data, saes, cfg=cfg, trainer_cfg=SAETrainerConfig(lr=args.lr), out=args.out,
+                          kinds=tuple(args.kinds), parallel=args.parallel, site=site, special_ids=special_ids)
+    train(model, indices, data, saes, cfg=cfg, trainer_cfg=SAETrainerConfig(lr=args.lr), out=args.out,
           resume=args.resume)
-    for L in args.layer if world is None or world.main else ():
+    for L in indices if world is None or world.main else ():
         print(f"wrote {Path(args.out) / f'L{L}'}")
 
 
 def _sae_and_data(args: argparse.Namespace):
     """The model, the SAE (``--sae``), its layer and site (``--layer``, else the SAE's ``hook_name``), the data
-    folder's batches (the first ``--batches``) and the folder itself. Raises ``ConfigError`` for a bad argument."""
+    folder's batches (the first ``--batches``), the folder itself, the number of images read and the model's
+    SPECIAL token ids. Raises ``ConfigError`` for a bad argument."""
     from itertools import islice
 
     from .errors import ConfigError
@@ -104,14 +119,14 @@ def _sae_and_data(args: argparse.Namespace):
     if hook is None:
         raise ConfigError(f"{args.sae} names no hook_name in its metadata; pass --layer (a decoder layer index or a "
                           "hook name such as blocks.9.hook_resid_post)")
-    layer, site = parse_site(int(hook) if str(hook).isdigit() else hook)
+    layer, site = parse_site(_layer_arg(str(hook)))
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches {args.batches} must be at least 1")
-    model, to_inputs = model_and_inputs(args.model, args.device)
+    model, to_inputs, special_ids = model_and_inputs(args.model, args.device)
     sae = sae.to(args.device)
     folder = ImageTextFolder(args.data, to_inputs, batch_size=args.data_batch)
     n = len(folder) if args.batches is None else min(args.batches, len(folder))
-    return model, sae, layer, site, list(islice(folder, n)), folder, n * args.data_batch
+    return model, sae, layer, site, list(islice(folder, n)), folder, n * args.data_batch, special_ids
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
@@ -122,9 +137,9 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
     if args.out is not None and not args.out.endswith(".json"):
         raise ConfigError(f"--out {args.out!r} must end in .json (the table is written as JSON)")
-    model, sae, layer, site, batches, _, _ = _sae_and_data(args)
+    model, sae, layer, site, batches, _, _, special_ids = _sae_and_data(args)
     table = evaluate(model, layer, sae, tqdm(batches, desc="batches", disable=not sys.stderr.isatty()),
-                     where=args.where, site=site)
+                     where=args.where, site=site, special_ids=special_ids)
     print(table.to_string(float_format="{:.4f}".format))
     if args.out is not None:  # computed first: a failure above writes nothing
         write_text_atomic(args.out, table.to_json(orient="index", indent=1))
@@ -141,9 +156,9 @@ def dashboard_command(args: argparse.Namespace) -> None:
 
     if not args.out.endswith(".html"):
         raise ConfigError(f"--out {args.out!r} must end in .html")
-    model, sae, layer, site, batches, folder, n_images = _sae_and_data(args)
+    model, sae, layer, site, batches, folder, n_images, special_ids = _sae_and_data(args)
     found = scan(model, layer, sae, tqdm(batches, desc="scan", disable=not sys.stderr.isatty()),
-                 n_examples=args.n_examples, latents=args.latents, site=site)
+                 n_examples=args.n_examples, latents=args.latents, site=site, special_ids=special_ids)
     names = folder.table[folder.image_column].iloc[:n_images]
     images = [Image.open(folder.folder / name).convert("RGB") for name in names]
     path = write_dashboard(args.out, found, images, latents=args.latents,
@@ -180,7 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train", help=train_command.__doc__)
     p.add_argument("--model", required=True, help="a local model folder, a hub id, or zoo:FAMILY")
     p.add_argument("--data", required=True, help="a folder of images with captions.jsonl / .parquet")
-    p.add_argument("--layer", type=int, nargs="+", required=True)
+    p.add_argument("--layer", type=_layer_arg, nargs="+", required=True,
+                   help="decoder layer indices (at --site), or hook names of one site: vision.blocks.3.hook_resid_post, "
+                        "hook_image_embeds, ... (the README's site table)")
+    p.add_argument("--site", default="resid_post",
+                   help="site of integer --layer values: resid_post, resid_pre, vision.resid_post, text.resid_post, ...")
     p.add_argument("--out", required=True, help="folder for the SAEs and checkpoints")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4096,

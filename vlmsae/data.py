@@ -188,7 +188,9 @@ def hf_processor(model, processor=None) -> Callable[[list, list[str]], dict]:
 
     Decoder-only VLMs get each text after one image placeholder, through the processor's chat
     template when it has one; a ViT-GPT2 captioner gets ``pixel_values`` and the text as
-    ``decoder_input_ids``.
+    ``decoder_input_ids``. The returned function's ``tokenizer`` attribute is the tokenizer it uses (``None`` for a
+    captioner folder without one): pass it to :func:`vlmsae.special_token_ids` so that the chat template's control
+    tokens count as SPECIAL.
     """
     info = adapter_info(model)
     name = getattr(info.model.config, "_name_or_path", "")
@@ -212,6 +214,7 @@ def hf_processor(model, processor=None) -> Callable[[list, list[str]], dict]:
             return {"pixel_values": pixels, "decoder_input_ids": text["input_ids"],
                     "decoder_attention_mask": text["attention_mask"]}
 
+        captioner.tokenizer = tokenizer
         return captioner
 
     if processor is None:
@@ -228,6 +231,7 @@ def hf_processor(model, processor=None) -> Callable[[list, list[str]], dict]:
             prompts = [f"{processor.image_token}\n{t}" for t in texts]
         return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
 
+    vlm.tokenizer = getattr(processor, "tokenizer", None)
     return vlm
 
 

@@ -65,7 +65,8 @@ class OnlineRunConfig:
     """Token kinds that enter the buffer (special tokens and padding never do)."""
     special_ids: tuple[int, ...] = ()
     """Token ids counted as SPECIAL besides the model config's, e.g. a chat template's control tokens
-    (``vlmsae.special_token_ids(model, processor)``): kept out of the buffer like every special token."""
+    (``vlmsae.special_token_ids(model, processor)``): kept out of the buffer like every special token. Any iterable
+    of ints; kept sorted, as a tuple (so that checkpoints can write it)."""
     quota: dict[str, float] | str | None = None
     """Share of each batch per kind, e.g. {"image": 0.5, "text": 0.5}; "balanced": equal shares of image and text
     (text alone for a model without image tokens); None keeps the data's own mix (at real size a LLaVA-1.5 forward
@@ -105,6 +106,7 @@ class OnlineRunConfig:
     """Show a tqdm progress bar with live metrics."""
 
     def __post_init__(self):
+        self.special_ids = tuple(sorted(int(i) for i in self.special_ids))
         for name in ("steps", "batch_size", "buffer_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

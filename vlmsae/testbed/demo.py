@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..adapters import layers, load_model
+from ..adapters import layers, load_model, special_token_ids
 from ..data import ImageTextFolder, hf_processor
 from ..evaluate import evaluate
 from ..files import write_text_atomic
@@ -85,11 +85,14 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
         model, tokenizer = load_captioner()
         data = ShapesData(tokenizer, batches=100_000, batch_size=cfg.data_batch)
         eval_data = ShapesData(tokenizer, batches=cfg.eval_batches, batch_size=cfg.data_batch, seed=EVAL_SEED)
+        special_ids = None
     else:
         if images is None:
             raise ValueError("--model needs --images, a folder of images with a captions table")
         model, tokenizer = load_model(model_name), None
-        data = ImageTextFolder(images, hf_processor(model), batch_size=cfg.data_batch)
+        to_inputs = hf_processor(model)
+        special_ids = special_token_ids(model, to_inputs.tokenizer)  # a chat template's control tokens too
+        data = ImageTextFolder(images, to_inputs, batch_size=cfg.data_batch)
         eval_data = data
     info = layers(model)
     out = Path(cfg.out)  # made once the model and data are known good: a bad --model leaves nothing behind
@@ -100,14 +103,15 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
     print(f"training TopK SAEs ({info.d_model} -> {cfg.expansion * info.d_model}, k={cfg.k}) on layers "
           f"{', '.join(map(str, chosen))} of the {info.family} model, {cfg.steps} steps of {cfg.batch_size} tokens")
     train(model, list(chosen), data, saes, steps=cfg.steps, batch_size=cfg.batch_size, buffer_size=cfg.buffer_size,
-          k_start=4 * cfg.k, warmup_steps=min(50, cfg.steps // 10), sync_every=25, history=history, seed=cfg.seed)
+          k_start=4 * cfg.k, warmup_steps=min(50, cfg.steps // 10), sync_every=25, history=history, seed=cfg.seed,
+          special_ids=special_ids)
     rows, concepts, steering, example = {}, {}, {}, None
     samples = shapes.make_samples(cfg.concept_samples, CONCEPT_SEED) if model_name is None else None
     for L, sae in saes.items():
         sae.save(out / "sae" / f"L{L}")
         print(f"layer {L}: evaluating (loss recovered, KL, FVU, L0)")
-        table = evaluate(model, L, sae, eval_data, where=["all"])
-        stats = latent_stats(model, L, sae, eval_data)
+        table = evaluate(model, L, sae, eval_data, where=["all"], special_ids=special_ids)
+        stats = latent_stats(model, L, sae, eval_data, special_ids=special_ids)
         row = {"fvu": table.loc["all", "fvu"], "l0": table.loc["all", "l0"],
                "dead_fraction": float((stats.density == 0).float().mean()),
                "loss_recovered": table.loc["all", "loss_recovered"], "kl": table.loc["all", "kl"]}
