@@ -11,10 +11,14 @@ from .errors import (ConfigError, LayerIndexError, NonFiniteError, SAEFileError,
                      VlmsaeError)
 from .evaluate import evaluate
 from .hooks import SITES, Forward, attach
+from .mgsae import MGSAE
+from .mgsae_trainer import MGSAETrainer, train_mgsae
+from .pairs import embedding_pairs, pooled_pairs
 from .interventions import LatentStats, Splice, ablate, latent_stats, place, reconstruct, splice, steer
 from .probes import compare_probes, probe_accuracy
 from .record import Recording, record
 from .sae import SAE, SAEConfig, SAEOutput
+from .saeconfig import MGSAEConfig
 from .shards import Shards, harvest
 from .train import OnlineRunConfig, TrainResult, train
 from .trainer import SAETrainer, SAETrainerConfig, TrainMetrics
@@ -25,6 +29,7 @@ __all__ = [
     # SAEs and training
     "SAE", "SAEConfig", "SAEOutput", "SAETrainer", "SAETrainerConfig", "TrainMetrics", "metrics",
     "RingBuffer", "train", "OnlineRunConfig", "TrainResult", "harvest", "Shards",
+    "MGSAE", "MGSAEConfig", "MGSAETrainer", "train_mgsae", "embedding_pairs", "pooled_pairs",
     # interventions and evaluation
     "splice", "ablate", "steer", "place", "reconstruct", "evaluate", "latent_stats", "Splice", "LatentStats",
     # analysis

@@ -160,7 +160,7 @@ def load_checkpoint(out: Path, trainers, schedulers, buffers, world: World | Non
     if path is None:
         raise ConfigError(f"resume=True but {out / 'checkpoints'} holds no checkpoint; run without resume")
     damaged = f"delete {path} and run without resume=True, or restore the checkpoint from a copy"
-    state = _read_json(path / STATE_FILE, damaged)
+    state = read_json(path / STATE_FILE, damaged)
     if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("position"), dict)):
         raise SAEFileError(f"{path / STATE_FILE}: needs an integer 'step' and an object 'position'; {damaged}")
     size = 1 if world is None else world.size
@@ -173,16 +173,16 @@ def load_checkpoint(out: Path, trainers, schedulers, buffers, world: World | Non
         raise ConfigError(f"{path} was written with parallel={written!r} but this run has parallel={parallel!r} "
                           f"(the buffers are split differently); resume with parallel={written!r}, or start a new run")
     if world is not None:
-        state["position"] = _read_json(path / f"rank{world.rank}.json", damaged)["position"]
+        state["position"] = read_json(path / f"rank{world.rank}.json", damaged)["position"]
     saved = {}  # everything is read before anything is restored
     for (L, i), t in trainers.items():
         tensors_file, meta_file = path / f"trainer-L{L}-{i}.safetensors", path / f"trainer-L{L}-{i}.json"
         if not tensors_file.exists():
             raise ConfigError(f"{tensors_file}: missing, so this checkpoint has no SAE {i} of layer {L}; "
                               "resume with the layers and SAEs of the run that wrote it")
-        saved[(L, i)] = (_read_tensors(tensors_file, t.sae.W_dec.device, damaged), _read_json(meta_file, damaged))
+        saved[(L, i)] = (read_tensors(tensors_file, t.sae.W_dec.device, damaged), read_json(meta_file, damaged))
     suffix = "" if world is None else f".rank{world.rank}"
-    buffer_states = {L: _read_tensors(path / f"buffer-L{L}{suffix}.safetensors", b.device, damaged)
+    buffer_states = {L: read_tensors(path / f"buffer-L{L}{suffix}.safetensors", b.device, damaged)
                      for L, b in buffers.items()}
     try:
         for (L, i), t in trainers.items():
@@ -200,7 +200,7 @@ def load_checkpoint(out: Path, trainers, schedulers, buffers, world: World | Non
     return state["step"], state["position"], path
 
 
-def _read_json(path: Path, fix: str):
+def read_json(path: Path, fix: str):
     """The JSON value in ``path``; raises SAEFileError naming the file and ``fix``."""
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
@@ -210,7 +210,7 @@ def _read_json(path: Path, fix: str):
         raise SAEFileError(f"{path}: not readable JSON ({str(err)[:200]}); {fix}") from err
 
 
-def _read_tensors(path: Path, device, fix: str) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, device, fix: str) -> dict[str, torch.Tensor]:
     """The tensors in the safetensors file ``path``; raises SAEFileError naming the file and ``fix``."""
     try:
         return load_file(str(path), device=str(device))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmsae import saefile
-from vlmsae.errors import ConfigError
+from vlmsae.errors import ConfigError, SAEFileError
 from vlmsae.deprecation import renamed_attributes, warn_renamed
 from vlmsae.saeconfig import ARCHITECTURES, DTYPES, SAEConfig  # noqa: F401  (ARCHITECTURES: callers find them here)
 
@@ -46,14 +46,20 @@ class SAE(nn.Module):
     EleutherAI sparsify folders; `sae.save(folder)` writes the SAELens layout.
     """
 
+    config_class = SAEConfig
+    """The config class this SAE class is built from (a subclass's own, e.g. MGSAEConfig)."""
+
     def __init__(self, cfg: SAEConfig | None = None, *, device: torch.device | str | None = None, **fields: Any):
         if cfg is None:
             if "kind" in fields and "architecture" not in fields:
                 warn_renamed("SAE(kind=...)", "architecture=")
                 fields["architecture"] = fields.pop("kind")
-            cfg = SAEConfig(**fields)
+            cfg = self.config_class(**fields)
         elif fields:
             raise ConfigError(f"pass either an SAEConfig or its fields, not both (got cfg and {sorted(fields)})")
+        if type(cfg) is not self.config_class:
+            raise ConfigError(f"{type(self).__name__} is built from a {self.config_class.__name__}, not a "
+                              f"{type(cfg).__name__}; pass it to {_opener(cfg)}")
         super().__init__()
         self.cfg = cfg
         d_in, d_sae, dtype = cfg.d_in, cfg.d_sae, DTYPES[cfg.dtype]
@@ -209,7 +215,16 @@ class SAE(nn.Module):
         Raises SAEFileError, naming the file and the fix, if the folder, its cfg.json or its weights
         are missing, malformed or disagree with each other.
         """
-        return cls.from_tensors(*saefile.read_sae(path, device=device)).eval()
+        cfg, tensors = saefile.read_sae(path, device=device)
+        if type(cfg) is not cls.config_class:
+            raise SAEFileError(f"{path}: holds an SAE of architecture {cfg.architecture!r}; open it with "
+                               f"{_opener(cfg)}.load")
+        return cls.from_tensors(cfg, tensors).eval()
+
+
+def _opener(cfg: SAEConfig) -> str:
+    """The class that builds SAEs of ``cfg``'s architecture, by its public name."""
+    return "vlmsae.MGSAE" if cfg.architecture == "mgsae" else "vlmsae.SAE"
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ class, and `vlmsae.sae` builds SAEs from them.
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,6 +24,10 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+TOPK_ARCHITECTURES = ("topk", "batchtopk", "mgsae")
+"""The architectures whose latents are the k largest pre-activations (per token, or per batch)."""
+MASK_MODES = ("pair", "batch")
+"""MGSAE: how the training mask over latents is drawn: one per (image, text) pair, or one per batch."""
 
 
 @dataclass
@@ -70,15 +74,20 @@ class SAEConfig:
     metadata: dict[str, Any] = field(default_factory=dict)
     """Where the SAE belongs: hook_name (e.g. blocks.9.hook_resid_post), model_name, model_class_name, hf_layer_path, token_kinds."""
 
+    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+    """The values ``architecture`` may take in this config class."""
+
     def __post_init__(self):
         _check_int("d_in", self.d_in, 1)
         if self.d_sae is None:
             self.d_sae = 32 * self.d_in
         _check_int("d_sae", self.d_sae, 1)
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"architecture={self.architecture!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
+        if self.architecture not in self.architectures:
+            hint = "; an MGSAE takes an MGSAEConfig" if self.architecture == "mgsae" else ""
+            raise ConfigError(f"architecture={self.architecture!r} is unknown; use one of "
+                              f"{', '.join(self.architectures)}{hint}")
         _check_int("k", self.k, 1)
-        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
+        if self.architecture in TOPK_ARCHITECTURES and self.k > self.d_sae:
             raise ConfigError(f"k={self.k} must be in 1..d_sae={self.d_sae}; lower k or raise d_sae")
         if self.matryoshka_widths is not None:
             self.matryoshka_widths = _matryoshka_widths(self.matryoshka_widths, self.d_sae, self.architecture)
@@ -110,6 +119,36 @@ class SAEConfig:
 
 
 SAEConfig.__init__ = renamed_kwargs(kind="architecture")(SAEConfig.__init__)
+
+
+@dataclass
+class MGSAEConfig(SAEConfig):
+    """An MGSAE: a TopK SAE trained on (image, text) pairs with a group-sparsity penalty and a shared random mask
+    (Kaushik et al. 2026, arXiv 2601.20028; :mod:`vlmsae.mgsae`). The paper's recipe on CLIP ViT-B/16:
+    d_sae 8192, k 32, ``group_coefficient`` 0.05, ``mask_probability`` 0.2. ``aux_k`` and the other TopK fields
+    mean what they mean in SAEConfig; ``matryoshka_widths`` is not supported."""
+
+    architecture: str = "mgsae"
+    """Always mgsae."""
+    group_coefficient: float = 0.05
+    """lambda: weight of the group-sparsity penalty sum_j sqrt(z_image_j^2 + z_text_j^2), per pair."""
+    mask_probability: float = 0.2
+    """Probability that a latent is masked out of TopK (for both codes of a pair) in a training step; 0: no mask."""
+    mask_mode: str = "pair"
+    """pair: a mask drawn for every (image, text) pair; batch: one mask for every pair of a training batch."""
+
+    architectures: ClassVar[tuple[str, ...]] = ("mgsae",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        value = self.group_coefficient
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"group_coefficient={value!r} must be a finite number >= 0 (the paper's lambda: 0.05)")
+        value = self.mask_probability
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"mask_probability={value!r} must be in [0, 1) (the paper's: 0.2; 0 turns the mask off)")
+        if self.mask_mode not in MASK_MODES:
+            raise ConfigError(f"mask_mode={self.mask_mode!r} is unknown; use one of {', '.join(MASK_MODES)}")
 
 
 def _matryoshka_widths(widths, d_sae: int, architecture: str) -> tuple[int, ...]:

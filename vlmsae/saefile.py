@@ -10,7 +10,9 @@ it; what SAELens has no key for (architecture, loss recipe, input scale) goes in
 top-level "vlmsae" section that SAELens ignores. The input scale is folded
 into the saved weights (SAELens' `normalize_activations: "none"` then holds);
 being a power of two, folding and unfolding are exact. BatchTopK is saved as
-SAELens saves it: a JumpReLU with one shared threshold.
+SAELens saves it: a JumpReLU with one shared threshold. An MGSAE (`vlmsae.mgsae`) is
+saved in the same layout with architecture "mgsae", which only vlmsae opens: its
+b_dec is [2, d_in] (image, text) and b_pre [2, d_in] is added.
 
 Reading checks cfg.json and the safetensors header (keys, shapes, dtypes)
 before any tensor is read, and never unpickles. Writing fills a new folder beside
@@ -36,7 +38,7 @@ from torch import Tensor
 
 from vlmsae.files import write_folder_atomic
 from vlmsae.errors import ConfigError, NonFiniteError, SAEFileError
-from vlmsae.saeconfig import DTYPES, SAEConfig, check_metadata
+from vlmsae.saeconfig import DTYPES, MGSAEConfig, SAEConfig, check_metadata
 
 CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -47,8 +49,11 @@ FORMAT_VERSION = 1
 # The layout version we follow; SAELens reads configs without it as pre-6.0.
 SAELENS_LAYOUT_VERSION = "6.0.0"
 # vlmsae architecture -> SAELens "architecture" (a BatchTopK SAE is a JumpReLU at inference), and back.
-SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
-FROM_SAELENS_ARCHITECTURE = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
+SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu",
+                        "mgsae": "mgsae"}
+FROM_SAELENS_ARCHITECTURE = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "mgsae": "mgsae"}
+# Architectures only vlmsae writes: their files need the "vlmsae" section.
+VLMSAE_ONLY = ("mgsae",)
 # Config fields SAELens has its own top-level keys for.
 SAELENS_KEYS = ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "metadata")
 SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
@@ -122,6 +127,8 @@ def read_sae(path: str | Path,
         transposed = set()
         if cfg.architecture in ("jumprelu", "batchtopk"):
             names["threshold"] = "threshold"
+        elif cfg.architecture == "mgsae":
+            names["b_pre"] = "b_pre"
     elif (path / SPARSIFY_WEIGHTS).is_file():
         weights_path = path / SPARSIFY_WEIGHTS
         cfg, act_scale, rescale = _config_from_sparsify(raw, cfg_path, path.name), 1.0, False
@@ -145,6 +152,8 @@ def _saelens_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     }
     if "threshold" in tensors:  # jumprelu, batchtopk
         saved["threshold"] = tensors["threshold"]
+    if "b_pre" in tensors:  # mgsae: u = x*s - b_pre, as b_dec above
+        saved["b_pre"] = tensors["b_pre"] / scale
     # Fresh contiguous CPU copies: safetensors refuses shared storage, and the
     # live parameters must not change under a running optimiser.
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in saved.items()}
@@ -164,7 +173,7 @@ def _saelens_cfg(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> dict[str, Any
         "sae_lens_version": SAELENS_LAYOUT_VERSION,
         "metadata": dict(cfg.metadata),
     }
-    if cfg.architecture == "topk":
+    if cfg.architecture in ("topk", "mgsae"):
         out["k"] = cfg.k
         out["rescale_acts_by_decoder_norm"] = False
     own = {name: value for name, value in asdict(cfg).items() if name not in SAELENS_KEYS}
@@ -209,7 +218,7 @@ def _dtype_name(value: str, cfg_path: Path) -> str:
 
 def _make_config(fields_: dict[str, Any], cfg_path: Path) -> SAEConfig:
     try:
-        return SAEConfig(**fields_)
+        return _config_class(fields_["architecture"])(**fields_)
     except ConfigError as err:
         raise SAEFileError(f"{cfg_path}: {err}") from err
 
@@ -234,8 +243,11 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
         raise SAEFileError(f"{cfg_path}: key 'apply_b_dec_to_input' must be true or false")
     if not isinstance(fields_["metadata"], dict):
         raise SAEFileError(f"{cfg_path}: key 'metadata' must be a JSON object")
-    if architecture == "topk":
+    if architecture in ("topk", "mgsae"):
         fields_["k"] = _need(raw, "k", cfg_path, int)
+    if architecture in VLMSAE_ONLY and raw.get("vlmsae") is None:
+        raise SAEFileError(f"{cfg_path}: architecture {architecture!r} needs the key 'vlmsae' that vlmsae writes "
+                           "with it; restore the file or save the SAE again")
     normalize = raw.get("normalize_activations", "none")
     if normalize != "none":
         raise SAEFileError(
@@ -252,8 +264,9 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
     if own is not None:
         if not isinstance(own, dict) or not isinstance(own.get("config"), dict):
             raise SAEFileError(f"{cfg_path}: key 'vlmsae' must be an object with a 'config' object")
-        known = {f.name for f in fields(SAEConfig)} - set(SAELENS_KEYS)
-        types = get_type_hints(SAEConfig)
+        config_class = _config_class(fields_["architecture"])
+        known = {f.name for f in fields(config_class)} - set(SAELENS_KEYS)
+        types = get_type_hints(config_class)
         for key, value in own["config"].items():
             key = "architecture" if key == "kind" else key  # its name in files written before 0.2
             if key not in known:
@@ -267,9 +280,13 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
                 f"{cfg_path}: key 'vlmsae.config.architecture' = {fields_.get('architecture')!r} disagrees with "
                 f"'architecture' = {architecture!r}"
             )
-        if architecture == "topk" and fields_["k"] != raw["k"]:
+        if architecture in ("topk", "mgsae") and fields_["k"] != raw["k"]:
             raise SAEFileError(f"{cfg_path}: key 'vlmsae.config.k' = {fields_['k']!r} disagrees with 'k' = {raw['k']!r}")
     return _make_config(fields_, cfg_path), float(act_scale), rescale
+
+
+def _config_class(architecture: str) -> type[SAEConfig]:
+    return MGSAEConfig if architecture == "mgsae" else SAEConfig
 
 
 def _config_from_sparsify(raw: dict, cfg_path: Path, folder_name: str) -> SAEConfig:
@@ -292,11 +309,13 @@ def _read_tensors(
     weights_path: Path, cfg: SAEConfig, names: dict[str, str], transposed: set[str], device
 ) -> dict[str, Tensor]:
     """Check the header against `cfg`, then read the tensors (vlmsae name -> tensor)."""
+    per_modality = [2] if cfg.architecture == "mgsae" else []  # mgsae: image and text biases
     shapes = {
         "W_enc": [cfg.d_in, cfg.d_sae],
         "b_enc": [cfg.d_sae],
         "W_dec": [cfg.d_sae, cfg.d_in],
-        "b_dec": [cfg.d_in],
+        "b_dec": per_modality + [cfg.d_in],
+        "b_pre": per_modality + [cfg.d_in],
         "threshold": [cfg.d_sae],
     }
     try:
@@ -343,4 +362,6 @@ def _unfolded(cfg: SAEConfig, tensors: dict[str, Tensor], act_scale: float, resc
            "b_dec": tensors["b_dec"] * scale, "act_scale": torch.tensor(act_scale, dtype=torch.float32, device=device)}
     if cfg.architecture in ("jumprelu", "batchtopk"):
         own["threshold"] = tensors["threshold"]
+    if cfg.architecture == "mgsae":
+        own["b_pre"] = tensors["b_pre"] * scale
     return own

@@ -256,7 +256,7 @@ class SAETrainer:
         kind = sae.cfg.architecture
         # Under a caller's no_grad (a notebook, a benchmark) the SAE still needs its graph.
         with torch.enable_grad():
-            out = self._sparse_loss(x, k) if kind in ("topk", "batchtopk") else self._dense_loss(x)
+            out = self._loss(x, k)
             sae.zero_grad(set_to_none=True)
             out.loss.backward()
         if world is not None:
@@ -281,6 +281,12 @@ class SAETrainer:
         if self.n_steps % self.sync_every == 0:
             self.history.append(self.read_metrics())
 
+    def _loss(self, x: Tensor, k: int | None) -> StepLoss:
+        """This step's loss on `x` (n_tokens, d_in): the sparse pass for the TopK kinds, the dense one for the others."""
+        if self.sae.cfg.architecture in ("topk", "batchtopk"):
+            return self._sparse_loss(x, k)
+        return self._dense_loss(x)
+
     @torch.no_grad()
     def _store(self) -> None:
         """Write the float32 working copy back into a half-precision SAE (rounded; no host sync)."""
@@ -302,7 +308,7 @@ class SAETrainer:
     @torch.no_grad()
     def _select(self, u: Tensor, dead: Tensor, aux_k: int, k: int) -> Selection:
         """The latents of this step for centred inputs `u` (n_tokens, d_in); `dead` (d_sae,) bool gates AuxK."""
-        select = self._select_topk if self.sae.cfg.architecture == "topk" else self._select_batchtopk
+        select = self._select_batchtopk if self.sae.cfg.architecture == "batchtopk" else self._select_topk
         chosen = select(u, dead, aux_k, k)
         if self.compute_dtype == u.dtype:
             return chosen
@@ -374,9 +380,7 @@ class SAETrainer:
         the same selection (Bussmann et al. 2025). `k`: this step's sparsity; None: the SAE's own."""
         sae, cfg = self.sae, self.sae.cfg
         k = cfg.k if k is None else k
-        aux_k = cfg.aux_k if self.aux_active and cfg.aux_coefficient > 0 else 0
-        dense_aux = aux_k > 0 and self.auxk_is_dense(aux_k)
-        dead = self._aux_dead()
+        aux_k, dense_aux, dead = self._aux_plan()
         x_n = x * sae.act_scale.to(x.dtype)
         u = sae.center(x)
         chosen = self._select(u, dead, 0 if dense_aux else aux_k, k)
@@ -390,18 +394,30 @@ class SAETrainer:
                                                          chosen.code) + sae.b_dec)
         aux_loss = torch.zeros((), device=x.device)
         if aux_k:
-            # The dead latents model what the live ones left over; scaled down
-            # while few latents are dead (Gao et al. 2024 §A.2).
-            residual = (x_n - recon_n).detach()
-            aux_recon = (self._dense_aux_decode(u, dead, aux_k) if dense_aux
-                         else sparse_decode(aux_acts, sae.W_dec, aux_code))
-            aux_loss = metrics.mse(residual, aux_recon)
-            aux_loss = aux_loss * (dead.sum() / aux_k).clamp(max=1)
+            aux_loss = self._auxk_loss(u, x_n - recon_n, dead, aux_k, dense_aux, aux_acts, aux_code)
             loss = loss + cfg.aux_coefficient * aux_loss
-        nonzero = (acts != 0).sum()
-        fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=x.device).index_add_(
-            0, chosen.code.cols, (acts != 0).long())
-        return StepLoss(loss, recon_n, nonzero, fired, aux_loss)
+        return StepLoss(loss, recon_n, *self._fired(acts, chosen.code), aux_loss)
+
+    def _aux_plan(self) -> tuple[int, bool, Tensor]:
+        """AuxK of this step: aux_k (0 when off), whether it runs dense, and (d_sae,) bool: the latents it may pick."""
+        cfg = self.sae.cfg
+        aux_k = cfg.aux_k if self.aux_active and cfg.aux_coefficient > 0 else 0
+        return aux_k, aux_k > 0 and self.auxk_is_dense(aux_k), self._aux_dead()
+
+    def _auxk_loss(self, u: Tensor, residual: Tensor, dead: Tensor, aux_k: int, dense_aux: bool,
+                   aux_acts: Tensor | None, aux_code: SparseCode | None) -> Tensor:
+        """() AuxK loss before its coefficient (Gao et al. 2024 §A.2): the dead latents model the `residual`
+        (n_tokens, d_in) that the live ones left over (per-element MSE), scaled down while few latents are dead.
+        `u`: the centred inputs; `aux_acts` / `aux_code`: the sparse picks (None when it runs dense)."""
+        aux_recon = (self._dense_aux_decode(u, dead, aux_k) if dense_aux
+                     else sparse_decode(aux_acts, self.sae.W_dec, aux_code))
+        return metrics.mse(residual.detach(), aux_recon) * (dead.sum() / aux_k).clamp(max=1)
+
+    def _fired(self, acts: Tensor, code: SparseCode) -> tuple[Tensor, Tensor]:
+        """(non-zero latents over the batch (), (d_sae,) long tokens on which each latent fired) of a sparse step."""
+        fired = torch.zeros(self.sae.cfg.d_sae, dtype=torch.long, device=acts.device).index_add_(
+            0, code.cols, (acts != 0).long())
+        return (acts != 0).sum(), fired
 
     @property
     def aux_active(self) -> bool:
@@ -505,11 +521,15 @@ class SAETrainer:
         self.window.add(WindowSums(
             loss=out.loss.double(),
             squared_error=metrics.squared_error(x_n, out.recon).double() / scale2,
-            total_variance=metrics.total_variance(x_n).double() / scale2,
+            total_variance=self._total_variance(x_n).double() / scale2,
             nonzero=out.nonzero.double(),
             aux_loss=out.aux_loss.double(),
         ), out.fired)
         self.tokens_since_fired.add_(x.shape[0]).masked_fill_(out.fired > 0, 0)
+
+    def _total_variance(self, x_n: Tensor) -> Tensor:
+        """() the FVU denominator of a batch `x_n` (n_tokens, d_in): its variance around its mean, summed."""
+        return metrics.total_variance(x_n)
 
     @torch.no_grad()
     def _reduce_step(self, x: Tensor, out: StepLoss) -> Tensor:
