@@ -287,7 +287,10 @@ def test_splice_stats_by_kind_from_running_sums():
          Kind.GENERATED: torch.zeros(2, 2, dtype=torch.float64)}  # all alike and zero
     squared_error = {Kind.IMAGE: 0.5, Kind.TEXT: 0.25, Kind.SPECIAL: 1.0, Kind.GENERATED: 0.125}
     l0 = {Kind.IMAGE: 9.0, Kind.TEXT: 8.0, Kind.SPECIAL: 5.0, Kind.GENERATED: 2.0}
-    sums = SpliceStats(*(torch.zeros(n, *shape, dtype=torch.float64) for shape in ((), (), (2,), (), ())))
+    fired = {Kind.IMAGE: [2.0, 0.0, 1.0], Kind.TEXT: [0.0, 0.0, 4.0]}  # latent 1 never fires; nothing on the rest
+    sums = SpliceStats(*(torch.zeros(n, *shape, dtype=torch.float64) for shape in ((), (), (2,), (), (), (3,))))
+    for kind, counts in fired.items():
+        sums.fired[kind] = torch.tensor(counts)
     for kind, rows in x.items():
         sums.tokens[kind] = len(rows)
         sums.squared_error[kind] = squared_error[kind]
@@ -298,6 +301,8 @@ def test_splice_stats_by_kind_from_running_sums():
     assert list(table.index) == ["all", "special", "image", "text", "generated"]
     assert table.loc["image", "fvu"] == pytest.approx(0.5 / (4 / 3))  # sum ||x - mean||^2 = 5/9 + 5/9 + 2/9
     assert table[["fvu"]].loc[["special", "text", "generated"]].isna().all().all()
+    # dead: fired on none of the row's tokens
+    assert table["dead"].to_dict() == {"all": 1 / 3, "special": 1.0, "image": 1 / 3, "text": 2 / 3, "generated": 1.0}
     every = torch.cat(list(x.values()))
     variance = (every - every.mean(0)).pow(2).sum().item()
     assert table.loc["all", "fvu"] == pytest.approx(1.875 / variance)
@@ -455,7 +460,7 @@ def reference_evaluate(model, sae, batches, where):
     a plain forward hook splices or ablates, a loop over positions reads the next-token losses."""
     ids_key, mask_key = id_keys(batches[0])
     sums = dict.fromkeys(("clean", "spliced", "zero", "mean", "kl", "loss_tokens", "spliced_tokens", "l0"), 0.0)
-    xs, errs = [], []
+    xs, errs, fired = [], [], 0
     for batch in batches:
         ids, attended = batch[ids_key], batch[mask_key].bool()
         chosen = {"all": attended, "image": attended & (ids == zoo.IMAGE),
@@ -489,6 +494,7 @@ def reference_evaluate(model, sae, batches, where):
                 sums["loss_tokens"] += 1
         sums["spliced_tokens"] += chosen.sum().item()
         sums["l0"] += (latents[chosen] != 0).sum().item()
+        fired = (latents[chosen] != 0).any(0) | fired
         xs.append(x[chosen].double())
         errs.append((x[chosen] - recon[chosen]).double().pow(2).sum())
     n = sums["loss_tokens"]
@@ -497,7 +503,8 @@ def reference_evaluate(model, sae, batches, where):
     return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
             "loss_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]), "kl": sums["kl"] / n,
             "loss_tokens": n, "fvu": (sum(errs) / (x - x.mean(0)).pow(2).sum()).item(),
-            "l0": sums["l0"] / sums["spliced_tokens"], "spliced_tokens": sums["spliced_tokens"]}
+            "l0": sums["l0"] / sums["spliced_tokens"], "spliced_tokens": sums["spliced_tokens"],
+            "dead": 1 - fired.double().mean().item()}
 
 
 def own_text(model, seed):
@@ -522,6 +529,7 @@ def test_evaluate(model):
     assert untrained.loc["all", "loss_recovered"] < 0.8 and (untrained["loss_recovered"] < 1).all()
     assert (untrained["kl"] > 0).all()
     assert (untrained["fvu"] > 0.1).all() and (untrained["l0"] <= 8).all()
+    assert (untrained["dead"] > 0).all() and (untrained["dead"] < 1).all()  # a check that can tell them apart
     for where in untrained.index:
         expected = reference_evaluate(model, make_sae(), batches, where)
         got = untrained.loc[where]

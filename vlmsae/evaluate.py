@@ -80,7 +80,8 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     there and ``CHUNK_ROWS`` positions at a time (the float32 log-probabilities of a whole batch over a
     large vocabulary would be gigabytes); ``loss_recovered`` is
     ``(ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (SAELens / SAEBench); FVU and L0 are over the
-    spliced positions, overall and per token kind. ``special_ids`` are token ids counted as SPECIAL besides the
+    spliced positions, overall and per token kind; so is ``dead``, the fraction of latents that fired on none of
+    the ``spliced_tokens`` (of that kind). ``special_ids`` are token ids counted as SPECIAL besides the
     config's (a chat template's control tokens: :func:`vlmsae.special_token_ids` with the tokenizer): they are
     not spliced as text, nor scored as next tokens.
 
@@ -154,7 +155,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
         row |= {"kl": s["kl"] / n, "loss_tokens": int(s["tokens"])}
         for kind, values in stats.iterrows():  # "all" first, then each kind that was spliced
             suffix = "" if kind == "all" else f"_{kind}"
-            row |= {f"fvu{suffix}": values["fvu"], f"l0{suffix}": values["l0"],
+            row |= {f"fvu{suffix}": values["fvu"], f"l0{suffix}": values["l0"], f"dead{suffix}": values["dead"],
                     f"spliced_tokens{suffix}": int(values["tokens"])}
         rows[w] = row
     table = pd.DataFrame.from_dict(rows, orient="index")

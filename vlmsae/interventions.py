@@ -103,13 +103,16 @@ def place(model: Model, layer: int, sae: SAE, *, site: str = "resid_post") -> SA
 class Splice:
     """A splice in progress: ``s.latents`` of the last forward and running FVU / L0 per token kind."""
 
+    FIRED_CHUNK = 1024
+    """Tokens per matmul when counting firing latents per kind (a float32 block of ``FIRED_CHUNK x d_sae``)."""
+
     def __init__(self, sae: SAE, d_in: int, device):
         self.sae = sae
         self.latents: Tensor | None = None
         """``(batch, seq, d_sae)`` latents of the last forward inside the splice, at every position."""
         n = len(Kind)
         zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float64)  # noqa: E731
-        self._sums = SpliceStats(zeros(n), zeros(n), zeros(n, d_in), zeros(n), zeros(n))
+        self._sums = SpliceStats(zeros(n), zeros(n), zeros(n, d_in), zeros(n), zeros(n), zeros(n, sae.cfg.d_sae))
 
     def _accumulate(self, x: Tensor, recon: Tensor, latents: Tensor, kinds: Tensor, mask: Tensor) -> None:
         onehot = torch.nn.functional.one_hot(kinds.long(), len(Kind)).to(torch.float64)  # (b, s, kinds)
@@ -124,6 +127,10 @@ class Splice:
         s.sum_x.add_(w.T @ flat(x64))
         s.sum_sq_x.add_(w.T @ x64.pow(2).sum(-1).reshape(-1))
         s.l0.add_(w.T @ (latents != 0).sum(-1).reshape(-1).to(torch.float64).to(w.device))
+        flat_latents, w32 = flat(latents), w.to(latents.device, torch.float32)
+        for start in range(0, flat_latents.shape[0], self.FIRED_CHUNK):  # counts < 2**24: exact in float32
+            rows = slice(start, start + self.FIRED_CHUNK)
+            s.fired.add_((w32[rows].T @ (flat_latents[rows] != 0).float()).to(s.fired))
 
     @property
     def sums(self) -> SpliceStats:

@@ -75,12 +75,14 @@ class SpliceStats(NamedTuple):
     sum_x: Tensor  # (n_kinds, d_in)
     sum_sq_x: Tensor  # (n_kinds,)
     l0: Tensor  # (n_kinds,) sum of per-token L0
+    fired: Tensor  # (n_kinds, d_sae) tokens of each kind where each latent fired
 
 
 def kind_stats(s: SpliceStats) -> pd.DataFrame:
-    """FVU, L0 and token count per token kind present in the sums, plus ``all``.
+    """FVU, L0, dead fraction and token count per token kind present in the sums, plus ``all``.
 
-    The sums add across batches, so FVU over many batches is measured around their joint mean.
+    The sums add across batches, so FVU over many batches is measured around their joint mean. ``dead``: the
+    fraction of latents that fired on none of the row's ``tokens`` (the one definition of dead, over that window).
     """
     rows = {}
     groups = [("all", list(Kind))] + [(k.name.lower(), [k]) for k in Kind]
@@ -94,7 +96,8 @@ def kind_stats(s: SpliceStats) -> pd.DataFrame:
         # A kind whose residuals are all alike (BOS at position 0) has no variance to explain: FVU is undefined.
         flat = variance <= 1e-9 * s.sum_sq_x[idx].sum()
         rows[name] = {"fvu": float("nan") if flat else (s.squared_error[idx].sum() / variance).item(),
-                      "l0": (s.l0[idx].sum() / n).item(), "tokens": int(n.item())}
+                      "l0": (s.l0[idx].sum() / n).item(),
+                      "dead": (s.fired[idx].sum(0) == 0).double().mean().item(), "tokens": int(n.item())}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 

@@ -117,7 +117,11 @@ class TrainMetrics:
     l0: float
     aux_loss: float
     dead_fraction: float
+    """Latents that fired on none of the last ``dead_window`` training tokens (the one definition of dead)."""
     dense_fraction: float
+    dead_window: int | None = None
+    """Tokens: ``min(dead_tokens, tokens)``, the SAE config's window, or every token so far while the run is shorter
+    (so a short run reports the latents that never fired, not 0). None in histories from before vlmsae 0.2."""
 
 
 class Selection(NamedTuple):
@@ -235,6 +239,7 @@ class SAETrainer:
         self.history: list[TrainMetrics] = []
         # (n_candidates,) long, ascending: the latents dead at the last readout, AuxK's candidates (Gao et al. 2024 §A.2)
         self.aux_candidates = torch.zeros(0, dtype=torch.long, device=device)
+        self.dead_window = sae.cfg.dead_tokens  # tokens; set at each readout to min(dead_tokens, tokens)
         self.initialized = not cfg.init_from_first_batch
         # Under N ranks: global tokens of the steps since the last readout, on the device (no host sync per step).
         self.pending_tokens = torch.zeros((), dtype=torch.long, device=device)
@@ -431,7 +436,7 @@ class SAETrainer:
     @torch.no_grad()
     def _aux_dead(self) -> Tensor:
         """(d_sae,) bool: the latents AuxK may pick, the last readout's candidates that are still dead (no sync)."""
-        dead = self.tokens_since_fired >= self.sae.cfg.dead_tokens
+        dead = self.tokens_since_fired >= self.dead_window
         candidate = torch.zeros_like(dead).index_fill_(0, self.aux_candidates, True)
         return dead & candidate
 
@@ -584,7 +589,9 @@ class SAETrainer:
         self._fold_pending_tokens()
         cfg, window = self.sae.cfg, self.window
         tokens, steps = max(window.tokens, 1), max(self.n_steps - window.start, 1)
-        dead_mask = self.tokens_since_fired >= cfg.dead_tokens
+        # Dead: fired on none of the last dead_window tokens, the config's window or, in a shorter run, all of it.
+        self.dead_window = max(1, min(cfg.dead_tokens, self.n_tokens))
+        dead_mask = self.tokens_since_fired >= self.dead_window
         dead_first = torch.sort((~dead_mask).to(torch.uint8), stable=True).indices  # dead latents first, ascending
         *sums, n_dead, dense = torch.cat([
             window.sums,
@@ -612,6 +619,7 @@ class SAETrainer:
             aux_loss=sums.aux_loss / steps,
             dead_fraction=dead,
             dense_fraction=dense,
+            dead_window=self.dead_window,
         )
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
@@ -625,7 +633,7 @@ class SAETrainer:
                     "sums": self.window.sums, "aux_candidates": self.aux_candidates}
         meta = {"param_groups": optim["param_groups"], "n_steps": self.n_steps, "n_tokens": self.n_tokens,
                 "window_start": self.window.start, "window_tokens": self.window.tokens,
-                "initialized": self.initialized,
+                "initialized": self.initialized, "dead_window": self.dead_window,
                 "history": [asdict(m) for m in self.history]}
         return tensors, meta
 
@@ -654,6 +662,7 @@ class SAETrainer:
         self.n_steps, self.n_tokens = meta["n_steps"], meta["n_tokens"]
         self.window.start, self.window.tokens = meta["window_start"], meta["window_tokens"]
         self.initialized = meta["initialized"]
+        self.dead_window = meta.get("dead_window", self.sae.cfg.dead_tokens)
         if "aux_candidates" in tensors:
             self.aux_candidates = tensors["aux_candidates"].to(self.aux_candidates.device).clone()
         else:  # a checkpoint from before the candidates: AuxK's latents are those dead now, if it ran
