@@ -16,6 +16,7 @@ from .probes import compare_probes, probe_accuracy
 from .record import Recording, record
 from .sae import SAE, SAEConfig, SAEOutput
 from .shards import Shards, harvest
+from .transcoder import Transcoder
 from .train import OnlineRunConfig, TrainResult, train
 from .trainer import SAETrainer, SAETrainerConfig, TrainMetrics
 
@@ -23,7 +24,7 @@ __all__ = [
     # models and hooks
     "FAMILIES", "Kind", "ModelInfo", "layers", "load_model", "special_token_ids", "SITES", "Forward", "attach", "Recording", "record",
     # SAEs and training
-    "SAE", "SAEConfig", "SAEOutput", "SAETrainer", "SAETrainerConfig", "TrainMetrics", "metrics",
+    "SAE", "SAEConfig", "SAEOutput", "Transcoder", "SAETrainer", "SAETrainerConfig", "TrainMetrics", "metrics",
     "RingBuffer", "train", "OnlineRunConfig", "TrainResult", "harvest", "Shards",
     # interventions and evaluation
     "splice", "ablate", "steer", "place", "reconstruct", "evaluate", "latent_stats", "Splice", "LatentStats",

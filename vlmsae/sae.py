@@ -6,6 +6,9 @@
       latents = activation[arch](pre)                 (..., d_sae), sparse
       recon   = (latents @ W_dec + b_dec) / act_scale (..., d_in), the model's own units
 
+A transcoder (`vlmsae.transcoder.Transcoder`, Dunefsky et al. 2024) is the same module with a decoder of
+another width, `d_out`, that writes where the model's MLP writes rather than where the encoder reads.
+
 Kinds: `topk` (Gao et al. 2024), `batchtopk` (Bussmann et al. 2024), `relu`
 (ReLU + L1, Bricken et al. 2023 with Anthropic's April 2024 update) and
 `jumprelu` (Rajamanoharan et al. 2024). This module is the reference math; the
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmsae import saefile
-from vlmsae.errors import ConfigError
+from vlmsae.errors import ConfigError, SAEFileError
 from vlmsae.deprecation import renamed_attributes, warn_renamed
 from vlmsae.saeconfig import ARCHITECTURES, DTYPES, SAEConfig  # noqa: F401  (ARCHITECTURES: callers find them here)
 
@@ -31,7 +34,7 @@ class SAEOutput(NamedTuple):
     """What `SAE.forward` returns; every tensor keeps the input's leading shape."""
 
     recon: Tensor
-    """(..., d_in) reconstruction, in the model's units."""
+    """(..., d_in) reconstruction, in the model's units ((..., d_out) for a transcoder: its prediction)."""
     latents: Tensor
     """(..., d_sae) sparse latent activations."""
     pre_acts: Tensor
@@ -43,8 +46,12 @@ class SAE(nn.Module):
 
     `SAE(d_in=768, d_sae=24576, k=32)` builds a TopK SAE; pass `architecture=` for the
     others, or a ready `SAEConfig`. `SAE.load(folder)` opens SAELens and
-    EleutherAI sparsify folders; `sae.save(folder)` writes the SAELens layout.
+    EleutherAI sparsify folders (and returns a `Transcoder` for a transcoder's folder); `sae.save(folder)` writes the
+    SAELens layout.
     """
+
+    is_transcoder = False
+    """Whether the decoder writes another site than the encoder reads (`cfg.d_out` set): `Transcoder` sets it."""
 
     def __init__(self, cfg: SAEConfig | None = None, *, device: torch.device | str | None = None, **fields: Any):
         if cfg is None:
@@ -54,13 +61,17 @@ class SAE(nn.Module):
             cfg = SAEConfig(**fields)
         elif fields:
             raise ConfigError(f"pass either an SAEConfig or its fields, not both (got cfg and {sorted(fields)})")
+        if (cfg.d_out is not None) != self.is_transcoder:
+            raise ConfigError(f"d_out={cfg.d_out} makes a transcoder; build it with vlmsae.Transcoder" if cfg.d_out
+                              else "a Transcoder needs d_out, the width it writes (the MLP's output: d_model)")
         super().__init__()
         self.cfg = cfg
         d_in, d_sae, dtype = cfg.d_in, cfg.d_sae, DTYPES[cfg.dtype]
+        d_out = cfg.d_out or d_in
         # Decoder rows start as random directions and the encoder as their
         # transpose (Gao et al. 2024). ReLU rows start at norm 0.1
         # (Anthropic, April 2024 update); the other architectures keep unit rows.
-        W_dec = torch.randn(d_sae, d_in, device=device, dtype=torch.float32)
+        W_dec = torch.randn(d_sae, d_out, device=device, dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         if cfg.architecture == "relu":
             W_dec *= 0.1
@@ -69,9 +80,12 @@ class SAE(nn.Module):
         # W_enc is [d_in, d_sae] but stored as the transpose of a contiguous
         # [d_sae, d_in] block, so that the sparse training step gathers and
         # scatters whole rows per latent. The file keeps SAELens' layout.
-        self.W_enc = nn.Parameter(W_dec.clone().T)
+        # A transcoder's encoder cannot be its decoder's transpose: random unit rows.
+        W_enc = W_dec.clone() if cfg.d_out is None else nn.functional.normalize(
+            torch.randn(d_sae, d_in, device=device, dtype=torch.float32), dim=1).to(dtype)
+        self.W_enc = nn.Parameter(W_enc.T)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, device=device, dtype=dtype))
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.full((d_sae,), cfg.jumprelu_init_threshold, device=device, dtype=dtype))
         elif cfg.architecture == "batchtopk":
@@ -122,7 +136,7 @@ class SAE(nn.Module):
         return self.activate(self.pre_acts(x))
 
     def decode(self, latents: Tensor) -> Tensor:
-        """(..., d_sae) -> (..., d_in) reconstruction, in the model's units."""
+        """(..., d_sae) -> (..., d_in) reconstruction, in the model's units ((..., d_out) for a transcoder)."""
         latents = latents.to(self.W_dec.dtype)
         return (latents @ self.W_dec + self.b_dec) / self.act_scale.to(self.W_dec.dtype)
 
@@ -167,7 +181,7 @@ class SAE(nn.Module):
     @classmethod
     def from_tensors(cls, cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> "SAE":
         """An SAE of `cfg` that holds `tensors` (not copies), named and shaped as in its `state_dict()`:
-        W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,), threshold (d_sae,) for
+        W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,) (d_out for a transcoder), threshold (d_sae,) for
         jumprelu and batchtopk, act_scale () a power of two. Built without a random init.
 
         Raises ConfigError if a tensor is missing, unexpected or of the wrong shape.
@@ -204,12 +218,21 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> "SAE":
-        """Open a vlmsae / SAELens folder or an EleutherAI sparsify folder, in eval mode.
+        """Open a vlmsae / SAELens folder or an EleutherAI sparsify folder, in eval mode; a transcoder's folder (SAELens'
+        ``transcoder`` / ``jumprelu_transcoder``) gives a `Transcoder`.
 
         Raises SAEFileError, naming the file and the fix, if the folder, its cfg.json or its weights
-        are missing, malformed or disagree with each other.
+        are missing, malformed or disagree with each other, or if `Transcoder.load` is given an SAE's folder.
         """
-        return cls.from_tensors(*saefile.read_sae(path, device=device)).eval()
+        cfg, tensors = saefile.read_sae(path, device=device)
+        if cfg.d_out is not None and not cls.is_transcoder:
+            from vlmsae.transcoder import Transcoder  # a subclass of SAE: imported when needed, not at the top
+
+            cls = Transcoder
+        elif cfg.d_out is None and cls.is_transcoder:
+            raise SAEFileError(f"{path}: holds an SAE (its cfg.json has no d_out), not a transcoder; "
+                               "open it with vlmsae.SAE.load")
+        return cls.from_tensors(cfg, tensors).eval()
 
 
 @torch.no_grad()
