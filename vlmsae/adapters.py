@@ -416,10 +416,11 @@ def layers(model: Model) -> ModelInfo:
     image = getattr(config, family.image_token) if family.image_token else None
     d_model = int(text.hidden_size) if family.layer_paths else 0
     stacks = {site: Stack(found, path, d_model) for site in SITES} if family.layer_paths else {}
-    for site, names in zip(MLP_SITES, (family.mlp_in, family.mlp_out)) if len(found) else ():
-        within = _find(found[0], names, nn.Module, family, f"{site} module")[1]
-        stacks[site] = Stack([_find(layer, (within,), nn.Module, family, f"{site} module")[0] for layer in found],
-                             path, d_model, within)
+    for site, names in zip(MLP_SITES, (family.mlp_in, family.mlp_out)):
+        # a layer list without the module (a wrapped or mixture-of-experts layer) has no MLP sites, only residual ones
+        within = next((name for name in names if len(found) and all(isinstance(_get(layer, name), nn.Module) for layer in found)), None)
+        if within is not None:
+            stacks[site] = Stack([_get(layer, within) for layer in found], path, d_model, within)
     towers = {}
     for stream, tower in (("vision", family.vision), ("text", family.text)):
         if tower is None:
