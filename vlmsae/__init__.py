@@ -14,9 +14,8 @@ from .hooks import SITES, Forward, attach
 from .interventions import LatentStats, Splice, ablate, latent_stats, place, reconstruct, splice, steer
 from .probes import compare_probes, probe_accuracy
 from .record import Recording, record
-from .sae import SAE, SAEConfig, SAEOutput
+from .sae import SAE, SAEConfig, SAEOutput, Transcoder
 from .shards import Shards, harvest
-from .transcoder import Transcoder
 from .train import OnlineRunConfig, TrainResult, train
 from .trainer import SAETrainer, SAETrainerConfig, TrainMetrics
 

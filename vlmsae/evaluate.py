@@ -89,7 +89,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     not spliced as text, nor scored as next tokens.
 
     ``layer=None`` evaluates the SAE where its metadata says (``hook_name``). A transcoder
-    (:class:`vlmsae.transcoder.Transcoder`, at ``mlp_in`` / ``mlp_out`` or where its metadata says) is spliced as
+    (:class:`vlmsae.Transcoder`, at ``mlp_in`` / ``mlp_out`` or where its metadata says) is spliced as
     :func:`vlmsae.splice` does, and its FVU is that of its prediction of the MLP's output; the zero and mean ablations
     replace the MLP's output.
 

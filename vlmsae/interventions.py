@@ -154,7 +154,7 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
     ``splice(model, "vision.blocks.3.hook_resid_post", sae)``); ``layer=None`` splices where the SAE's metadata says
     (its ``hook_name``: ``splice(model, None, sae)``).
 
-    A transcoder (:class:`vlmsae.transcoder.Transcoder`) reads the MLP's input and replaces the MLP's output by its
+    A transcoder (:class:`vlmsae.Transcoder`) reads the MLP's input and replaces the MLP's output by its
     prediction (the sites its metadata names, ``hook_name`` and ``hook_name_out``; ``mlp_in`` and ``mlp_out`` of
     ``layer`` without it; see :func:`vlmsae.checks.check_entry`); ``use_error_term``, ``edit``, ``where`` and the
     stats then apply to the MLP's output (FVU: of the prediction against the MLP's own output).

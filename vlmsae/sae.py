@@ -6,8 +6,16 @@
       latents = activation[arch](pre)                 (..., d_sae), sparse
       recon   = (latents @ W_dec + b_dec) / act_scale (..., d_in), the model's own units
 
-A transcoder (`vlmsae.transcoder.Transcoder`, Dunefsky et al. 2024) is the same module with a decoder of
-another width, `d_out`, that writes where the model's MLP writes rather than where the encoder reads.
+A transcoder (`Transcoder`, Dunefsky et al. 2024) is the same module with a decoder of another width, `d_out`,
+that writes where the model's MLP writes rather than where the encoder reads:
+
+    x (..., d_in)   at metadata["hook_name"]      the MLP's input, after its pre-norm (``blocks.L.hook_mlp_in``)
+      latents = activation[arch](x @ W_enc + b_enc)      (..., d_sae)
+      out     = latents @ W_dec + b_dec                  (..., d_out)
+    predicts        metadata["hook_name_out"]     what the MLP adds to the residual (``blocks.L.hook_mlp_out``)
+
+with no decoder bias subtracted from the input and no input scale, as SAELens' ``Transcoder`` (ReLU) and
+``JumpReLUTranscoder`` (Gemma Scope 2's transcoders) compute it; its folder is theirs. vlmsae does not train them.
 
 Kinds: `topk` (Gao et al. 2024), `batchtopk` (Bussmann et al. 2024), `relu`
 (ReLU + L1, Bricken et al. 2023 with Anthropic's April 2024 update) and
@@ -226,13 +234,32 @@ class SAE(nn.Module):
         """
         cfg, tensors = saefile.read_sae(path, device=device)
         if cfg.d_out is not None and not cls.is_transcoder:
-            from vlmsae.transcoder import Transcoder  # a subclass of SAE: imported when needed, not at the top
-
             cls = Transcoder
         elif cfg.d_out is None and cls.is_transcoder:
             raise SAEFileError(f"{path}: holds an SAE (its cfg.json has no d_out), not a transcoder; "
                                "open it with vlmsae.SAE.load")
         return cls.from_tensors(cfg, tensors).eval()
+
+
+class Transcoder(SAE):
+    """A transcoder over ``(..., d_in)`` inputs predicting ``(..., d_out)`` outputs (see the module's docstring).
+
+    ``Transcoder(d_in=64, d_sae=512, d_out=64, metadata={"hook_name": "blocks.1.hook_mlp_in", "hook_name_out":
+    "blocks.1.hook_mlp_out"})`` builds a JumpReLU transcoder (pass ``architecture="relu"`` for the other);
+    ``Transcoder.load(folder)`` opens a SAELens transcoder folder (``vlmsae.SAE.load`` does too).
+    ``forward(x).recon`` is the prediction ``(..., d_out)``.
+
+    Raises ``ConfigError`` for a config that is not a transcoder's (no ``d_out``, ``apply_b_dec_to_input=True``,
+    another architecture).
+    """
+
+    is_transcoder = True
+
+    def __init__(self, cfg: SAEConfig | None = None, *, device: torch.device | str | None = None, **fields: Any):
+        if cfg is None:
+            fields.setdefault("architecture", "jumprelu")
+            fields.setdefault("apply_b_dec_to_input", False)
+        super().__init__(cfg, device=device, **fields)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import vlmsae
 from vlmsae.sae import SAE
-from vlmsae.transcoder import Transcoder
+from vlmsae.sae import Transcoder
 from vlmsae.zoo import tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.interop
@@ -95,8 +95,9 @@ def test_vlmsae_opens_sparsify_folders(exchange):
 
 
 def our_transcoder(d: int) -> Transcoder:
+    """A JumpReLU transcoder reading width d and writing d - 16 (widths that differ: SAELens must see its d_out)."""
     torch.manual_seed(0)
-    tc = Transcoder(d_in=d, d_sae=4 * d, d_out=d, metadata={"hook_name": "blocks.1.hook_mlp_in",
+    tc = Transcoder(d_in=d, d_sae=4 * d, d_out=d - 16, metadata={"hook_name": "blocks.1.hook_mlp_in",
                                                           "hook_name_out": "blocks.1.hook_mlp_out"})
     with torch.no_grad():
         tc.b_enc.normal_(0, 0.1)
