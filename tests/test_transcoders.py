@@ -111,6 +111,16 @@ def test_splice_replaces_the_mlp_output_by_the_prediction_from_its_input(model, 
     assert torch.equal(s.latents, s2.latents)
 
 
+@pytest.mark.parametrize("family", ["gemma3"])
+def test_steering_a_transcoder_adds_its_decoder_rows_to_the_mlp_output(model, family):
+    inputs = tiny_inputs(model, 2)
+    tc = make_transcoder()
+    keep = inputs["attention_mask"].bool()
+    want, _, _ = plain_run(model, inputs, lambda x, y: y + keep[..., None] * 3.0 * tc.W_dec[7].detach())
+    with torch.no_grad(), vlmsae.steer(model, None, tc, latents={7: 3.0}):
+        torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def _ce(logits_, ids, positions):
     return F.cross_entropy(logits_[:, :-1][positions].float(), ids[:, 1:][positions], reduction="sum").item()
 

@@ -418,7 +418,8 @@ def layers(model: Model) -> ModelInfo:
     stacks = {site: Stack(found, path, d_model) for site in SITES} if family.layer_paths else {}
     for site, names in zip(MLP_SITES, (family.mlp_in, family.mlp_out)):
         # a layer list without the module (a wrapped or mixture-of-experts layer) has no MLP sites, only residual ones
-        within = next((name for name in names if len(found) and all(isinstance(_get(layer, name), nn.Module) for layer in found)), None)
+        within = next((name for name in names if len(found)
+                       and all(isinstance(_get(layer, name), nn.Module) for layer in found)), None)
         if within is not None:
             stacks[site] = Stack([_get(layer, within) for layer in found], path, d_model, within)
     towers = {}
