@@ -71,9 +71,9 @@ def row_kl(clean: Tensor, other: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where: str | Iterable[str] | None = None,
-             site: str = "resid_post", ablations: bool = True, special_ids: Iterable[int] | None = None,
-             ) -> pd.DataFrame:
+def evaluate(model: Model, layer: int | str | None, sae: SAE, data: Iterable[dict], *,
+             where: str | Iterable[str] | None = None, site: str = "resid_post", ablations: bool = True,
+             special_ids: Iterable[int] | None = None) -> pd.DataFrame:
     """Cross-entropy clean / spliced / zero- and mean-ablated, loss recovered, KL, FVU and L0.
 
     One row per choice of spliced positions: ``where`` is a list of kind names (default: ``all``,

@@ -144,7 +144,7 @@ _ACTIVE: set[tuple[int, int, str, int]] = set()  # (id(model), layer, site, id(s
 
 @renamed_kwargs(error="use_error_term")
 @contextmanager
-def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, where: Where = None,
+def splice(model: Model, layer: int | str | None, sae: SAE, *, use_error_term: bool = False, where: Where = None,
            site: str = "resid_post", edit: Callable[[Tensor, Forward], Tensor] | None = None,
            special_ids: Iterable[int] | None = None) -> Iterator[Splice]:
     """Replace the residual at ``layer`` by the SAE's reconstruction on every forward inside the block.
@@ -216,7 +216,7 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
 
 @renamed_kwargs(features="latents")
 @contextmanager
-def ablate(model: Model, layer: int, sae: SAE, latents: Iterable[int], *, mode: str = "zero",
+def ablate(model: Model, layer: int | str | None, sae: SAE, latents: Iterable[int], *, mode: str = "zero",
            means: Tensor | None = None, where: Where = None, site: str = "resid_post",
            special_ids: Iterable[int] | None = None) -> Iterator[Splice]:
     """Set ``latents`` to zero (or to their mean activation, ``mode="mean"``) with the error term kept.
@@ -295,7 +295,7 @@ def steering_vector(target, latents: Mapping[int, float] | None = None, *, stren
 
 @renamed_kwargs(features="latents")
 @contextmanager
-def steer(model: Model, layer: int, target: SAE | Tensor, latents: Mapping[int, float] | None = None, *,
+def steer(model: Model, layer: int | str | None, target: SAE | Tensor, latents: Mapping[int, float] | None = None, *,
           strength: float = 1.0, where: Where = None, relative_to: Tensor | None = None,
           site: str = "resid_post", special_ids: Iterable[int] | None = None) -> Iterator[Tensor]:
     """Add decoder directions (or a raw vector) at ``where`` positions on every forward inside the block.

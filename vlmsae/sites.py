@@ -24,10 +24,10 @@ same names behind their tower's prefix.
 
 The MLP sites are named as Gemma Scope 2's files name them (SAELens' Gemma 3 loader, ``sae_lens/loading/
 pretrained_sae_loaders.py``): ``hook_mlp_in`` is the input of the layer's ``mlp`` module, after the pre-feedforward
-norm (its ``hf_hook_name``: ``model.layers.{L}.pre_feedforward_layernorm.output``), which TransformerLens calls
-``blocks.{L}.ln2.hook_normalized`` (``HookedTransformer``) and ``blocks.{L}.mlp.hook_in`` (``TransformerBridge``,
-circuit-tracer's transcoders); both are read too. (TransformerLens's own ``hook_mlp_in`` is the residual before that
-norm, a tensor vlmsae does not hook.) ``hook_mlp_out`` is TransformerLens's: after the post-feedforward norm where
+norm (its ``hf_hook_name``: ``model.layers.{L}.pre_feedforward_layernorm.output``), which TransformerLens 4's
+``TransformerBridge`` calls ``blocks.{L}.mlp.hook_in`` (read too). TransformerLens's own ``hook_mlp_in`` is the
+residual before that norm, and ``HookedTransformer``'s ``ln2.hook_normalized`` the norm's output before its weight:
+tensors vlmsae does not hook. ``hook_mlp_out`` is TransformerLens's: after the post-feedforward norm where
 the layer has one, so it is exactly what the MLP adds to the residual. The decoder's MLP sites only: a tower's
 layers have none in vlmsae.
 
@@ -56,7 +56,7 @@ ALL_SITES = SITES + MLP_SITES + TOWER_SITES + OUTPUT_SITES
 
 LENS_HOOKS = {"hook_resid_pre": "resid_pre", "hook_in": "resid_pre",
               "hook_resid_post": "resid_post", "hook_out": "resid_post",
-              "hook_mlp_in": "mlp_in", "ln2.hook_normalized": "mlp_in", "mlp.hook_in": "mlp_in",
+              "hook_mlp_in": "mlp_in", "mlp.hook_in": "mlp_in",
               "hook_mlp_out": "mlp_out"}
 """A hook point of a block (``HookedTransformer`` name, ``TransformerBridge`` name, Gemma Scope 2's) -> its site."""
 
