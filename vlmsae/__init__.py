@@ -17,7 +17,7 @@ from .pairs import embedding_pairs, pooled_pairs
 from .interventions import LatentStats, Splice, ablate, latent_stats, place, reconstruct, splice, steer
 from .probes import compare_probes, probe_accuracy
 from .record import Recording, record
-from .sae import SAE, SAEConfig, SAEOutput
+from .sae import SAE, SAEConfig, SAEOutput, Transcoder
 from .saeconfig import MGSAEConfig
 from .shards import Shards, harvest
 from .train import OnlineRunConfig, TrainResult, train
@@ -27,7 +27,7 @@ __all__ = [
     # models and hooks
     "FAMILIES", "Kind", "ModelInfo", "layers", "load_model", "special_token_ids", "SITES", "Forward", "attach", "Recording", "record",
     # SAEs and training
-    "SAE", "SAEConfig", "SAEOutput", "SAETrainer", "SAETrainerConfig", "TrainMetrics", "metrics",
+    "SAE", "SAEConfig", "SAEOutput", "Transcoder", "SAETrainer", "SAETrainerConfig", "TrainMetrics", "metrics",
     "RingBuffer", "train", "OnlineRunConfig", "TrainResult", "harvest", "Shards",
     "MGSAE", "MGSAEConfig", "MGSAETrainer", "train_mgsae", "embedding_pairs", "pooled_pairs",
     # interventions and evaluation

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, SiteError, UnsupportedModelError
-from .sites import OUTPUT_SITES, SITES, hook_name, stream_of
+from .sites import MLP_SITES, OUTPUT_SITES, SITES, hook_name, stream_of
 
 Model = nn.Module
 """What every entry point's ``model`` is: a transformers VLM of a supported family (:func:`supported`),
@@ -106,6 +106,12 @@ class Family:
     """A dual encoder's text tower (sites ``text.resid_pre`` / ``text.resid_post``)."""
     outputs: tuple[Output, ...] = ()
     """Sites at module outputs: the projector (``vision.proj_out``), pooled embeddings (``image_embeds``, ...)."""
+    mlp_in: tuple[str, ...] = ("mlp",)
+    """Attribute paths, relative to a decoder layer, of the module whose input is site ``mlp_in`` (the MLP's input,
+    after the pre-MLP norm), tried in order."""
+    mlp_out: tuple[str, ...] = ("mlp",)
+    """Attribute paths, relative to a decoder layer, of the module whose output is site ``mlp_out`` (what the MLP adds
+    to the residual), tried in order: Gemma 2 / 3 norm the MLP's output again (``post_feedforward_layernorm``)."""
 
 
 def _vision(paths, layers=("encoder.layers",), **kw) -> Tower:
@@ -168,6 +174,7 @@ FAMILIES = (
     Family(
         # <bos> ... <start_of_image> <image_soft_token>... <end_of_image> ... in <start_of_turn> / <end_of_turn> turns
         name="gemma3", model_types=("gemma3",), layer_paths=("model.language_model.layers",),
+        mlp_out=("post_feedforward_layernorm",),  # Gemma3DecoderLayer: residual + post_feedforward_layernorm(mlp(...))
         text_config="text_config", ids_key="input_ids", mask_key="attention_mask", image_token="image_token_index",
         special_tokens=("bos_token_id", "eos_token_id", "boi_token_index", "eoi_token_index"),
         control_tokens=("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
@@ -178,6 +185,7 @@ FAMILIES = (
     Family(
         # the prefix: <image>... <bos> prompt \n, attended bidirectionally; then the causal suffix
         name="paligemma", model_types=("paligemma",), layer_paths=("model.language_model.layers",),
+        mlp_out=("post_feedforward_layernorm", "mlp"),  # PaliGemma 2's Gemma 2 decoder has one, PaliGemma 1's Gemma not
         text_config="text_config", ids_key="input_ids", mask_key="attention_mask", image_token="image_token_index",
         special_tokens=("bos_token_id", "eos_token_id"), hf_class="PaliGemmaForConditionalGeneration",
         vision=_vision(("model.vision_tower", "vision_tower"), **_SIGLIP), outputs=_PROJECTOR,
@@ -218,6 +226,8 @@ class Stack(NamedTuple):
     """Attribute path of the layer list (of the module, for a site without layers) in the model."""
     width: int
     """Width of the tensor at the site."""
+    within: str = ""
+    """Attribute path, inside each layer, of the module hooked (``"mlp"`` for ``mlp_in``); ``""``: the layer itself."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,9 +280,12 @@ class ModelInfo:
         return self.stack(site).width
 
     def module_path(self, layer: int, site: str = "resid_post") -> str:
-        """Attribute path of the module hooked for a site: ``model.language_model.layers.9``, ``model.connector``."""
-        path = self.stack(site).path
-        return path if site in OUTPUT_SITES else f"{path}.{layer}"
+        """Attribute path of the module hooked for a site: ``model.language_model.layers.9``, ``model.connector``,
+        ``model.language_model.layers.9.mlp``."""
+        stack = self.stack(site)
+        if site in OUTPUT_SITES:
+            return stack.path
+        return f"{stack.path}.{layer}.{stack.within}" if stack.within else f"{stack.path}.{layer}"
 
     def tower_config(self, stream: str = "vision"):
         """The config of a tower (``"vision"`` or ``"text"``). Raises ``SiteError`` when the model has none."""
@@ -403,6 +416,12 @@ def layers(model: Model) -> ModelInfo:
     image = getattr(config, family.image_token) if family.image_token else None
     d_model = int(text.hidden_size) if family.layer_paths else 0
     stacks = {site: Stack(found, path, d_model) for site in SITES} if family.layer_paths else {}
+    for site, names in zip(MLP_SITES, (family.mlp_in, family.mlp_out)):
+        # a layer list without the module (a wrapped or mixture-of-experts layer) has no MLP sites, only residual ones
+        within = next((name for name in names if len(found)
+                       and all(isinstance(_get(layer, name), nn.Module) for layer in found)), None)
+        if within is not None:
+            stacks[site] = Stack([_get(layer, within) for layer in found], path, d_model, within)
     towers = {}
     for stream, tower in (("vision", family.vision), ("text", family.text)):
         if tower is None:

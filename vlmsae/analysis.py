@@ -37,6 +37,7 @@ from .metrics import auroc
 from .positions import Where, where_kinds, where_mask
 from .record import record
 from .sae import SAE
+from .sites import stream_of
 
 DEFAULT_WHERE = ("image", "text", "generated")
 """Positions a scan reads by default: every content token, never padding or special tokens (BOS
@@ -77,7 +78,7 @@ def patch_layout(model: Model, batch: dict, site: str = "resid_post") -> PatchLa
     """
     info = layers(model)
     tower = site.startswith("vision.") and site != "vision.proj_out"
-    if not tower and (site not in ("resid_pre", "resid_post", "vision.proj_out") or not info.has_image_tokens):
+    if not tower and ((stream_of(site) != "decoder" and site != "vision.proj_out") or not info.has_image_tokens):
         return None
     vision = info.tower_config("vision")
     if info.patch_grid == "vision_config":
@@ -263,7 +264,7 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
     info, layer, site = check_entry(model, layer, site, sae)
     kinds_read = where_kinds(where, info, site)
     heatmaps = site in ("vision.resid_pre", "vision.resid_post", "vision.proj_out") or \
-        (site in ("resid_pre", "resid_post") and info.has_image_tokens)  # patch_layout says where
+        (stream_of(site) == "decoder" and info.has_image_tokens)  # patch_layout says where
     device = sae.W_dec.device
     d_sae = sae.cfg.d_sae
     subset = None if latents is None else torch.tensor(check_latents(latents, d_sae), dtype=torch.long,

@@ -6,6 +6,9 @@ the positions that predict a text token (for LLaVA and Qwen also when only image
 spliced: the question is what the image part of the residual carries for the text).
 
     loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)
+
+A transcoder is evaluated where it writes: its prediction replaces the MLP's output, and the ablations zero it or
+set it to its mean (so ``ce_zero`` is the loss without the layer's MLP).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Kind, Model
-from .checks import check_entry
+from .checks import check_entry, output_site
 from .errors import ConfigError, HookNameWarning, SiteError
 from .hooks import attach
 from .interventions import splice
@@ -28,6 +31,7 @@ from .metrics import SpliceStats, kind_stats
 from .positions import where_kinds, where_mask
 from .record import record
 from .sae import SAE
+from .sites import stream_of
 
 
 def loss_positions(kinds: Tensor) -> Tensor:
@@ -67,9 +71,9 @@ def row_kl(clean: Tensor, other: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where: str | Iterable[str] | None = None,
-             site: str = "resid_post", ablations: bool = True, special_ids: Iterable[int] | None = None,
-             ) -> pd.DataFrame:
+def evaluate(model: Model, layer: int | str | None, sae: SAE, data: Iterable[dict], *,
+             where: str | Iterable[str] | None = None, site: str = "resid_post", ablations: bool = True,
+             special_ids: Iterable[int] | None = None) -> pd.DataFrame:
     """Cross-entropy clean / spliced / zero- and mean-ablated, loss recovered, KL, FVU and L0.
 
     One row per choice of spliced positions: ``where`` is a list of kind names (default: ``all``,
@@ -85,6 +89,11 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     config's (a chat template's control tokens: :func:`vlmsae.special_token_ids` with the tokenizer): they are
     not spliced as text, nor scored as next tokens.
 
+    ``layer=None`` evaluates the SAE where its metadata says (``hook_name``). A transcoder
+    (:class:`vlmsae.Transcoder`, at ``mlp_in`` / ``mlp_out`` or where its metadata says) is spliced as
+    :func:`vlmsae.splice` does, and its FVU is that of its prediction of the MLP's output; the zero and mean ablations
+    replace the MLP's output.
+
     At a vision tower's site or the projector's output (``"vision.blocks.3.hook_resid_post"``) the loss is the
     decoder's all the same, read at the same positions; ``where`` then chooses patches (``"image"``, ``"special"``
     for a class token), by default all of them.
@@ -97,7 +106,8 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
         UnsupportedModelError: the model is not a supported family.
     """
     info, layer, site = check_entry(model, layer, site, sae)
-    decoder = site in ("resid_pre", "resid_post")
+    out = output_site(sae, layer, site)  # where the SAE writes and the ablations act (a transcoder's: mlp_out)
+    decoder = stream_of(site) == "decoder"
     if not info.n_layers:
         raise SiteError(f"evaluate() measures a decoder's next-token loss; this {info.family} model has no decoder "
                         "(a dual encoder): splice the SAE and read its logits_per_image instead")
@@ -111,7 +121,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
     with warnings.catch_warnings():  # check_sae has warned once if this is not the SAE's own site
         warnings.simplefilter("ignore", HookNameWarning)
         for batch in tqdm(data, desc="evaluate", leave=False):
-            with record(model, [layer], site=site, special_ids=special_ids) as rec:
+            with record(model, [layer], site=out, special_ids=special_ids) as rec:
                 logits = model(**batch).logits
             # On a model spread over devices the logits, the inputs and the layer may each be on another.
             # the decoder's kinds say where the loss is read, whichever site is spliced (a vision tower's too)
@@ -138,7 +148,7 @@ def evaluate(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, where:
                     for name, value in (("zero", torch.zeros_like(mean)), ("mean", mean)):
                         def replace(r, f, value=value, mask=mask):
                             return torch.where(mask[..., None].to(r.device), value.to(r), r)
-                        with attach(model, {(layer, site): replace}, special_ids=special_ids):
+                        with attach(model, {(layer, out): replace}, special_ids=special_ids):
                             s[name] += row_losses(predicting(model(**batch).logits, positions), targets).sum()
     if not splices:
         raise ConfigError("evaluate() got no batches: data yielded nothing")

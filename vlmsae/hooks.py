@@ -10,6 +10,8 @@ Sites, named as TransformerLens names them (:mod:`vlmsae.sites`; a key may also 
 ``"blocks.9.hook_resid_post"``, ``"vision.blocks.3.hook_resid_post"``, ``"hook_image_embeds"``):
 
 - ``resid_pre``: the input of decoder layer L; ``resid_post``: its output;
+- ``mlp_in``: the input of layer L's MLP (after its pre-norm); ``mlp_out``: what the MLP adds to the residual (after
+  its post-norm, where the family has one: the adapter row's ``mlp_out``);
 - ``vision.resid_pre`` / ``vision.resid_post``: the same at layer L of the vision tower (``text.`` for a dual
   encoder's text tower);
 - ``vision.proj_out``: the projector's output; ``image_embeds`` / ``text_embeds``: a dual encoder's pooled
@@ -33,7 +35,8 @@ from torch import nn
 
 from .adapters import Kind, Model, ModelInfo, layers
 from .errors import LayerIndexError, SiteError, UnsupportedModelError
-from .sites import LENS_HOOKS, OUTPUT_SITES, SITES, parse_site, stream_of
+from .sites import LENS_HOOKS, OUTPUT_SITES, parse_site, reads_input, stream_of
+from .sites import SITES  # noqa: F401  (exported as vlmsae.SITES from here)
 from .streams import TowerCall, View, pooled_view
 
 
@@ -131,7 +134,7 @@ def check_sites(info: ModelInfo, sites) -> list[tuple[int, str]]:
             if site in OUTPUT_SITES:
                 raise LayerIndexError(f"layer={layer!r} for site {site!r}, which has no layers; pass layer=0, or the "
                                       f"hook name {info.hook_name(0, site)!r}")
-            what = "decoder layers" if site in SITES else f"{stream_of(site)} tower layers"
+            what = "decoder layers" if stream_of(site) == "decoder" else f"{stream_of(site)} tower layers"
             raise LayerIndexError(
                 f"layer={layer!r} is out of range for this {info.family} model with {n} {what}; valid layers: "
                 f"0..{n - 1}")
@@ -316,8 +319,8 @@ def attach(model: Model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = 
         for key in sites:
             layer_index, site = key
             module = info.stack(site).modules[layer_index]
-            locate = None if site in SITES else tracker.locator(site)
-            if site.endswith("resid_pre"):
+            locate = None if stream_of(site) == "decoder" else tracker.locator(site)
+            if reads_input(site):
                 device = execution_device(module) if locate is None else None
                 hook = _pre_hook(key, fns[key], tracker, device, locate)
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -325,7 +328,7 @@ def attach(model: Model, fns: Mapping[tuple[int, str], HookFn], *, stop: bool = 
                 handles.append(module.register_forward_hook(_post_hook(key, fns[key], tracker, locate)))
         if callable(getattr(root, "generate", None)):
             restores.append(_patch(root, "generate", tracker.generating(root.generate)))
-        decoder = [layer for layer, site in sites if site in SITES]
+        decoder = [layer for layer, site in sites if stream_of(site) == "decoder"]
         if truncate and decoder:
             restores.append(_truncated(info, max(decoder) + 1))
         if stop:
@@ -463,7 +466,7 @@ def _pre_hook(key, fn: HookFn, tracker: _Tracker, device: torch.device | None, l
     Outside the decoder (``locate`` given) the replacement is written into the input tensor itself, which is the
     previous layer's output as transformers' output capture holds it (see :func:`_post_hook`)."""
     def hook(module, args, kwargs):
-        resid = args[0] if args else kwargs["hidden_states"]
+        resid = args[0] if args else kwargs["hidden_states"]  # an MLP's input comes positionally
         if locate is not None:
             shown, fwd, view = locate(resid)
             new = fn(shown, fwd)

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Kind, Model
-from .checks import check_entry, check_latents
+from .checks import check_entry, check_latents, output_site
 from .deprecation import renamed_kwargs
 from .errors import ConfigError, SiteError
 from .hooks import Forward, attach, execution_device
@@ -55,8 +55,12 @@ def reconstruct(resid: Tensor, sae: SAE, *, use_error_term: bool = False, edit: 
     leaves padding alone: pass ``vlmsae.layers(model).kinds(ids, attention_mask) != Kind.PAD`` to do the same).
 
     Raises:
-        ConfigError: ``resid``'s last dimension is not the SAE's ``d_in``.
+        ConfigError: ``resid``'s last dimension is not the SAE's ``d_in``, or ``sae`` is a transcoder (it writes
+            another tensor than it reads: splice it, or take ``sae(x).recon``).
     """
+    if sae.is_transcoder:
+        raise ConfigError("reconstruct() puts back the tensor it reads; a transcoder predicts another site (the MLP's "
+                          "output): use vlmsae.splice, or transcoder(x).recon for the prediction itself")
     if resid.shape[-1] != sae.cfg.d_in:
         raise ConfigError(
             f"the SAE reads d_in={sae.cfg.d_in} but this residual has width {resid.shape[-1]} (shape "
@@ -147,13 +151,20 @@ _ACTIVE: set[tuple[int, int, str, int]] = set()  # (id(model), layer, site, id(s
 
 @renamed_kwargs(error="use_error_term")
 @contextmanager
-def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, where: Where = None,
+def splice(model: Model, layer: int | str | None, sae: SAE, *, use_error_term: bool = False, where: Where = None,
            site: str = "resid_post", edit: Callable[[Tensor, Forward], Tensor] | None = None,
            special_ids: Iterable[int] | None = None) -> Iterator[Splice]:
     """Replace the residual at ``layer`` by the SAE's reconstruction on every forward inside the block.
 
     ``layer`` and ``site`` name any site of the model (a decoder layer, a vision tower's, the projector's output,
-    a dual encoder's embeddings; or the hook name alone: ``splice(model, "vision.blocks.3.hook_resid_post", sae)``).
+    a dual encoder's embeddings, a decoder layer's MLP; or the hook name alone:
+    ``splice(model, "vision.blocks.3.hook_resid_post", sae)``); ``layer=None`` splices where the SAE's metadata says
+    (its ``hook_name``: ``splice(model, None, sae)``).
+
+    A transcoder (:class:`vlmsae.Transcoder`) reads the MLP's input and replaces the MLP's output by its
+    prediction (the sites its metadata names, ``hook_name`` and ``hook_name_out``; ``mlp_in`` and ``mlp_out`` of
+    ``layer`` without it; see :func:`vlmsae.checks.check_entry`); ``use_error_term``, ``edit``, ``where`` and the
+    stats then apply to the MLP's output (FVU: of the prediction against the MLP's own output).
 
     ``use_error_term=True`` keeps the error term (SAELens' name), so downstream sees the original residual
     except for what ``edit(latents, fwd) -> latents`` changes (latents ``(batch, seq, d_sae)``). ``where``
@@ -173,17 +184,19 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
         HookNameWarning: the SAE's ``hook_name`` metadata names another site.
     """
     info, layer, site = check_entry(model, layer, site, sae)
-    kinds = where_kinds(where, info, site)
+    out = output_site(sae, layer, site)
+    kinds = where_kinds(where, info, out)
     key = (id(info.model), layer, site, id(sae))
     if key in _ACTIVE:
         raise SiteError(f"this SAE is already spliced at layer {layer} ({site}) of this model; "
                         "splicing it twice would reconstruct a reconstruction — close the outer splice first")
-    state = Splice(sae, info.width(site), sae.W_dec.device)
+    state = Splice(sae, info.width(out), sae.W_dec.device)
+    read: dict[str, Tensor] = {}  # a transcoder's input in this layer call, kept until the MLP's output comes
 
     @torch.no_grad()
     def hook(resid: Tensor, fwd: Forward) -> Tensor:
-        x = resid.to(sae.W_dec.device)
-        latents = sae.encode(x)
+        x = resid.to(sae.W_dec.device)  # what the SAE writes over (the MLP's output for a transcoder) ...
+        latents = sae.encode(read.pop("x").to(x.device) if read else x)  # ... and what it reads
         state.latents = latents
         edited = latents if edit is None else edit(latents, fwd)
         mask = where_mask(where, kinds, fwd).to(x.device)
@@ -194,9 +207,15 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
             return None  # error term kept and nothing edited: the residual stays bit-for-bit
         return torch.where(mask[..., None], new, x).to(resid.device)
 
+    def keep(x: Tensor, fwd: Forward) -> None:
+        read["x"] = x
+
+    fns = {(layer, out): hook}
+    if out != site:
+        fns[(layer, site)] = keep  # the MLP's input comes first in the layer's call
     _ACTIVE.add(key)
     try:
-        with attach(model, {(layer, site): hook}, special_ids=special_ids):
+        with attach(model, fns, special_ids=special_ids):
             yield state
     finally:
         _ACTIVE.discard(key)
@@ -204,7 +223,7 @@ def splice(model: Model, layer: int, sae: SAE, *, use_error_term: bool = False, 
 
 @renamed_kwargs(features="latents")
 @contextmanager
-def ablate(model: Model, layer: int, sae: SAE, latents: Iterable[int], *, mode: str = "zero",
+def ablate(model: Model, layer: int | str | None, sae: SAE, latents: Iterable[int], *, mode: str = "zero",
            means: Tensor | None = None, where: Where = None, site: str = "resid_post",
            special_ids: Iterable[int] | None = None) -> Iterator[Splice]:
     """Set ``latents`` to zero (or to their mean activation, ``mode="mean"``) with the error term kept.
@@ -283,7 +302,7 @@ def steering_vector(target, latents: Mapping[int, float] | None = None, *, stren
 
 @renamed_kwargs(features="latents")
 @contextmanager
-def steer(model: Model, layer: int, target: SAE | Tensor, latents: Mapping[int, float] | None = None, *,
+def steer(model: Model, layer: int | str | None, target: SAE | Tensor, latents: Mapping[int, float] | None = None, *,
           strength: float = 1.0, where: Where = None, relative_to: Tensor | None = None,
           site: str = "resid_post", special_ids: Iterable[int] | None = None) -> Iterator[Tensor]:
     """Add decoder directions (or a raw vector) at ``where`` positions on every forward inside the block.
@@ -301,6 +320,8 @@ def steer(model: Model, layer: int, target: SAE | Tensor, latents: Mapping[int, 
         UnsupportedModelError: the model is not a supported family.
     """
     info, layer, site = check_entry(model, layer, site, target if isinstance(target, SAE) else None)
+    if isinstance(target, SAE):
+        site = output_site(target, layer, site)  # a transcoder's decoder directions live where it writes
     vector = steering_vector(target, latents, strength=strength, relative_to=relative_to)
     if vector.shape[0] != info.width(site):
         what = "d_model" if site in ("resid_pre", "resid_post") else f"the width of {site}"

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from .adapters import Kind, ModelInfo, any_equal
 from .errors import ConfigError
 from .hooks import Forward
+from .sites import stream_of
 
 Where = None | str | Kind | Iterable[str | Kind] | Callable[[Forward], Tensor]
 """What ``where=`` accepts: ``None``, kind names or :class:`Kind` values (one or a list), or a callable
@@ -54,7 +55,7 @@ def where_kinds(where: Where, info: ModelInfo, site: str = "resid_post") -> tupl
     possible = info.site_kinds(site)
     kinds = {k for k in kinds if k in possible or k == Kind.PAD}
     if not kinds - {Kind.PAD}:
-        if site in ("resid_pre", "resid_post"):
+        if stream_of(site) == "decoder":
             raise ConfigError(
                 f"where={where!r} selects no token in a {info.family} model: its decoder stream holds no image "
                 "tokens (the image enters by cross-attention); use 'text' or None")

@@ -6,6 +6,17 @@
       latents = activation[arch](pre)                 (..., d_sae), sparse
       recon   = (latents @ W_dec + b_dec) / act_scale (..., d_in), the model's own units
 
+A transcoder (`Transcoder`, Dunefsky et al. 2024) is the same module with a decoder of another width, `d_out`,
+that writes where the model's MLP writes rather than where the encoder reads:
+
+    x (..., d_in)   at metadata["hook_name"]      the MLP's input, after its pre-norm (``blocks.L.hook_mlp_in``)
+      latents = activation[arch](x @ W_enc + b_enc)      (..., d_sae)
+      out     = latents @ W_dec + b_dec                  (..., d_out)
+    predicts        metadata["hook_name_out"]     what the MLP adds to the residual (``blocks.L.hook_mlp_out``)
+
+with no decoder bias subtracted from the input and no input scale, as SAELens' ``Transcoder`` (ReLU) and
+``JumpReLUTranscoder`` (Gemma Scope 2's transcoders) compute it; its folder is theirs. vlmsae does not train them.
+
 Kinds: `topk` (Gao et al. 2024), `batchtopk` (Bussmann et al. 2024), `relu`
 (ReLU + L1, Bricken et al. 2023 with Anthropic's April 2024 update) and
 `jumprelu` (Rajamanoharan et al. 2024). This module is the reference math; the
@@ -31,7 +42,7 @@ class SAEOutput(NamedTuple):
     """What `SAE.forward` returns; every tensor keeps the input's leading shape."""
 
     recon: Tensor
-    """(..., d_in) reconstruction, in the model's units."""
+    """(..., d_in) reconstruction, in the model's units ((..., d_out) for a transcoder: its prediction)."""
     latents: Tensor
     """(..., d_sae) sparse latent activations."""
     pre_acts: Tensor
@@ -43,11 +54,14 @@ class SAE(nn.Module):
 
     `SAE(d_in=768, d_sae=24576, k=32)` builds a TopK SAE; pass `architecture=` for the
     others, or a ready `SAEConfig`. `SAE.load(folder)` opens SAELens and
-    EleutherAI sparsify folders; `sae.save(folder)` writes the SAELens layout.
+    EleutherAI sparsify folders (and returns a `Transcoder` for a transcoder's folder); `sae.save(folder)` writes the
+    SAELens layout.
     """
 
     config_class = SAEConfig
     """The config class this SAE class is built from (a subclass's own, e.g. MGSAEConfig)."""
+    is_transcoder = False
+    """Whether the decoder writes another site than the encoder reads (`cfg.d_out` set): `Transcoder` sets it."""
 
     def __init__(self, cfg: SAEConfig | None = None, *, device: torch.device | str | None = None, **fields: Any):
         if cfg is None:
@@ -60,13 +74,17 @@ class SAE(nn.Module):
         if type(cfg) is not self.config_class:
             raise ConfigError(f"{type(self).__name__} is built from a {self.config_class.__name__}, not a "
                               f"{type(cfg).__name__}; pass it to {_opener(cfg)}")
+        if (cfg.d_out is not None) != self.is_transcoder:
+            raise ConfigError(f"d_out={cfg.d_out} makes a transcoder; build it with vlmsae.Transcoder" if cfg.d_out
+                              else "a Transcoder needs d_out, the width it writes (the MLP's output: d_model)")
         super().__init__()
         self.cfg = cfg
         d_in, d_sae, dtype = cfg.d_in, cfg.d_sae, DTYPES[cfg.dtype]
+        d_out = cfg.d_out or d_in
         # Decoder rows start as random directions and the encoder as their
         # transpose (Gao et al. 2024). ReLU rows start at norm 0.1
         # (Anthropic, April 2024 update); the other architectures keep unit rows.
-        W_dec = torch.randn(d_sae, d_in, device=device, dtype=torch.float32)
+        W_dec = torch.randn(d_sae, d_out, device=device, dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         if cfg.architecture == "relu":
             W_dec *= 0.1
@@ -75,9 +93,12 @@ class SAE(nn.Module):
         # W_enc is [d_in, d_sae] but stored as the transpose of a contiguous
         # [d_sae, d_in] block, so that the sparse training step gathers and
         # scatters whole rows per latent. The file keeps SAELens' layout.
-        self.W_enc = nn.Parameter(W_dec.clone().T)
+        # A transcoder's encoder cannot be its decoder's transpose: random unit rows.
+        W_enc = W_dec.clone() if cfg.d_out is None else nn.functional.normalize(
+            torch.randn(d_sae, d_in, device=device, dtype=torch.float32), dim=1).to(dtype)
+        self.W_enc = nn.Parameter(W_enc.T)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, device=device, dtype=dtype))
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.full((d_sae,), cfg.jumprelu_init_threshold, device=device, dtype=dtype))
         elif cfg.architecture == "batchtopk":
@@ -128,7 +149,7 @@ class SAE(nn.Module):
         return self.activate(self.pre_acts(x))
 
     def decode(self, latents: Tensor) -> Tensor:
-        """(..., d_sae) -> (..., d_in) reconstruction, in the model's units."""
+        """(..., d_sae) -> (..., d_in) reconstruction, in the model's units ((..., d_out) for a transcoder)."""
         latents = latents.to(self.W_dec.dtype)
         return (latents @ self.W_dec + self.b_dec) / self.act_scale.to(self.W_dec.dtype)
 
@@ -173,7 +194,7 @@ class SAE(nn.Module):
     @classmethod
     def from_tensors(cls, cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> "SAE":
         """An SAE of `cfg` that holds `tensors` (not copies), named and shaped as in its `state_dict()`:
-        W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,), threshold (d_sae,) for
+        W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,) (d_out for a transcoder), threshold (d_sae,) for
         jumprelu and batchtopk, act_scale () a power of two. Built without a random init.
 
         Raises ConfigError if a tensor is missing, unexpected or of the wrong shape.
@@ -210,21 +231,48 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> "SAE":
-        """Open a vlmsae / SAELens folder or an EleutherAI sparsify folder, in eval mode.
+        """Open a vlmsae / SAELens folder or an EleutherAI sparsify folder, in eval mode; a transcoder's folder (SAELens'
+        ``transcoder`` / ``jumprelu_transcoder``) gives a `Transcoder`.
 
         Raises SAEFileError, naming the file and the fix, if the folder, its cfg.json or its weights
-        are missing, malformed or disagree with each other.
+        are missing, malformed or disagree with each other, or if `Transcoder.load` is given an SAE's folder.
         """
         cfg, tensors = saefile.read_sae(path, device=device)
         if type(cfg) is not cls.config_class:
             raise SAEFileError(f"{path}: holds an SAE of architecture {cfg.architecture!r}; open it with "
                                f"{_opener(cfg)}.load")
+        if cfg.d_out is not None and not cls.is_transcoder:
+            cls = Transcoder
+        elif cfg.d_out is None and cls.is_transcoder:
+            raise SAEFileError(f"{path}: holds an SAE (its cfg.json has no d_out), not a transcoder; "
+                               "open it with vlmsae.SAE.load")
         return cls.from_tensors(cfg, tensors).eval()
 
 
 def _opener(cfg: SAEConfig) -> str:
     """The class that builds SAEs of ``cfg``'s architecture, by its public name."""
     return "vlmsae.MGSAE" if cfg.architecture == "mgsae" else "vlmsae.SAE"
+
+
+class Transcoder(SAE):
+    """A transcoder over ``(..., d_in)`` inputs predicting ``(..., d_out)`` outputs (see the module's docstring).
+
+    ``Transcoder(d_in=64, d_sae=512, d_out=64, metadata={"hook_name": "blocks.1.hook_mlp_in", "hook_name_out":
+    "blocks.1.hook_mlp_out"})`` builds a JumpReLU transcoder (pass ``architecture="relu"`` for the other);
+    ``Transcoder.load(folder)`` opens a SAELens transcoder folder (``vlmsae.SAE.load`` does too).
+    ``forward(x).recon`` is the prediction ``(..., d_out)``.
+
+    Raises ``ConfigError`` for a config that is not a transcoder's (no ``d_out``, ``apply_b_dec_to_input=True``,
+    another architecture).
+    """
+
+    is_transcoder = True
+
+    def __init__(self, cfg: SAEConfig | None = None, *, device: torch.device | str | None = None, **fields: Any):
+        if cfg is None:
+            fields.setdefault("architecture", "jumprelu")
+            fields.setdefault("apply_b_dec_to_input", False)
+        super().__init__(cfg, device=device, **fields)
 
 
 @torch.no_grad()

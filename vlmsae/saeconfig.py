@@ -28,6 +28,8 @@ TOPK_ARCHITECTURES = ("topk", "batchtopk", "mgsae")
 """The architectures whose latents are the k largest pre-activations (per token, or per batch)."""
 MASK_MODES = ("pair", "batch")
 """MGSAE: how the training mask over latents is drawn: one per (image, text) pair, or one per batch."""
+TRANSCODER_ARCHITECTURES = ("relu", "jumprelu")
+"""What a transcoder can be: SAELens' ``Transcoder`` (ReLU) and ``JumpReLUTranscoder`` (Gemma Scope 2's)."""
 
 
 @dataclass
@@ -72,7 +74,11 @@ class SAEConfig:
     dtype: str = "float32"
     """Parameter dtype: float32, float64, float16 or bfloat16."""
     metadata: dict[str, Any] = field(default_factory=dict)
-    """Where the SAE belongs: hook_name (e.g. blocks.9.hook_resid_post), model_name, model_class_name, hf_layer_path, token_kinds."""
+    """Where the SAE belongs: hook_name (e.g. blocks.9.hook_resid_post), model_name, model_class_name, hf_layer_path, token_kinds;
+    a transcoder's also hook_name_out (e.g. blocks.9.hook_mlp_out)."""
+    d_out: int | None = None
+    """A transcoder's output width: it reads (..., d_in) at ``hook_name`` and writes (..., d_out) at ``hook_name_out``
+    (SAELens' ``d_out``); None: an SAE, whose decoder writes d_in where it reads."""
 
     architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
     """The values ``architecture`` may take in this config class."""
@@ -110,6 +116,21 @@ class SAEConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not a dtype name; use one of {', '.join(DTYPES)}")
         check_metadata(self.metadata)
+        if self.d_out is not None:
+            self._check_transcoder()
+
+    def _check_transcoder(self) -> None:
+        """A transcoder's fields: its decoder bias is of its output's width, and its input is read unscaled."""
+        _check_int("d_out", self.d_out, 1)
+        if self.architecture not in TRANSCODER_ARCHITECTURES:
+            raise ConfigError(f"architecture={self.architecture!r} with d_out={self.d_out}: a transcoder is one of "
+                              f"{', '.join(TRANSCODER_ARCHITECTURES)} (SAELens' Transcoder, JumpReLUTranscoder)")
+        if self.apply_b_dec_to_input:
+            raise ConfigError(f"apply_b_dec_to_input=True with d_out={self.d_out}: a transcoder's b_dec is of its output's "
+                              "width and cannot be subtracted from its input; pass apply_b_dec_to_input=False")
+        if self.normalize_activations:
+            raise ConfigError("normalize_activations=True with d_out set: a transcoder reads its input unscaled; "
+                              "pass normalize_activations=False")
 
     @property
     def kind(self) -> str:

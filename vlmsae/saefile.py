@@ -2,6 +2,7 @@
 
 SAELens folder:  cfg.json + sae_weights.safetensors
     W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (+ threshold [d_sae] for jumprelu)
+    a transcoder's: W_dec [d_sae, d_out], b_dec [d_out], and "d_out" in cfg.json (SAELens' Transcoder classes)
 sparsify folder: cfg.json + sae.safetensors
     encoder.weight [d_sae, d_in], encoder.bias [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
 
@@ -51,11 +52,14 @@ SAELENS_LAYOUT_VERSION = "6.0.0"
 # vlmsae architecture -> SAELens "architecture" (a BatchTopK SAE is a JumpReLU at inference), and back.
 SAELENS_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu",
                         "mgsae": "mgsae"}
-FROM_SAELENS_ARCHITECTURE = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "mgsae": "mgsae"}
+# A transcoder's (vlmsae.saeconfig.TRANSCODER_ARCHITECTURES): SAELens' Transcoder and JumpReLUTranscoder.
+SAELENS_TRANSCODER_ARCHITECTURE = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder"}
+FROM_SAELENS_ARCHITECTURE = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "mgsae": "mgsae",
+                             "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
 # Architectures only vlmsae writes: their files need the "vlmsae" section.
 VLMSAE_ONLY = ("mgsae",)
 # Config fields SAELens has its own top-level keys for.
-SAELENS_KEYS = ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "metadata")
+SAELENS_KEYS = ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "metadata", "d_out")
 SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -162,7 +166,7 @@ def _saelens_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _saelens_cfg(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
     dtype = next(name for name, dt in DTYPES.items() if dt == tensors["W_dec"].dtype)
     out: dict[str, Any] = {
-        "architecture": SAELENS_ARCHITECTURE[cfg.architecture],
+        "architecture": _saelens_architecture(cfg),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": dtype,
@@ -173,12 +177,19 @@ def _saelens_cfg(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> dict[str, Any
         "sae_lens_version": SAELENS_LAYOUT_VERSION,
         "metadata": dict(cfg.metadata),
     }
+    if cfg.d_out is not None:
+        out["d_out"] = cfg.d_out
     if cfg.architecture in ("topk", "mgsae"):
         out["k"] = cfg.k
         out["rescale_acts_by_decoder_norm"] = False
     own = {name: value for name, value in asdict(cfg).items() if name not in SAELENS_KEYS}
     out["vlmsae"] = {"format_version": FORMAT_VERSION, "act_scale": float(tensors["act_scale"]), "config": own}
     return out
+
+
+def _saelens_architecture(cfg: SAEConfig) -> str:
+    """SAELens' name of the config's architecture (a transcoder's, where ``d_out`` is set)."""
+    return (SAELENS_ARCHITECTURE if cfg.d_out is None else SAELENS_TRANSCODER_ARCHITECTURE)[cfg.architecture]
 
 
 def _need(raw: dict, key: str, cfg_path: Path, types: type) -> Any:
@@ -227,8 +238,9 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
     """SAEConfig, input scale, and whether to fold decoder norms (SAELens' rescale_acts_by_decoder_norm)."""
     architecture = _need(raw, "architecture", cfg_path, str)
     if architecture not in FROM_SAELENS_ARCHITECTURE:
+        skip = " (a transcoder with a skip connection, W_skip)" if "skip_transcoder" in architecture else ""
         raise SAEFileError(
-            f"{cfg_path}: key 'architecture' = {architecture!r} is not supported; "
+            f"{cfg_path}: key 'architecture' = {architecture!r}{skip} is not supported; "
             f"vlmsae opens {', '.join(FROM_SAELENS_ARCHITECTURE)}"
         )
     fields_: dict[str, Any] = {
@@ -248,6 +260,8 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
     if architecture in VLMSAE_ONLY and raw.get("vlmsae") is None:
         raise SAEFileError(f"{cfg_path}: architecture {architecture!r} needs the key 'vlmsae' that vlmsae writes "
                            "with it; restore the file or save the SAE again")
+    if architecture in SAELENS_TRANSCODER_ARCHITECTURE.values():
+        fields_["d_out"] = _need(raw, "d_out", cfg_path, int)
     normalize = raw.get("normalize_activations", "none")
     if normalize != "none":
         raise SAEFileError(
@@ -275,7 +289,8 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
         act_scale = _typed("vlmsae.act_scale", own.get("act_scale", 1.0), float, cfg_path)
         if act_scale <= 0 or math.frexp(act_scale)[0] != 0.5:
             raise SAEFileError(f"{cfg_path}: key 'vlmsae.act_scale' = {act_scale!r} must be a positive power of two")
-        if SAELENS_ARCHITECTURE.get(fields_.get("architecture")) != architecture:
+        names = SAELENS_ARCHITECTURE if fields_.get("d_out") is None else SAELENS_TRANSCODER_ARCHITECTURE
+        if names.get(fields_.get("architecture")) != architecture:
             raise SAEFileError(
                 f"{cfg_path}: key 'vlmsae.config.architecture' = {fields_.get('architecture')!r} disagrees with "
                 f"'architecture' = {architecture!r}"
@@ -310,11 +325,12 @@ def _read_tensors(
 ) -> dict[str, Tensor]:
     """Check the header against `cfg`, then read the tensors (vlmsae name -> tensor)."""
     per_modality = [2] if cfg.architecture == "mgsae" else []  # mgsae: image and text biases
+    d_out = cfg.d_out or cfg.d_in  # a transcoder's decoder writes d_out
     shapes = {
         "W_enc": [cfg.d_in, cfg.d_sae],
         "b_enc": [cfg.d_sae],
-        "W_dec": [cfg.d_sae, cfg.d_in],
-        "b_dec": per_modality + [cfg.d_in],
+        "W_dec": [cfg.d_sae, d_out],
+        "b_dec": per_modality + [d_out],
         "b_pre": per_modality + [cfg.d_in],
         "threshold": [cfg.d_sae],
     }

@@ -206,6 +206,9 @@ class SAETrainer:
             cfg = SAETrainerConfig(**fields)
         elif fields:
             raise ConfigError(f"pass either an SAETrainerConfig or its fields, not both (got cfg and {sorted(fields)})")
+        if sae.is_transcoder:
+            raise ConfigError("SAETrainer trains SAEs, which reconstruct what they read; a transcoder predicts another "
+                              "site, which vlmsae does not train: train it with SAELens and open it with Transcoder.load")
         self.stored = sae  # the caller's SAE, in its own dtype: `step` writes the trained weights back to it
         if sae.W_dec.dtype in (torch.float16, torch.bfloat16):
             sae = copy.deepcopy(sae).float()

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..errors import ConfigError, HookNameWarning, SiteError, UnsupportedModelError
 from ..interventions import reconstruct
 from ..sae import SAE
-from ..sites import hook_name, parse_site
+from ..sites import SITES, hook_name, parse_site
 from . import require
 
 
@@ -89,6 +89,9 @@ def splice(bridge, layer: int | str, sae: SAE, *, use_error_term: bool = False, 
     require("transformer_lens", "lens")
     from transformer_lens.model_bridge import TransformerBridge
 
+    if parse_site(layer, site)[1] not in SITES:  # hook_mlp_in is another tensor in TransformerLens (vlmsae.sites)
+        raise SiteError(f"{layer!r}, site={site!r}: the lens splice reaches the residual hook points only ({SITES}); "
+                        "splice at an MLP site with vlmsae.splice on the Hugging Face model")
     if not isinstance(bridge, TransformerBridge):
         raise UnsupportedModelError(
             f"{type(bridge).__name__} is not a TransformerLens TransformerBridge; boot one with "
