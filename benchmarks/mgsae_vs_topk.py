@@ -44,6 +44,7 @@ from vlmsae.testbed.models import EVAL_SEED, TRAIN_SEED
 
 PAIR_SEED = TRAIN_SEED + 5_000_000  # training images for the SAEs (any seed below EVAL_SEED)
 BATCH = 128  # images per CLIP forward
+SYNC_EVERY = 50  # readouts: where the trainers refresh the dead latents AuxK trains
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ def zero_shot_set(model, tokenizer, n: int):
 
 def train_topk(x_image, x_text, sae: vlmsae.SAE, steps: int, batch_size: int, seed: int, lr: float):
     """The TopK SAE on the union of the modalities, pair batches in train_mgsae's order (seed + epoch)."""
-    trainer = vlmsae.SAETrainer(sae, lr=lr, sync_every=steps)
+    trainer = vlmsae.SAETrainer(sae, lr=lr, sync_every=SYNC_EVERY)
     n = len(x_image)
     per_epoch = n // batch_size
     for step in tqdm(range(steps), desc="topk", leave=False):
@@ -147,7 +148,7 @@ def main() -> None:
                     sae = vlmsae.MGSAE(d_in=d_in, d_sae=d_sae, k=k, group_coefficient=mg[0], mask_probability=mg[1],
                                        **dead)
                     vlmsae.train_mgsae(x_image, x_text, sae, steps=args.steps, batch_size=args.batch, seed=seed,
-                                       lr=args.lr, sync_every=args.steps, progress=False)
+                                       lr=args.lr, sync_every=SYNC_EVERY, progress=False)
                     sae.eval()
                     row = measure(sae.encode, sae.decode, held_image, held_text, zs_images, zs_prompts, labels)
                 rows.append((name, f"{d_sae}:{k}", seed, row))
