@@ -48,6 +48,7 @@ class Census(NamedTuple):
         return {name: getattr(self, name) for name in MODALITY_LABELS}
 
 
+@torch.no_grad()
 def modality_census(z_image: Tensor, z_text: Tensor, *, threshold: float = 0.0) -> Census:
     """The modality census (Kaushik et al. 2026) of codes z_image (n_image, d_sae) and z_text (n_text, d_sae)
     (the rows need not be paired; n_image and n_text may differ): per latent, does it fire (code > `threshold`)
@@ -96,6 +97,7 @@ class ZeroShot(NamedTuple):
         return (self.predictions == labels).float().mean().item()
 
 
+@torch.no_grad()
 def zero_shot_from_codes(image_codes: Tensor, prompt_codes: Tensor, *, similarity: str = "cosine",
                          reduce: str = "max") -> ZeroShot:
     """Classify each image by the similarity of its code to the codes of class prompts (Kaushik et al. 2026).
