@@ -13,6 +13,7 @@ from .evaluate import evaluate
 from .hooks import SITES, Forward, attach
 from .mgsae import MGSAE
 from .mgsae_trainer import MGSAETrainer, train_mgsae
+from .multimodal import Census, ZeroShot, modality_census, zero_shot_from_codes
 from .pairs import embedding_pairs, pooled_pairs
 from .interventions import LatentStats, Splice, ablate, latent_stats, place, reconstruct, splice, steer
 from .probes import compare_probes, probe_accuracy
@@ -35,6 +36,7 @@ __all__ = [
     # analysis
     "scan", "latent_table", "concept_aurocs", "image_question_grid", "patch_grid", "patch_layout", "Scan",
     "TopExamples", "PatchLayout", "ImageQuestionGrid", "compare_probes", "probe_accuracy", "write_dashboard", "plots",
+    "modality_census", "zero_shot_from_codes", "Census", "ZeroShot",
     # errors
     "VlmsaeError", "ConfigError", "LayerIndexError", "NonFiniteError", "SAEFileError", "SiteError",
     "UnsupportedModelError",
