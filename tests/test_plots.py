@@ -75,6 +75,8 @@ def test_training_curves():
     assert [t.name for t in fig.data] == ["loss", "FVU", "L0", "dead fraction"]
     assert list(fig.data[0].x) == [m.step for m in history] and len(history) == 8
     assert axis_titles(fig) == {"step", "loss", "FVU", "L0", "dead fraction"}
+    assert history[-1].dead_window == 2560  # the dead window (every token of this short run), in the panel's title
+    assert fig.layout.annotations[3].text == "dead fraction (silent for 2560 tokens)"
     assert list(plots.training_curves(pd.DataFrame([vars(m) for m in history])).data[1].y) == list(fig.data[1].y)
 
 

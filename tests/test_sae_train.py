@@ -452,3 +452,39 @@ def test_bf16_selection_keeps_full_precision_values():
     exact = sae.pre_acts(x).detach().gather(1, chosen).relu()
     expected = torch.zeros(64, 256).scatter(1, chosen, exact) @ sae.W_dec + sae.b_dec
     torch.testing.assert_close(recon, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dead_tokens", [10_000_000, 100])
+def test_dead_is_silent_over_the_last_window_tokens_and_a_short_run_reports_it(dead_tokens):
+    """One definition of dead: fired on none of the last W tokens, W = min(dead_tokens, tokens trained). A run
+    shorter than dead_tokens reports the latents that never fired (not 0), and AuxK then trains them. The
+    reference: ten latents built not to fire, and which latents fired, taken from sae.encode on every step's batch
+    with the weights of that step. A trainer resumed mid-run from state_dict goes on exactly."""
+    torch.manual_seed(0)
+    sae = SAE(d_in=16, d_sae=64, k=4, dead_tokens=dead_tokens)
+    with torch.no_grad():  # ten latents whose pre-activations are 100x smaller: never in a token's top 4, yet
+        sae.W_enc[:, :10] *= 0.01  # often above 0, so that AuxK, once on, trains them
+        sae.b_enc[:10] = 0
+    trainer = SAETrainer(sae, lr=1e-3, init_from_first_batch=False, sync_every=5)
+    batches = [torch.randn(64, 16) for _ in range(10)]
+    fired = []
+    for i, x in enumerate(batches):
+        with torch.no_grad():
+            fired.append((sae.encode(x) > 0).any(0))
+        trainer.step(x)
+        if i == 5:  # mid-window, AuxK on: a resumed trainer must keep the window and go on exactly
+            resumed = SAETrainer(SAE(d_in=16, d_sae=64, k=4, dead_tokens=dead_tokens), lr=1e-3,
+                                 init_from_first_batch=False, sync_every=5)
+            resumed.load_state_dict(*trainer.state_dict())
+    for x in batches[6:]:
+        resumed.step(x)
+    first, second = trainer.history
+    for name, value in sae.state_dict().items():
+        assert torch.equal(resumed.sae.state_dict()[name], value), name
+    assert [first.dead_window, second.dead_window] == [min(dead_tokens, 320), min(dead_tokens, 640)]
+    steps_in_window = [(first, 5, math.ceil(first.dead_window / 64)), (second, 10, math.ceil(second.dead_window / 64))]
+    for readout, end, n in steps_in_window:  # the reference: silent on each of the last n steps' batches
+        silent = ~torch.stack(fired[end - n:end]).any(0)
+        assert silent[:10].all() or end > 5
+        assert readout.dead_fraction == pytest.approx(silent.double().mean().item())
+    assert first.aux_loss == 0 and second.aux_loss > 0  # AuxK trains what the first readout found dead

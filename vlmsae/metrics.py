@@ -57,6 +57,11 @@ def dead_fraction(tokens_since_fired: Tensor, window: int) -> Tensor:
     return (tokens_since_fired >= window).float().mean()
 
 
+def token_count(n: int) -> str:
+    """``n`` tokens, short: ``950``, ``12k``, ``1.5M``."""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e4 else str(n)
+
+
 def dense_fraction(fire_count: Tensor, n_tokens: int | Tensor, threshold: float = 0.1) -> Tensor:
     """Fraction of latents that fire on more than `threshold` of `n_tokens` tokens.
 

@@ -24,13 +24,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vlmsae import metrics
-from vlmsae.checkpoints import read_json, read_tensors
-from vlmsae.errors import ConfigError, NonFiniteError, SAEFileError
-from vlmsae.files import write_folder_atomic
-from vlmsae.mgsae import MGSAE, pair_norm
-from vlmsae.sparse import sparse_decode
-from vlmsae.trainer import SAETrainer, SAETrainerConfig, StepLoss
+from . import metrics
+from .checkpoints import read_json, read_tensors
+from .errors import ConfigError, NonFiniteError, SAEFileError
+from .files import write_folder_atomic
+from .mgsae import MGSAE, pair_norm
+from .sparse import sparse_decode
+from .trainer import SAETrainer, SAETrainerConfig, StepLoss
 
 CHECKPOINT = "checkpoint"
 """``out/checkpoint``: the trainer's state, replaced whole at every checkpoint."""
@@ -180,7 +180,8 @@ def train_mgsae(x_image: Tensor, x_text: Tensor, sae: MGSAE, *, steps: int, batc
             bar.update(1)
             if trainer.n_steps % trainer.sync_every == 0:
                 m = trainer.history[-1]
-                bar.set_postfix_str(f"fvu {m.fvu:.3f} l0 {m.l0:.1f} dead {m.dead_fraction:.2f}", refresh=False)
+                bar.set_postfix_str(f"fvu {m.fvu:.3f} l0 {m.l0:.1f} dead {m.dead_fraction:.2f} "
+                                    f"(silent {metrics.token_count(m.dead_window)} tok)", refresh=False)
             if out is not None and (trainer.n_steps == steps or (checkpoint_every and
                                                                   trainer.n_steps % checkpoint_every == 0)):
                 last_good = _save_checkpoint(out / CHECKPOINT, trainer, run, last_good)

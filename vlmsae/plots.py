@@ -18,6 +18,7 @@ from .adapters import Kind
 from .analysis import ImageQuestionGrid, Scan, TopExamples
 from .deprecation import renamed_kwargs
 from .errors import ConfigError
+from .metrics import token_count
 
 HEAT = "Inferno"  # perceptually uniform and still readable over a photo at half opacity
 
@@ -67,13 +68,17 @@ def l0_by_kind(scan: Scan) -> go.Figure:
 
 
 def training_curves(history) -> go.Figure:
-    """Loss, FVU, L0 and dead fraction against step, from ``SAETrainer.history`` (or a DataFrame of it)."""
+    """Loss, FVU, L0 and dead fraction against step, from ``SAETrainer.history`` (or a DataFrame of it); the dead
+    panel's title states the window (``TrainMetrics.dead_window``, the largest of the run)."""
     if not isinstance(history, pd.DataFrame):
         history = pd.DataFrame([dataclasses.asdict(m) if dataclasses.is_dataclass(m) else dict(m) for m in history])
     if history.empty:
         raise ConfigError("training history is empty; the trainer records a row every sync_every steps")
+    dead = "dead fraction"
+    if "dead_window" in history and history["dead_window"].notna().any():  # the window, up to dead_tokens
+        dead += f" (silent for {token_count(int(history['dead_window'].max()))} tokens)"
     panels = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction")]
-    fig = make_subplots(rows=2, cols=2, subplot_titles=[title for _, title in panels])
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[title for _, title in panels[:3]] + [dead])
     for i, (column, title) in enumerate(panels):
         row, col = i // 2 + 1, i % 2 + 1
         fig.add_trace(go.Scatter(x=history["step"], y=history[column], mode="lines+markers", name=title),

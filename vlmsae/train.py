@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, metrics
 from .adapters import Kind
 from .buffer import Admission, RingBuffer
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -66,7 +66,7 @@ class OnlineRunConfig:
     special_ids: tuple[int, ...] = ()
     """Token ids counted as SPECIAL besides the model config's, e.g. a chat template's control tokens
     (``vlmsae.special_token_ids(model, processor)``): kept out of the buffer like every special token. Any iterable
-    of ints; kept sorted, as a tuple (so that checkpoints can write it)."""
+    of ints, or None; kept sorted, as a tuple (so that checkpoints can write it)."""
     quota: dict[str, float] | str | None = None
     """Share of each batch per kind, e.g. {"image": 0.5, "text": 0.5}; "balanced": equal shares of image and text
     (text alone for a model without image tokens); None keeps the data's own mix (at real size a LLaVA-1.5 forward
@@ -106,7 +106,7 @@ class OnlineRunConfig:
     """Show a tqdm progress bar with live metrics."""
 
     def __post_init__(self):
-        self.special_ids = tuple(sorted(int(i) for i in self.special_ids))
+        self.special_ids = tuple(sorted(int(i) for i in self.special_ids or ()))
         for name in ("steps", "batch_size", "buffer_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -641,7 +641,8 @@ def _postfix(latest: dict, saes) -> str:
     parts = []
     for (L, i), m in latest.items():
         tag = f"L{L}" + (f"#{i}" if len(saes[L]) > 1 else "")
-        parts.append(f"{tag} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_fraction']:.2f}")
+        parts.append(f"{tag} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} dead {m['dead_fraction']:.2f} "
+                     f"(silent {metrics.token_count(m['dead_window'])} tok)")
         parts += [f"{kind} {m[f'fvu_{kind}']:.3f}/{m[f'l0_{kind}']:.0f}" for kind in ("image", "text")
                   if m.get(f"fvu_{kind}") is not None]
     return " | ".join(parts)

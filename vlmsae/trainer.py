@@ -631,7 +631,10 @@ class SAETrainer:
         tensors = {f"sae.{k}": v.detach().contiguous().clone() for k, v in self.sae.state_dict().items()}
         optim = self.optimizer.state_dict()
         for index, slots in optim["state"].items():
-            tensors |= {f"optim.{index}.{k}": torch.as_tensor(v).contiguous() for k, v in slots.items()}
+            # Adam's 0-dim step counters cloned: else they are the live ones, which the next step advances in place
+            # (the moments are written out before the next step, as the SAE's own clones are: no copy of them here)
+            tensors |= {f"optim.{index}.{k}": torch.as_tensor(v).clone() if torch.as_tensor(v).dim() == 0
+                        else torch.as_tensor(v).contiguous() for k, v in slots.items()}
         tensors |= {"tokens_since_fired": self.tokens_since_fired, "fire_count": self.window.fire_count,
                     "sums": self.window.sums, "aux_candidates": self.aux_candidates}
         meta = {"param_groups": optim["param_groups"], "n_steps": self.n_steps, "n_tokens": self.n_tokens,
@@ -655,8 +658,10 @@ class SAETrainer:
             if key.startswith("optim."):
                 _, index, slot = key.split(".", 2)
                 param = params[int(index)]
-                if value.shape == param.shape:  # Adam's state keeps its parameter's strides
-                    value = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                # copied, never shared with the caller's tensors (the optimiser advances its step counters in place);
+                # Adam's state keeps its parameter's strides
+                value = (torch.empty_like(param, dtype=value.dtype).copy_(value) if value.shape == param.shape
+                         else value.clone())
                 state.setdefault(int(index), {})[slot] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])

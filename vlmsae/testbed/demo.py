@@ -30,7 +30,6 @@ from ..adapters import layers, load_model, special_token_ids
 from ..data import ImageTextFolder, hf_processor
 from ..evaluate import evaluate
 from ..files import write_text_atomic
-from ..interventions import latent_stats
 from ..sae import SAE
 from ..train import train
 from . import shapes
@@ -111,9 +110,9 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
         sae.save(out / "sae" / f"L{L}")
         print(f"layer {L}: evaluating (loss recovered, KL, FVU, L0)")
         table = evaluate(model, L, sae, eval_data, where=["all"], special_ids=special_ids)
-        stats = latent_stats(model, L, sae, eval_data, special_ids=special_ids)
         row = {"fvu": table.loc["all", "fvu"], "l0": table.loc["all", "l0"],
-               "dead_fraction": float((stats.density == 0).float().mean()),
+               # dead: fired on none of the evaluated tokens (the one definition; its window beside it)
+               "dead_fraction": table.loc["all", "dead"], "dead_window_tokens": int(table.loc["all", "spliced_tokens"]),
                "loss_recovered": table.loc["all", "loss_recovered"], "kl": table.loc["all", "kl"]}
         if samples is not None:
             print(f"layer {L}: naming latents by concept AUROC, steering captions with colour latents")
@@ -193,7 +192,10 @@ def _write_report(path: Path, summary, table, history, concepts, steering, examp
     # Captions, concept names and settings are text: every one is escaped (pandas' to_html escapes
     # its cells; plotly escapes the JSON it embeds).
     parts = [f"<h1>vlmsae demo</h1><h2>summary</h2>{pd.Series(summary).to_frame('value').to_html(escape=True)}",
-             f"<h2>per layer</h2>{table.to_html(float_format='{:.4f}'.format, escape=True)}"]
+             f"<h2>per layer</h2>{table.to_html(float_format='{:.4f}'.format, escape=True)}"
+             "<p>dead_fraction: the latents that fired on none of the dead_window_tokens evaluated tokens (fresh "
+             "images). In the training curve a latent is dead when it fired on none of the last min(dead_tokens, "
+             "tokens trained) training tokens.</p>"]
     if example is not None:
         parts.append(f"<h2>steering toward {html.escape(str(example['value']))} "
                      f"(layer {html.escape(str(example['layer']))})</h2>"
