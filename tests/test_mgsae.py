@@ -345,6 +345,23 @@ def test_to_sae_is_the_modality_as_a_plain_sae():
         torch.testing.assert_close(plain(x).recon, sae(x, modality).recon, rtol=1e-5, atol=1e-4)
 
 
+def test_entry_points_take_a_modality_of_an_mgsae_not_the_mgsae():
+    from vlmsae.zoo import tiny_inputs, tiny_model
+
+    model = tiny_model("clip")
+    width = vlmsae.layers(model).width("image_embeds")
+    sae = MGSAE(d_in=width, d_sae=4 * width, k=4).eval()
+    inputs = tiny_inputs(model, 2)
+    for enter in (lambda: vlmsae.splice(model, "hook_image_embeds", sae),
+                  lambda: vlmsae.ablate(model, "hook_image_embeds", sae, [0]),
+                  lambda: vlmsae.steer(model, "hook_image_embeds", sae, {0: 1.0})):
+        with pytest.raises(ConfigError, match=r"sae.to_sae\('image'\)"):
+            with enter():
+                pass
+    with vlmsae.splice(model, "hook_image_embeds", sae.to_sae("image")):
+        model(**inputs)
+
+
 # --- pairs from models, and a run that learns ----------------------------------------------------------
 
 

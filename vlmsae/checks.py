@@ -26,7 +26,8 @@ def check_entry(model: Model, layer: int | str | None, site: str, sae: SAE | Non
         LayerIndexError, SiteError: a bad layer or site (:func:`vlmsae.hooks.check_sites`), or a ``hook_name`` /
             ``hook_name_out`` in the metadata that vlmsae does not hook.
         ConfigError: the SAE's ``d_in`` is not the site's width (``info.width(site)``), a transcoder's ``d_out``
-            is not its output site's, or ``layer=None`` and no ``hook_name`` in the metadata.
+            is not its output site's, ``layer=None`` and no ``hook_name`` in the metadata, or an MGSAE (its
+            ``to_sae(modality)`` is what these take).
 
     Warns:
         HookNameWarning: the SAE's ``hook_name`` metadata names another site.
@@ -37,6 +38,9 @@ def check_entry(model: Model, layer: int | str | None, site: str, sae: SAE | Non
     elif sae is not None and sae.is_transcoder and site == "resid_post" and not isinstance(layer, str):
         name = sae.metadata.get("hook_name")
         site = parse_site(name)[1] if isinstance(name, str) else "mlp_in"
+    if sae is not None and sae.cfg.architecture == "mgsae":
+        raise ConfigError("an MGSAE encodes each modality with its own biases; splice, ablate, steer or evaluate "
+                          "sae.to_sae('image') (or 'text'), a plain SAE of that modality, at its site")
     layer, site = parse_site(layer, site)
     check_sites(info, [(layer, site)])
     if sae is not None:
