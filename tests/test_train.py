@@ -61,11 +61,11 @@ def spy_on_steps(monkeypatch, before_step=None):
     fed = []
     original = SAETrainer.step
 
-    def step(self, x, k=None):
+    def step(self, x, k=None, kinds=None):
         fed.append((self.sae, x.detach().clone()))
         if before_step is not None:
             before_step(self, x)
-        return original(self, x, k=k)
+        return original(self, x, k=k, kinds=kinds)
 
     monkeypatch.setattr(SAETrainer, "step", step)
     return fed

@@ -283,7 +283,7 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
         fwd = rec.forwards[0]
         kinds = rec.kinds(layer).to(device)
         read = where_mask(where, kinds_read, fwd).to(device)  # (B, T)
-        codes = sae.encode(rec[layer].to(device)).float()  # (B, T, d_sae)
+        codes = sae.encode(rec[layer].to(device), kinds).float()  # (B, T, d_sae)
         active = codes > 0
         chosen = codes[read]  # (N, d_sae)
         tokens += read.sum()
@@ -507,7 +507,7 @@ def image_question_grid(model: Model, layer: int, sae: SAE, images: Sequence, qu
             read = where_mask(where, kinds_read, rec.forwards[0]).to(device)  # (B, T)
             if not bool(read.any(1).all()):
                 raise ConfigError(f"where={where!r} selects no position in some examples of question {question!r}")
-            acts = sae.encode(rec[layer].to(device)).float()[..., index]  # (B, T, F)
+            acts = sae.encode(rec[layer].to(device), rec.kinds(layer)).float()[..., index]  # (B, T, F)
             if reduce == "max":
                 value = acts.masked_fill(~read[..., None], float("-inf")).amax(1)
             elif reduce == "mean":

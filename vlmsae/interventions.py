@@ -33,30 +33,33 @@ from .record import record
 from .sae import SAE
 
 
-def _put_back(x: Tensor, sae: SAE, latents: Tensor, edited: Tensor, recon: Tensor, use_error_term: bool) -> Tensor:
-    """The residual to put back, on the SAE's device in ``x``'s dtype; ``recon`` is ``decode(latents)``.
+def _put_back(x: Tensor, sae: SAE, latents: Tensor, edited: Tensor, recon: Tensor, use_error_term: bool,
+              kinds: Tensor | None = None) -> Tensor:
+    """The residual to put back, on the SAE's device in ``x``'s dtype; ``recon`` is ``decode(latents, kinds)``.
 
     With the error term, ``recon(edited) + (x - recon)`` is computed as ``x + (recon(edited) - recon)``
     so that no edit gives back ``x`` exactly.
     """
     if use_error_term:
-        return x if edited is latents else x + (sae.decode(edited) - recon).to(x.dtype)
-    return (recon if edited is latents else sae.decode(edited)).to(x.dtype)
+        return x if edited is latents else x + (sae.decode(edited, kinds) - recon).to(x.dtype)
+    return (recon if edited is latents else sae.decode(edited, kinds)).to(x.dtype)
 
 
 @renamed_kwargs(error="use_error_term")
 def reconstruct(resid: Tensor, sae: SAE, *, use_error_term: bool = False, edit: Callable[[Tensor], Tensor] | None = None,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, kinds: Tensor | None = None) -> Tensor:
     """What a splice puts back, in ``resid``'s dtype and device: for an nnsight trace or a hook of your own.
 
     ``resid`` is ``(..., d_in)``; ``edit(latents) -> latents`` changes the ``(..., d_sae)`` latents;
     ``use_error_term=True`` keeps the SAE's error term (``x + decode(edited) - decode(latents)``, SAELens'
     ``use_error_term``); ``mask`` ``(batch, seq)`` bool limits the change to some positions (a splice
-    leaves padding alone: pass ``vlmsae.layers(model).kinds(ids, attention_mask) != Kind.PAD`` to do the same).
+    leaves padding alone: pass ``vlmsae.layers(model).kinds(ids, attention_mask) != Kind.PAD`` to do the same);
+    ``kinds`` ``(...)`` the :class:`Kind` of each position, which an SAE with ``normalize_per_kind`` needs.
 
     Raises:
         ConfigError: ``resid``'s last dimension is not the SAE's ``d_in``, or ``sae`` is a transcoder (it writes
-            another tensor than it reads: splice it, or take ``sae(x).recon``).
+            another tensor than it reads: splice it, or take ``sae(x).recon``), or the SAE normalises per token
+            kind and ``kinds`` is missing or of another shape.
     """
     if sae.is_transcoder:
         raise ConfigError("reconstruct() puts back the tensor it reads; a transcoder predicts another site (the MLP's "
@@ -67,9 +70,10 @@ def reconstruct(resid: Tensor, sae: SAE, *, use_error_term: bool = False, edit: 
             f"{tuple(resid.shape)}); pass the residual of the layer the SAE was trained on, or an SAE of that width")
     with torch.no_grad():
         x = resid.to(sae.W_dec.device)
-        latents = sae.encode(x)
+        kinds = None if kinds is None else kinds.to(x.device)
+        latents = sae.encode(x, kinds)
         edited = latents if edit is None else edit(latents)
-        new = _put_back(x, sae, latents, edited, sae.decode(latents), use_error_term)
+        new = _put_back(x, sae, latents, edited, sae.decode(latents, kinds), use_error_term, kinds)
         if mask is not None:
             new = torch.where(mask[..., None].to(x.device), new, x)
         return new.to(resid.device, resid.dtype)
@@ -196,13 +200,14 @@ def splice(model: Model, layer: int | str | None, sae: SAE, *, use_error_term: b
     @torch.no_grad()
     def hook(resid: Tensor, fwd: Forward) -> Tensor:
         x = resid.to(sae.W_dec.device)  # what the SAE writes over (the MLP's output for a transcoder) ...
-        latents = sae.encode(read.pop("x").to(x.device) if read else x)  # ... and what it reads
+        kinds_here = fwd.kinds.to(x.device)  # normalize_per_kind: each position's kind picks its mean and scale
+        latents = sae.encode(read.pop("x").to(x.device) if read else x, kinds_here)  # ... and what it reads
         state.latents = latents
         edited = latents if edit is None else edit(latents, fwd)
         mask = where_mask(where, kinds, fwd).to(x.device)
-        recon = sae.decode(latents)
-        state._accumulate(x, recon, latents, fwd.kinds.to(x.device), mask)
-        new = _put_back(x, sae, latents, edited, recon, use_error_term)
+        recon = sae.decode(latents, kinds_here)
+        state._accumulate(x, recon, latents, kinds_here, mask)
+        new = _put_back(x, sae, latents, edited, recon, use_error_term, kinds_here)
         if new is x:
             return None  # error term kept and nothing edited: the residual stays bit-for-bit
         return torch.where(mask[..., None], new, x).to(resid.device)
@@ -270,12 +275,14 @@ def ablation_edit(sae: SAE, latents: Iterable[int], *, mode: str = "zero",
 
 @renamed_kwargs(features="latents")
 def steering_vector(target, latents: Mapping[int, float] | None = None, *, strength: float = 1.0,
-                    relative_to: Tensor | None = None) -> Tensor:
+                    relative_to: Tensor | None = None, kinds: Tensor | None = None) -> Tensor:
     """``(d_in,)`` float32 vector to add: ``sum_i strength_i * W_dec[i]`` in the model's units, or ``strength * target``.
 
     ``latents`` maps latent index -> strength in latent activation units. ``relative_to`` (``(d_sae,)``,
     e.g. ``latent_stats(...).mean_firing``) makes each strength a multiple of that latent's typical
-    activation instead of an absolute activation.
+    activation instead of an absolute activation. An SAE with ``normalize_per_kind`` has one scale per token kind,
+    so its directions in the model's units depend on the kind: pass ``kinds`` (a :class:`Kind` tensor of any shape
+    ``(...)``) and get ``(..., d_in)``, each position's vector (``kinds=torch.tensor(Kind.TEXT)``: ``(d_in,)``).
 
     Raises:
         ConfigError: an SAE without ``latents``, a bad latent index, ``latents`` with a raw direction,
@@ -289,8 +296,10 @@ def steering_vector(target, latents: Mapping[int, float] | None = None, *, stren
             s = torch.tensor([float(latents[i]) for i in index], device=target.W_dec.device)
             if relative_to is not None:
                 s = s * relative_to.to(s.device, torch.float32)[index]
-            W = target.W_dec[index].float() / target.act_scale
-            return s @ W
+            scale = target.unit_scale(kinds).float()  # (), or (...) per token kind
+            if scale.dim() == 0:
+                return s @ (target.W_dec[index].float() / scale)
+            return (s @ target.W_dec[index].float()) / scale[..., None]
     if isinstance(target, Tensor):
         if latents:
             raise ConfigError("latents= applies to an SAE; for a raw direction pass strength= only")
@@ -309,8 +318,9 @@ def steer(model: Model, layer: int | str | None, target: SAE | Tensor, latents: 
 
     ``target`` is an SAE (with ``latents={index: strength}``) or a ``(d_model,)`` direction (with
     ``strength``); see :func:`steering_vector`. Under ``generate()`` the vector is added to the new
-    position at every decode step, not only to the prompt. Yields the ``(d_in,)`` vector added. ``special_ids`` as
-    in :func:`splice`.
+    position at every decode step, not only to the prompt. Yields the ``(d_in,)`` vector added (an SAE with
+    ``normalize_per_kind`` adds each position's kind's vector, :func:`steering_vector` with ``kinds``; it yields the
+    text positions'). ``special_ids`` as in :func:`splice`.
 
     Raises:
         LayerIndexError: ``layer`` is outside the site's layers (``0..n_layers - 1`` in the decoder).
@@ -322,7 +332,9 @@ def steer(model: Model, layer: int | str | None, target: SAE | Tensor, latents: 
     info, layer, site = check_entry(model, layer, site, target if isinstance(target, SAE) else None)
     if isinstance(target, SAE):
         site = output_site(target, layer, site)  # a transcoder's decoder directions live where it writes
-    vector = steering_vector(target, latents, strength=strength, relative_to=relative_to)
+    per_kind = isinstance(target, SAE) and target.cfg.normalize_per_kind
+    text = torch.tensor(int(Kind.TEXT)) if per_kind else None
+    vector = steering_vector(target, latents, strength=strength, relative_to=relative_to, kinds=text)
     if vector.shape[0] != info.width(site):
         what = "d_model" if site in ("resid_pre", "resid_post") else f"the width of {site}"
         raise ConfigError(f"a steering vector of width {vector.shape[0]} does not fit {what}={info.width(site)}")
@@ -330,7 +342,9 @@ def steer(model: Model, layer: int | str | None, target: SAE | Tensor, latents: 
 
     def hook(resid: Tensor, fwd: Forward) -> Tensor:
         mask = where_mask(where, kinds, fwd).to(resid.device)
-        return resid + mask[..., None].to(resid.dtype) * vector.to(resid.device, resid.dtype)
+        added = vector if not per_kind else steering_vector(target, latents, strength=strength,
+                                                            relative_to=relative_to, kinds=fwd.kinds)
+        return resid + mask[..., None].to(resid.dtype) * added.to(resid.device, resid.dtype)
 
     with attach(model, {(layer, site): hook}, special_ids=special_ids):
         yield vector
@@ -371,7 +385,7 @@ def latent_stats(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, wh
         with record(model, [layer], site=site, stop=True, special_ids=special_ids) as rec:
             model(**batch)
         mask = where_mask(where, kinds, rec.forwards[0]).to(total.device)
-        latents = sae.encode(rec[layer].to(total.device))[mask].to(torch.float64)
+        latents = sae.encode(rec[layer].to(total.device), rec.kinds(layer))[mask].to(torch.float64)
         total += latents.sum(0)
         fired += (latents != 0).sum(0)
         tokens += latents.shape[0]

@@ -75,7 +75,7 @@ class MGSAETrainer(SAETrainer):
                               " torch.stack([x_image, x_text])")
         super().step(x, k)
 
-    def _loss(self, x: Tensor, k: int | None) -> StepLoss:
+    def _loss(self, x: Tensor, k: int | None, kinds: Tensor | None = None) -> StepLoss:
         """The MGSAE loss (:mod:`vlmsae.mgsae`) of the pairs x (2n, d_in), image rows first, plus AuxK."""
         sae, cfg = self.sae, self.sae.cfg
         n = x.shape[0] // 2

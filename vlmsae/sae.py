@@ -17,6 +17,14 @@ that writes where the model's MLP writes rather than where the encoder reads:
 with no decoder bias subtracted from the input and no input scale, as SAELens' ``Transcoder`` (ReLU) and
 ``JumpReLUTranscoder`` (Gemma Scope 2's transcoders) compute it; its folder is theirs. vlmsae does not train them.
 
+With ``normalize_per_kind`` (issue 15) the input scale is one per token kind instead, and a mean too:
+
+      u       = (x - kind_mean[g]) * kind_scale[g] - b_dec       g = 1 for an image token, 0 for any other kind
+      recon   = (latents @ W_dec + b_dec) / kind_scale[g] + kind_mean[g]
+
+so that image and text rows, whose means and norms differ widely in a VLM's residual, each reach the encoder
+centred and at mean norm sqrt(d_in); every call then takes ``kinds`` (a tensor of `vlmsae.Kind`, ``x.shape[:-1]``).
+
 Kinds: `topk` (Gao et al. 2024), `batchtopk` (Bussmann et al. 2024), `relu`
 (ReLU + L1, Bricken et al. 2023 with Anthropic's April 2024 update) and
 `jumprelu` (Rajamanoharan et al. 2024). This module is the reference math; the
@@ -33,9 +41,22 @@ import torch
 from torch import Tensor, nn
 
 from vlmsae import saefile
+from vlmsae.adapters import Kind
 from vlmsae.errors import ConfigError, SAEFileError
 from vlmsae.deprecation import renamed_attributes, warn_renamed
 from vlmsae.saeconfig import ARCHITECTURES, DTYPES, SAEConfig  # noqa: F401  (ARCHITECTURES: callers find them here)
+
+
+KIND_ROWS = ("text", "image")
+"""The rows of `kind_mean` / `kind_scale` (``normalize_per_kind``): image tokens take row 1, every other kind row 0
+(text, generated: the same token stream; special and pad tokens, which training leaves out, are read as text)."""
+
+
+def _power_of_two_scale(x: Tensor, d_in: int) -> Tensor:
+    """() the power of two closest to sqrt(d_in) / mean ||x|| over the rows of `x` (n, d_in) (Anthropic, April 2024
+    update: a fixed scale; a power of two, so that scaling and unscaling are exact)."""
+    mean_norm = x.norm(dim=1).mean().clamp_min(torch.finfo(torch.float32).tiny)
+    return 2.0 ** torch.round(torch.log2(math.sqrt(d_in) / mean_norm))
 
 
 class SAEOutput(NamedTuple):
@@ -106,6 +127,9 @@ class SAE(nn.Module):
             self.register_buffer("threshold", torch.zeros(d_sae, device=device, dtype=dtype))
         # A power of two, so that folding it into the saved weights is exact.
         self.register_buffer("act_scale", torch.ones((), device=device, dtype=torch.float32))
+        if cfg.normalize_per_kind:  # rows KIND_ROWS: text (every kind but image), image; set by init_from_batch
+            self.register_buffer("kind_mean", torch.zeros(len(KIND_ROWS), d_in, device=device, dtype=dtype))
+            self.register_buffer("kind_scale", torch.ones(len(KIND_ROWS), device=device, dtype=dtype))
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -117,14 +141,50 @@ class SAE(nn.Module):
         """Whether training keeps decoder rows at unit norm (all architectures but relu, which penalises the norm instead)."""
         return self.cfg.architecture != "relu"
 
-    def center(self, x: Tensor) -> Tensor:
-        """(..., d_in) model activations -> the encoder's input u = x * act_scale - b_dec."""
-        u = x.to(self.W_dec.dtype) * self.act_scale.to(self.W_dec.dtype)
+    def kind_rows(self, kinds: Tensor | None, shape: torch.Size) -> Tensor:
+        """(...) long: the row of `kind_mean` / `kind_scale` of each position (1 image, 0 any other kind), for inputs
+        of leading shape `shape`. Raises ConfigError when `kinds` is missing or of another shape."""
+        if kinds is None:
+            raise ConfigError("this SAE normalises per token kind (normalize_per_kind=True): pass kinds=, the "
+                              f"vlmsae.Kind of each position, shape {tuple(shape)} (vlmsae.layers(model).kinds(ids, "
+                              "attention_mask), rec.kinds(layer), or a buffer's Rows.kind); splice / ablate / steer / "
+                              "evaluate and vlmsae.train pass them themselves")
+        if tuple(kinds.shape) != tuple(shape):
+            raise ConfigError(f"kinds has shape {tuple(kinds.shape)}; it must be the inputs' leading shape {tuple(shape)}")
+        return (kinds.to(self.W_dec.device) == Kind.IMAGE).long()
+
+    def normalize(self, x: Tensor, kinds: Tensor | None = None) -> Tensor:
+        """(..., d_in) model activations -> the SAE's normalised units: x * act_scale, or with
+        ``normalize_per_kind`` (x - kind_mean[g]) * kind_scale[g] (``kinds``: (...) Kind, ignored without it)."""
+        dtype = self.W_dec.dtype
+        if not self.cfg.normalize_per_kind:
+            return x.to(dtype) * self.act_scale.to(dtype)
+        g = self.kind_rows(kinds, x.shape[:-1])
+        return (x.to(dtype) - self.kind_mean[g]) * self.kind_scale[g].unsqueeze(-1)
+
+    def denormalize(self, y: Tensor, kinds: Tensor | None = None) -> Tensor:
+        """(..., d_in) in the SAE's normalised units -> the model's units: the inverse of `normalize`."""
+        dtype = self.W_dec.dtype
+        if not self.cfg.normalize_per_kind:
+            return y / self.act_scale.to(dtype)
+        g = self.kind_rows(kinds, y.shape[:-1])
+        return y / self.kind_scale[g].unsqueeze(-1) + self.kind_mean[g]
+
+    def unit_scale(self, kinds: Tensor | None = None) -> Tensor:
+        """() act_scale, or with ``normalize_per_kind`` (...) the scale of each position's kind: model units times
+        this are normalised units (a decoder row divided by it is the row's direction in the model's units)."""
+        if not self.cfg.normalize_per_kind:
+            return self.act_scale
+        return self.kind_scale[self.kind_rows(kinds, kinds.shape if kinds is not None else ())]
+
+    def center(self, x: Tensor, kinds: Tensor | None = None) -> Tensor:
+        """(..., d_in) model activations -> the encoder's input u = normalize(x, kinds) - b_dec."""
+        u = self.normalize(x, kinds)
         return u - self.b_dec if self.cfg.apply_b_dec_to_input else u
 
-    def pre_acts(self, x: Tensor) -> Tensor:
-        """(..., d_in) -> (..., d_sae) encoder pre-activations."""
-        return self.center(x) @ self.W_enc + self.b_enc
+    def pre_acts(self, x: Tensor, kinds: Tensor | None = None) -> Tensor:
+        """(..., d_in) -> (..., d_sae) encoder pre-activations; ``kinds`` (...) with ``normalize_per_kind``."""
+        return self.center(x, kinds) @ self.W_enc + self.b_enc
 
     def activate(self, pre: Tensor) -> Tensor:
         """(..., d_sae) pre-activations -> sparse latents, by architecture.
@@ -144,33 +204,45 @@ class SAE(nn.Module):
         # jumprelu, and batchtopk at inference: a per-latent threshold.
         return pre.relu() * (pre > self.threshold)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """(..., d_in) -> (..., d_sae) sparse latents."""
-        return self.activate(self.pre_acts(x))
+    def encode(self, x: Tensor, kinds: Tensor | None = None) -> Tensor:
+        """(..., d_in) -> (..., d_sae) sparse latents; ``kinds`` (...) Kind of each position, needed with
+        ``normalize_per_kind`` (ConfigError without), ignored otherwise."""
+        return self.activate(self.pre_acts(x, kinds))
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """(..., d_sae) -> (..., d_in) reconstruction, in the model's units ((..., d_out) for a transcoder)."""
+    def decode(self, latents: Tensor, kinds: Tensor | None = None) -> Tensor:
+        """(..., d_sae) -> (..., d_in) reconstruction, in the model's units ((..., d_out) for a transcoder);
+        ``kinds`` as in `encode`."""
         latents = latents.to(self.W_dec.dtype)
-        return (latents @ self.W_dec + self.b_dec) / self.act_scale.to(self.W_dec.dtype)
+        return self.denormalize(latents @ self.W_dec + self.b_dec, kinds)
 
-    def forward(self, x: Tensor) -> SAEOutput:
-        """(..., d_in) -> reconstruction (..., d_in), latents and pre-activations (..., d_sae)."""
-        pre = self.pre_acts(x)
+    def forward(self, x: Tensor, kinds: Tensor | None = None) -> SAEOutput:
+        """(..., d_in) -> reconstruction (..., d_in), latents and pre-activations (..., d_sae); ``kinds`` as in `encode`."""
+        pre = self.pre_acts(x, kinds)
         latents = self.activate(pre)
-        return SAEOutput(self.decode(latents), latents, pre)
+        return SAEOutput(self.decode(latents, kinds), latents, pre)
 
     @torch.no_grad()
-    def init_from_batch(self, x: Tensor) -> None:
-        """Set the input scale and b_dec from a first batch of activations (..., d_in).
+    def init_from_batch(self, x: Tensor, kinds: Tensor | None = None) -> None:
+        """Set the input normalisation and b_dec from a first batch of activations (..., d_in).
 
         The scale (if `normalize_activations`) is the power of two closest to
-        sqrt(d_in) / mean ||x||; b_dec is `cfg.b_dec_init` of the scaled batch.
+        sqrt(d_in) / mean ||x||; b_dec is `cfg.b_dec_init` of the normalised batch. With `normalize_per_kind`
+        (``kinds`` (...) Kind needed), each kind row's mean is the mean of its rows and its scale the power of
+        two closest to sqrt(d_in) / mean ||x - mean||; a row without rows in the batch takes the whole batch's.
         """
         x = x.reshape(-1, self.cfg.d_in).float()
-        if self.cfg.normalize_activations:
-            mean_norm = x.norm(dim=1).mean().clamp_min(torch.finfo(torch.float32).tiny)
-            self.act_scale.copy_(2.0 ** torch.round(torch.log2(math.sqrt(self.cfg.d_in) / mean_norm)))
-        x = x * self.act_scale
+        if self.cfg.normalize_per_kind:
+            g = self.kind_rows(kinds.reshape(-1) if kinds is not None else None, x.shape[:-1]).to(x.device)
+            for row in range(len(KIND_ROWS)):
+                mine = x[g == row] if bool((g == row).any()) else x  # one host sync per row, once per run
+                mean = mine.mean(0)
+                self.kind_mean[row] = mean
+                self.kind_scale[row] = _power_of_two_scale(mine - mean, self.cfg.d_in)
+            x = (x - self.kind_mean.float()[g]) * self.kind_scale.float()[g].unsqueeze(-1)
+        else:
+            if self.cfg.normalize_activations:
+                self.act_scale.copy_(_power_of_two_scale(x, self.cfg.d_in))
+            x = x * self.act_scale
         if self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(x))
         elif self.cfg.b_dec_init == "mean":
@@ -195,7 +267,8 @@ class SAE(nn.Module):
     def from_tensors(cls, cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> "SAE":
         """An SAE of `cfg` that holds `tensors` (not copies), named and shaped as in its `state_dict()`:
         W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,) (d_out for a transcoder), threshold (d_sae,) for
-        jumprelu and batchtopk, act_scale () a power of two. Built without a random init.
+        jumprelu and batchtopk, act_scale () a power of two; with normalize_per_kind kind_mean (2, d_in) and
+        kind_scale (2,) (rows: `KIND_ROWS`). Built without a random init.
 
         Raises ConfigError if a tensor is missing, unexpected or of the wrong shape.
         """
@@ -218,6 +291,8 @@ class SAE(nn.Module):
         elif cfg.architecture == "batchtopk":
             sae.threshold = tensors["threshold"].contiguous()
         sae.act_scale = tensors["act_scale"]
+        if cfg.normalize_per_kind:
+            sae.kind_mean, sae.kind_scale = tensors["kind_mean"], tensors["kind_scale"]
         return sae
 
     def save(self, path: str | Path) -> None:

@@ -69,6 +69,13 @@ class SAEConfig:
     """Subtract b_dec from the input before encoding (SAELens' key of the same name)."""
     normalize_activations: bool = False
     """Scale inputs by a fixed power of two that brings their mean norm near sqrt(d_in) (Anthropic, April 2024 update)."""
+    normalize_per_kind: bool = False
+    """Normalise inputs per token kind: image rows and text rows (every other kind: generated, special, pad) each get
+    a mean (d_in,) and a scale () from the first training batch, the scale a power of two bringing the kind's
+    centred rows to mean norm sqrt(d_in); the encoder reads (x - mean[kind]) * scale[kind] and ``decode`` returns
+    recon / scale[kind] + mean[kind], the model's units. encode / decode / forward then need ``kinds=``. Replaces
+    ``normalize_activations``; vlmsae-only (SAELens has no per-token-kind normalisation: such a file is marked so
+    that SAELens refuses it). Issue 15."""
     b_dec_init: str = "geometric_median"
     """How `init_from_batch` sets b_dec: geometric_median (Bricken et al. 2023), mean or zeros."""
     dtype: str = "float32"
@@ -118,6 +125,14 @@ class SAEConfig:
         check_metadata(self.metadata)
         if self.d_out is not None:
             self._check_transcoder()
+        if not isinstance(self.normalize_per_kind, bool):
+            raise ConfigError(f"normalize_per_kind={self.normalize_per_kind!r} must be true or false")
+        if self.normalize_per_kind and self.normalize_activations:
+            raise ConfigError("normalize_per_kind=True replaces normalize_activations (a scale per token kind instead "
+                              "of one); pass normalize_activations=False")
+        if self.normalize_per_kind and self.architecture == "mgsae":
+            raise ConfigError("normalize_per_kind=True is for SAEs; an MGSAE has its own image and text biases: "
+                              "pass normalize_per_kind=False")
 
     def _check_transcoder(self) -> None:
         """A transcoder's fields: its decoder bias is of its output's width, and its input is read unscaled."""
@@ -128,6 +143,9 @@ class SAEConfig:
         if self.apply_b_dec_to_input:
             raise ConfigError(f"apply_b_dec_to_input=True with d_out={self.d_out}: a transcoder's b_dec is of its output's "
                               "width and cannot be subtracted from its input; pass apply_b_dec_to_input=False")
+        if self.normalize_per_kind:
+            raise ConfigError("normalize_per_kind=True with d_out set: a transcoder reads its input unscaled; "
+                              "pass normalize_per_kind=False")
         if self.normalize_activations:
             raise ConfigError("normalize_activations=True with d_out set: a transcoder reads its input unscaled; "
                               "pass normalize_activations=False")

@@ -13,7 +13,11 @@ into the saved weights (SAELens' `normalize_activations: "none"` then holds);
 being a power of two, folding and unfolding are exact. BatchTopK is saved as
 SAELens saves it: a JumpReLU with one shared threshold. An MGSAE (`vlmsae.mgsae`) is
 saved in the same layout with architecture "mgsae", which only vlmsae opens: its
-b_dec is [2, d_in] (image, text) and b_pre [2, d_in] is added.
+b_dec is [2, d_in] (image, text) and b_pre [2, d_in] is added. An SAE that normalises per token kind
+(``normalize_per_kind``, issue 15) cannot be expressed in SAELens, whose inputs have one normalisation: it is
+saved with kind_mean [2, d_in] and kind_scale [2] (rows: text, image; see `vlmsae.sae.KIND_ROWS`) beside the
+weights, and its architecture is written "kindnorm_<SAELens name>" (e.g. "kindnorm_topk"), which SAELens
+refuses to open instead of reading it with the normalisation silently dropped; only vlmsae opens it.
 
 Reading checks cfg.json and the safetensors header (keys, shapes, dtypes)
 before any tensor is read, and never unpickles. Writing fills a new folder beside
@@ -58,6 +62,9 @@ FROM_SAELENS_ARCHITECTURE = {"topk": "topk", "standard": "relu", "jumprelu": "ju
                              "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
 # Architectures only vlmsae writes: their files need the "vlmsae" section.
 VLMSAE_ONLY = ("mgsae",)
+# Prefixed to the SAELens architecture of an SAE with normalize_per_kind: SAELens knows no such architecture and
+# refuses the file, which it would otherwise read without the per-kind means and scales (wrong reconstructions).
+KIND_NORM_PREFIX = "kindnorm_"
 # Config fields SAELens has its own top-level keys for.
 SAELENS_KEYS = ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "metadata", "d_out")
 SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
@@ -133,6 +140,8 @@ def read_sae(path: str | Path,
             names["threshold"] = "threshold"
         elif cfg.architecture == "mgsae":
             names["b_pre"] = "b_pre"
+        if cfg.normalize_per_kind:
+            names |= {"kind_mean": "kind_mean", "kind_scale": "kind_scale"}
     elif (path / SPARSIFY_WEIGHTS).is_file():
         weights_path = path / SPARSIFY_WEIGHTS
         cfg, act_scale, rescale = _config_from_sparsify(raw, cfg_path, path.name), 1.0, False
@@ -158,6 +167,8 @@ def _saelens_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         saved["threshold"] = tensors["threshold"]
     if "b_pre" in tensors:  # mgsae: u = x*s - b_pre, as b_dec above
         saved["b_pre"] = tensors["b_pre"] / scale
+    if "kind_mean" in tensors:  # normalize_per_kind (act_scale is then 1): saved as they are
+        saved["kind_mean"], saved["kind_scale"] = tensors["kind_mean"], tensors["kind_scale"]
     # Fresh contiguous CPU copies: safetensors refuses shared storage, and the
     # live parameters must not change under a running optimiser.
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in saved.items()}
@@ -188,8 +199,10 @@ def _saelens_cfg(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> dict[str, Any
 
 
 def _saelens_architecture(cfg: SAEConfig) -> str:
-    """SAELens' name of the config's architecture (a transcoder's, where ``d_out`` is set)."""
-    return (SAELENS_ARCHITECTURE if cfg.d_out is None else SAELENS_TRANSCODER_ARCHITECTURE)[cfg.architecture]
+    """SAELens' name of the config's architecture (a transcoder's, where ``d_out`` is set); with
+    ``normalize_per_kind`` a name only vlmsae reads (``KIND_NORM_PREFIX``)."""
+    name = (SAELENS_ARCHITECTURE if cfg.d_out is None else SAELENS_TRANSCODER_ARCHITECTURE)[cfg.architecture]
+    return KIND_NORM_PREFIX + name if cfg.normalize_per_kind else name
 
 
 def _need(raw: dict, key: str, cfg_path: Path, types: type) -> Any:
@@ -237,6 +250,8 @@ def _make_config(fields_: dict[str, Any], cfg_path: Path) -> SAEConfig:
 def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, bool]:
     """SAEConfig, input scale, and whether to fold decoder norms (SAELens' rescale_acts_by_decoder_norm)."""
     architecture = _need(raw, "architecture", cfg_path, str)
+    per_kind = architecture.startswith(KIND_NORM_PREFIX)  # normalize_per_kind: only vlmsae reads it
+    architecture = architecture.removeprefix(KIND_NORM_PREFIX)
     if architecture not in FROM_SAELENS_ARCHITECTURE:
         skip = " (a transcoder with a skip connection, W_skip)" if "skip_transcoder" in architecture else ""
         raise SAEFileError(
@@ -257,8 +272,8 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
         raise SAEFileError(f"{cfg_path}: key 'metadata' must be a JSON object")
     if architecture in ("topk", "mgsae"):
         fields_["k"] = _need(raw, "k", cfg_path, int)
-    if architecture in VLMSAE_ONLY and raw.get("vlmsae") is None:
-        raise SAEFileError(f"{cfg_path}: architecture {architecture!r} needs the key 'vlmsae' that vlmsae writes "
+    if (architecture in VLMSAE_ONLY or per_kind) and raw.get("vlmsae") is None:
+        raise SAEFileError(f"{cfg_path}: architecture {raw['architecture']!r} needs the key 'vlmsae' that vlmsae writes "
                            "with it; restore the file or save the SAE again")
     if architecture in SAELENS_TRANSCODER_ARCHITECTURE.values():
         fields_["d_out"] = _need(raw, "d_out", cfg_path, int)
@@ -297,6 +312,11 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
             )
         if architecture in ("topk", "mgsae") and fields_["k"] != raw["k"]:
             raise SAEFileError(f"{cfg_path}: key 'vlmsae.config.k' = {fields_['k']!r} disagrees with 'k' = {raw['k']!r}")
+        if fields_.get("normalize_per_kind", False) != per_kind:
+            raise SAEFileError(f"{cfg_path}: key 'vlmsae.config.normalize_per_kind' = "
+                               f"{fields_.get('normalize_per_kind', False)!r} disagrees with 'architecture' = "
+                               f"{raw['architecture']!r} (the {KIND_NORM_PREFIX!r} prefix marks it); restore the file "
+                               "or save the SAE again")
     return _make_config(fields_, cfg_path), float(act_scale), rescale
 
 
@@ -333,6 +353,8 @@ def _read_tensors(
         "b_dec": per_modality + [d_out],
         "b_pre": per_modality + [cfg.d_in],
         "threshold": [cfg.d_sae],
+        "kind_mean": [2, cfg.d_in],  # normalize_per_kind: rows text, image (vlmsae.sae.KIND_ROWS)
+        "kind_scale": [2],
     }
     try:
         with safe_open(weights_path, framework="pt", device="cpu") as handle:
@@ -380,4 +402,6 @@ def _unfolded(cfg: SAEConfig, tensors: dict[str, Tensor], act_scale: float, resc
         own["threshold"] = tensors["threshold"]
     if cfg.architecture == "mgsae":
         own["b_pre"] = tensors["b_pre"] * scale
+    if cfg.normalize_per_kind:
+        own["kind_mean"], own["kind_scale"] = tensors["kind_mean"], tensors["kind_scale"]
     return own

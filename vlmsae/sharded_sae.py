@@ -146,6 +146,9 @@ class ShardedSAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig, tensors: dict[str, Tensor], group: Any = None):
         super().__init__()
+        if cfg.normalize_per_kind:
+            raise ConfigError("a ShardedSAE has one input scale; an SAE with normalize_per_kind=True is not sharded yet: "
+                              "train it unsharded (vlmsae.train, SAETrainer)")
         self.cfg, self.group = cfg, group
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0

@@ -510,7 +510,7 @@ class OnlineRun:
                 k = k_at(step, self.targets[(L, i)], cfg, s.cfg.d_sae) if s.cfg.architecture in ("topk", "batchtopk") \
                     else None
                 try:
-                    self.trainers[(L, i)].step(r.acts, k=k)
+                    self.trainers[(L, i)].step(r.acts, k=k, kinds=r.kind)
                 except NonFiniteError as err:
                     raise NonFiniteError(f"layer {L}: {err}; last good checkpoint: "
                                          f"{self.last_checkpoint or 'none written yet'}") from err
@@ -534,13 +534,14 @@ class OnlineRun:
         (``rows``: by layer): ``{(layer, i): {"fvu_image": ..., "l0_image": ..., "dead_image": ..., "tokens_image":
         ..., ...text}}``. ``dead_*``: latents that fired on none of those tokens (the window is ``tokens_*``).
         Global under data parallel (the batch's sums are all-reduced), the owner's whole batch under
-        ``parallel="layers"``; one host sync per SAE, at readouts only."""
+        ``parallel="layers"``; one host sync per SAE, at readouts only. In the model's units (per-kind FVU is the
+        same in an SAE's normalised units: each kind has one scale)."""
         kinds = (Kind.IMAGE, Kind.TEXT)
         out = {}
         for (L, i), t in self.trainers.items():
             r, sae = rows[L], t.sae
             x = r.acts.to(sae.W_dec.dtype)
-            codes = sae(x)
+            codes = sae(x, r.kind)  # the kinds: an SAE with normalize_per_kind needs them, others ignore them
             err = (codes.recon.float() - x.float()).pow(2).sum(-1)
             parts = []
             for kind in kinds:

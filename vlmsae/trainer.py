@@ -247,28 +247,36 @@ class SAETrainer:
         # Under N ranks: global tokens of the steps since the last readout, on the device (no host sync per step).
         self.pending_tokens = torch.zeros((), dtype=torch.long, device=device)
 
-    def step(self, x: Tensor, k: int | None = None) -> None:
+    def step(self, x: Tensor, k: int | None = None, kinds: Tensor | None = None) -> None:
         """One optimiser step on `x` (..., d_in); no host synchronisation except the readout every `sync_every` steps.
 
         `k` (TopK kinds): the sparsity of this step, e.g. annealed by `vlmsae.train`; None: the SAE's own k.
-        The SAE's config is never changed.
+        `kinds` (...): the `vlmsae.Kind` of each row, which an SAE with ``normalize_per_kind`` needs (ConfigError
+        without) and which the others ignore; its loss is then in the per-kind normalised units, its readouts
+        (mse, fvu) in the model's units as always. The SAE's config is never changed.
         """
         sae = self.sae
         x = x.reshape(-1, sae.cfg.d_in).to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+        per_kind = sae.cfg.normalize_per_kind
+        kinds = kinds.reshape(-1).to(x.device) if per_kind and kinds is not None else None
         world = self.world
         if not self.initialized:  # under N ranks: from the global first batch, in rank order
-            sae.init_from_batch(x if world is None else world.gather_rows(x))
+            if world is None:
+                sae.init_from_batch(x, kinds)
+            else:
+                sae.init_from_batch(world.gather_rows(x),
+                                    world.gather_rows(kinds.unsqueeze(1)).view(-1) if kinds is not None else None)
             self.initialized = True
         sae.train()
         self.stored.train()
         kind = sae.cfg.architecture
         # Under a caller's no_grad (a notebook, a benchmark) the SAE still needs its graph.
         with torch.enable_grad():
-            out = self._loss(x, k)
+            out = self._loss(x, k, kinds)
             sae.zero_grad(set_to_none=True)
             out.loss.backward()
         if world is not None:
-            self.pending_tokens += self._reduce_step(x, out)
+            self.pending_tokens += self._reduce_step(x, out, kinds)
         if sae.unit_norm_decoder:
             sae.remove_parallel_decoder_grad_()
         self.W_encT.grad = sae.W_enc.grad.T
@@ -280,7 +288,7 @@ class SAETrainer:
             if kind == "jumprelu":
                 sae.threshold.clamp_(min=0)
             if world is None:
-                self._count(x, out)
+                self._count(x, out, kinds)
         self._store()
         self.n_steps += 1
         if world is None:
@@ -289,11 +297,12 @@ class SAETrainer:
         if self.n_steps % self.sync_every == 0:
             self.history.append(self.read_metrics())
 
-    def _loss(self, x: Tensor, k: int | None) -> StepLoss:
-        """This step's loss on `x` (n_tokens, d_in): the sparse pass for the TopK kinds, the dense one for the others."""
+    def _loss(self, x: Tensor, k: int | None, kinds: Tensor | None = None) -> StepLoss:
+        """This step's loss on `x` (n_tokens, d_in) of `kinds` (n_tokens,) (None without ``normalize_per_kind``):
+        the sparse pass for the TopK kinds, the dense one for the others."""
         if self.sae.cfg.architecture in ("topk", "batchtopk"):
-            return self._sparse_loss(x, k)
-        return self._dense_loss(x)
+            return self._sparse_loss(x, k, kinds)
+        return self._dense_loss(x, kinds)
 
     @torch.no_grad()
     def _store(self) -> None:
@@ -382,15 +391,15 @@ class SAETrainer:
         flat = (pre.view(-1) >= threshold).nonzero().view(-1)
         return pre.view(-1)[flat], flat
 
-    def _sparse_loss(self, x: Tensor, k: int | None = None) -> StepLoss:
+    def _sparse_loss(self, x: Tensor, k: int | None = None, kinds: Tensor | None = None) -> StepLoss:
         """TopK / BatchTopK loss on `x` (n_tokens, d_in): MSE of a sparse decode, plus AuxK while latents are
         dead (Gao et al. 2024 §A.2), plus with ``matryoshka_widths`` the MSE of each inner prefix's decode of
         the same selection (Bussmann et al. 2025). `k`: this step's sparsity; None: the SAE's own."""
         sae, cfg = self.sae, self.sae.cfg
         k = cfg.k if k is None else k
         aux_k, dense_aux, dead = self._aux_plan()
-        x_n = x * sae.act_scale.to(x.dtype)
-        u = sae.center(x)
+        x_n = sae.normalize(x, kinds)
+        u = sae.center(x, kinds)
         chosen = self._select(u, dead, 0 if dense_aux else aux_k, k)
         acts, aux_acts, aux_code = self._encode_selected(u, chosen)
         if cfg.architecture == "batchtopk":
@@ -497,12 +506,12 @@ class SAETrainer:
             return contextlib.nullcontext()
         return torch.autocast(x.device.type, dtype=self.compute_dtype)
 
-    def _dense_loss(self, x: Tensor) -> StepLoss:
+    def _dense_loss(self, x: Tensor, kinds: Tensor | None = None) -> StepLoss:
         """ReLU (decoder-norm-weighted L1) or JumpReLU (L0 through a step function) loss on `x` (n_tokens, d_in)."""
         sae, cfg = self.sae, self.sae.cfg
-        x_n = x * sae.act_scale.to(x.dtype)
+        x_n = sae.normalize(x, kinds)
         with self._autocast(x):
-            pre = sae.pre_acts(x).float()
+            pre = sae.pre_acts(x, kinds).float()
         if cfg.architecture == "relu":
             latents = pre.relu()
             # L1 weighted by decoder norms, so shrinking W_enc while growing
@@ -522,13 +531,23 @@ class SAETrainer:
         return StepLoss(loss, recon_n, nonzero, fired, torch.zeros((), device=x.device))
 
     @torch.no_grad()
-    def _count(self, x: Tensor, out: StepLoss) -> None:
+    def _model_units(self, x: Tensor, out: StepLoss, kinds: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(inputs, reconstruction, scale): the metrics' tensors (n_tokens, d_in), which are the model's units once
+        divided by the () float64 scale: the normalised ones and act_scale (exact: a power of two), or with
+        ``normalize_per_kind`` (one scale per row) the model's own and 1."""
+        sae = self.sae
+        if sae.cfg.normalize_per_kind:
+            return x, sae.denormalize(out.recon, kinds), torch.ones((), dtype=torch.float64, device=x.device)
+        return x * sae.act_scale.to(x.dtype), out.recon, sae.act_scale.double()
+
+    @torch.no_grad()
+    def _count(self, x: Tensor, out: StepLoss, kinds: Tensor | None = None) -> None:
         """Add one step to the metric window and the dead-latent counters (no host sync)."""
-        x_n = x * self.sae.act_scale.to(x.dtype)
-        scale2 = self.sae.act_scale.double() ** 2  # errors in the model's units
+        x_n, recon, scale = self._model_units(x, out, kinds)
+        scale2 = scale ** 2  # errors in the model's units
         self.window.add(WindowSums(
             loss=out.loss.double(),
-            squared_error=metrics.squared_error(x_n, out.recon).double() / scale2,
+            squared_error=metrics.squared_error(x_n, recon).double() / scale2,
             total_variance=self._total_variance(x_n).double() / scale2,
             nonzero=out.nonzero.double(),
             aux_loss=out.aux_loss.double(),
@@ -540,7 +559,7 @@ class SAETrainer:
         return metrics.total_variance(x_n)
 
     @torch.no_grad()
-    def _reduce_step(self, x: Tensor, out: StepLoss) -> Tensor:
+    def _reduce_step(self, x: Tensor, out: StepLoss, kinds: Tensor | None = None) -> Tensor:
         """Under N ranks: make this step's gradients and counts those of the global batch; returns its tokens
         (a () long tensor on the device).
 
@@ -550,17 +569,18 @@ class SAETrainer:
         sums the gradients, each scaled by its rank's share of the tokens (see ``vlmsae.distributed``).
         """
         sae, world, n = self.sae, self.world, x.shape[0]
-        x_n = (x * sae.act_scale.to(x.dtype)).double()
-        scale2 = sae.act_scale.double() ** 2
+        x_n, recon, scale = self._model_units(x, out._replace(recon=out.recon.detach()), kinds)
+        x_n = x_n.double()
+        scale2 = scale ** 2
         d_in = x.shape[1]
         local = torch.cat([
             torch.stack([torch.tensor(float(n), dtype=torch.float64, device=x.device),
                          out.loss.detach().double() * n,
-                         metrics.squared_error(x_n, out.recon.detach()).double() / scale2,
+                         metrics.squared_error(x_n, recon).double() / scale2,
                          x_n.pow(2).sum() / scale2,
                          out.nonzero.double(),
                          out.aux_loss.detach().double() * n]),
-            x_n.sum(0) / sae.act_scale.double(),
+            x_n.sum(0) / scale,
             out.fired.double(),
         ])
         total = world.sum_(local)

@@ -122,7 +122,7 @@ def splice(model, layer: int | str, sae: SAE, *, use_error_term: bool = False, w
         seen.append(latents)
         return latents if edit is None else edit(latents, at.fwd)
 
-    at.put(reconstruct(at.resid, sae, use_error_term=use_error_term, edit=keep, mask=mask))
+    at.put(reconstruct(at.resid, sae, use_error_term=use_error_term, edit=keep, mask=mask, kinds=at.fwd.kinds))
     return seen[0]
 
 
@@ -148,9 +148,11 @@ def steer(model, layer: int | str, target, latents: Mapping[int, float] | None =
     at = _Site(model, layer, site, fwd)
     if isinstance(target, SAE):
         check_sae(target, at.info, at.layer, at.site)
-    vector = steering_vector(target, latents, strength=strength, relative_to=relative_to)
-    if vector.shape[0] != at.info.d_model:
-        raise ConfigError(f"a steering vector of width {vector.shape[0]} does not fit d_model={at.info.d_model}")
+    per_kind = isinstance(target, SAE) and target.cfg.normalize_per_kind  # one vector per position's token kind
+    vector = steering_vector(target, latents, strength=strength, relative_to=relative_to,
+                             kinds=at.fwd.kinds if per_kind else None)
+    if vector.shape[-1] != at.info.d_model:
+        raise ConfigError(f"a steering vector of width {vector.shape[-1]} does not fit d_model={at.info.d_model}")
     mask = where_mask(where, where_kinds(where, at.info), at.fwd).to(at.resid.device)
     at.put(at.resid + mask[..., None].to(at.resid.dtype) * vector.to(at.resid.device, at.resid.dtype))
     return vector
