@@ -301,3 +301,20 @@ def test_per_kind_normalisation_fits_text_rows_better_at_equal_steps():
         fvu_text[per_kind] = ((recon - x_text).pow(2).sum() / (x_text - x_text.mean(0)).pow(2).sum()).item()
     print(f"text-row FVU after 150 steps: one normalisation {fvu_text[False]:.3f}, per kind {fvu_text[True]:.3f}")
     assert fvu_text[True] < 0.5 * fvu_text[False]
+
+
+def test_the_training_loss_is_the_mse_in_each_kinds_normalised_units():
+    """The step's loss: the per-element MSE between (x - mean) * scale and the decode of the same units, the kinds'
+    statistics set by the first batch (written out by hand; AuxK off, no latent dead yet)."""
+    x, kinds = two_kinds()
+    sae = make_sae()
+    trainer = SAETrainer(sae, lr=1e-12)
+    trainer.step(x, kinds=kinds)  # sets the statistics
+    image = kinds == Kind.IMAGE
+    with torch.no_grad():
+        recon, _ = by_hand(sae, x, image)
+        scale = torch.where(image, sae.kind_scale[1], sae.kind_scale[0])[..., None]
+        mean = torch.where(image[..., None], sae.kind_mean[1], sae.kind_mean[0])
+        want = ((x - mean) * scale - (recon - mean) * scale).pow(2).mean()
+        got = trainer._loss(x, None, kinds.long()).loss
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
