@@ -8,8 +8,9 @@ HTML report are written.
 
 Why two layers: in the captioner a concept becomes one latent late. At the middle layer the
 colour about to be written is often carried by the absence of the other colours' latents, so the
-best single latent for one colour measured AUROC 0.83-0.94 in 9 of 13 SAE seeds and settings; at
-the last layer every colour and shape had a latent at >= 0.977 in every run (benchmarks/RESULTS.md).
+best single latent for one colour measured AUROC 0.76-0.95 in 22 of 30 runs over six TopK, BatchTopK and
+Matryoshka settings and five seeds (the colour changes with the seed; no architecture fixes it); at the last
+layer every colour and shape had a latent at >= 0.977 in every run (benchmarks/RESULTS.md).
 
 With ``--model`` and ``--images`` the same pipeline runs on your model and data (no ground truth,
 so no concept naming or steering score).
