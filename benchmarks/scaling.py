@@ -39,7 +39,6 @@ def step_rate(d_in: int, d_sae: int, k: int, batch: int, repeats: int, device, n
                                 init_from_first_batch=False)
     x = torch.randn(batch, d_in, device=device)
     seconds = median_times({"step": lambda: trainer.step(x)}, repeats, now)["step"]
-    del trainer
     return batch / seconds
 
 
