@@ -109,9 +109,11 @@ def test_printed_metrics_match_recomputed(capsys, monkeypatch):
     trained = train(model, LAYER, data, sae, steps=steps, history=history, **dict(FAST, progress=True)).sae
     err = capsys.readouterr().err
     final = [line for line in re.split(r"[\r\n]", err) if f"{steps}/{steps}" in line][-1]
-    printed = re.search(r"L1 fvu (\S+) l0 (\S+) dead (\S+) \| image (\S+)/(\d+) \| text (\S+)/(\d+)", final)
+    printed = re.search(r"L1 fvu (\S+) l0 (\S+) dead (\S+) \(silent (\d+) tok\) \| image (\S+)/(\d+) \| text (\S+)/(\d+)",
+                        final)
     assert printed, final
-    fvu, l0, dead, image_fvu, image_l0, text_fvu, text_l0 = map(float, printed.groups())
+    fvu, l0, dead, silent, image_fvu, image_l0, text_fvu, text_l0 = map(float, printed.groups())
+    assert silent == 2000  # the dead window: dead_tokens, fewer than the 200 * 64 tokens trained
 
     # the last readout: steps 176..200, each scored before its own update
     assert len(by_hand) == horizon

@@ -143,9 +143,10 @@ class MGSAE(SAE):
         return torch.rand(rows, self.cfg.d_sae, generator=generator, device=self.W_dec.device) < p
 
     @torch.no_grad()
-    def init_from_batch(self, x: Tensor) -> None:
+    def init_from_batch(self, x: Tensor, kinds: Tensor | None = None) -> None:
         """Set the input scale (from both modalities) and each modality's b_pre and b_dec (``cfg.b_dec_init`` of its
-        scaled rows) from a first batch x (2, n, d_in) or (2n, d_in): image rows, then text rows."""
+        scaled rows) from a first batch x (2, n, d_in) or (2n, d_in): image rows, then text rows. ``kinds`` is
+        ignored (the modality of a row is its place), accepted as ``SAE.init_from_batch`` takes it."""
         x = x.reshape(len(MODALITIES), -1, self.cfg.d_in).float()
         if self.cfg.normalize_activations:
             mean_norm = x.norm(dim=-1).mean().clamp_min(torch.finfo(torch.float32).tiny)

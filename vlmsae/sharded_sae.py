@@ -222,6 +222,7 @@ class ShardedSAE(nn.Module):
 
     # The same on every rank as on the unsharded SAE: they read cfg, W_dec's dtype, act_scale and b_dec only.
     unit_norm_decoder = SAE.unit_norm_decoder
+    normalize = SAE.normalize
     center = SAE.center
 
     def pre_acts(self, x: Tensor) -> Tensor:
