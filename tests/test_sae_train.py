@@ -452,3 +452,25 @@ def test_bf16_selection_keeps_full_precision_values():
     exact = sae.pre_acts(x).detach().gather(1, chosen).relu()
     expected = torch.zeros(64, 256).scatter(1, chosen, exact) @ sae.W_dec + sae.b_dec
     torch.testing.assert_close(recon, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batchtopk_selection_on_cpu_picks_what_one_topk_picks():
+    """The sampled bound before BatchTopK's topk (CPU) never changes the pick: the largest k * n_tokens entries in
+    index order, as one topk over the whole batch; also when the sample overshoots and a topk over all runs."""
+    from vlmsae.trainer import _largest_entries
+
+    def reference(pre, count):
+        values, indices = pre.reshape(-1).topk(count)
+        order = indices.argsort()
+        return values[order], indices[order]
+
+    torch.manual_seed(0)
+    # float64: no ties at the boundary, where any pick is right
+    pre = torch.randn(1024, 1000, dtype=torch.float64)  # d_sae not a power of two: the stride must reach every latent
+    pre[:, 7] += 3  # one latent fires on most tokens
+    overshoot = torch.randn(1024 * 1000, dtype=torch.float64)
+    overshoot[::17] += 100  # the entries the sample sees (stride 17) all large, but fewer than count of them
+    for x, count in ((pre, 25 * 1024), (pre, 8 * 1024), (overshoot.view(1024, 1000), 1024 * 1000 // 16)):
+        values, indices = _largest_entries(x, count)
+        want_values, want_indices = reference(x, count)
+        assert torch.equal(indices, want_indices) and torch.equal(values, want_values)

@@ -1,0 +1,192 @@
+"""SynthSAEBench-16k, against SAELens on its own ground (issue 15 item 5).
+
+SAELens's own generator builds the benchmark's synthetic model from its published config
+(16,384 ground-truth features in 768 dimensions, Zipfian firing, a mutually exclusive hierarchy,
+low-rank correlations; SAELens docs ``synth_sae_bench.md``, arXiv 2602.14687) in the interop venv
+(``benchmarks/synth_sae_bench_peer.py``; no hub: the model is built, then cached). It streams the
+training samples in chunks; on every chunk vlmsae's ``SAETrainer`` trains a BatchTopK and a
+Matryoshka BatchTopK SAE, and SAELens's own ``SAETrainer`` trains its two, at the same samples,
+batch (1024), learning rate (3e-4, SAELens's benchmark setting), width and k. The two sides take
+turns within every chunk (who goes first alternates), so the load of a shared machine hits both
+alike; the wall time is each trainer's own steps. SAELens's ``eval_sae_on_synthetic_data`` then
+scores the four saved folders on one held-out sample set: MCC, F1, uniqueness, explained variance,
+L0 and dead latents, once encoding with batch top-k over batches of 1024 (as SAELens's
+``SyntheticSAERunner`` scores its trained SAE, the published figures) and once with the folder's
+JumpReLU threshold (the saved inference model).
+
+vlmsae's settings are what a user sets to match SAELens's run: the batch, the learning rate,
+SAELens's dead window (1000 steps of 1024 samples) as ``dead_tokens``, the Matryoshka widths of the
+benchmark's experiments (128, 512, 2048, width); the rest are vlmsae's defaults.
+
+    python benchmarks/synth_sae_bench.py --samples 3000000          # width 4096, k 25
+    python benchmarks/synth_sae_bench.py --model tiny --samples 16384 --width 256 --k 8 --eval-samples 4096
+
+The interop interpreter is ``--interop-python``, else $VLMSAE_INTEROP_PYTHON, else ``.venv-interop``
+(tests/interop/setup_venv.sh). Published (SAELens, 200M samples, L0 25, width 4096): Matryoshka
+F1 0.879 / MCC 0.793, BatchTopK F1 0.732 / MCC 0.757.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from vlmsae.sae import SAE
+from vlmsae.trainer import SAETrainer
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ("batchtopk", "matryoshka")
+MATRYOSHKA_INNER = (128, 512, 2048)
+"""Inner Matryoshka widths of the benchmark's experiments (synth-sae-bench-experiments, sweeps/common.py)."""
+SAELENS_DEAD_STEPS = 1000
+"""SyntheticSAERunnerConfig.dead_feature_window: a latent is dead after this many batches without firing."""
+PUBLISHED = {"batchtopk": {"f1": 0.7316, "mcc": 0.7574, "uniqueness": 0.9837, "explained_variance": 0.7923},
+             "matryoshka": {"f1": 0.8793, "mcc": 0.7927, "uniqueness": 0.9987, "explained_variance": 0.7792}}
+"""SAELens's figures at L0 25, width 4096, 200M samples (docs/synth_sae_bench.md, mean of 5 seeds)."""
+
+
+class Peer:
+    """SAELens's side in the interop venv: one JSON request per line, one JSON answer per line."""
+
+    def __init__(self, python: Path):
+        self.process = subprocess.Popen([str(python), str(REPO / "benchmarks" / "synth_sae_bench_peer.py")],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, op: str, **fields) -> dict:
+        self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+        self.process.stdin.flush()
+        for line in self.process.stdout:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:  # a print from a library's import
+                continue
+        raise RuntimeError(f"the SAELens worker exited with {self.process.wait()} during {op!r}")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def vlmsae_trainer(kind: str, d_in: int, args) -> SAETrainer:
+    torch.manual_seed(args.seed)
+    widths = tuple(w for w in MATRYOSHKA_INNER if w < args.width) if kind == "matryoshka" else None
+    sae = SAE(d_in=d_in, d_sae=args.width, architecture="batchtopk", k=args.k, matryoshka_widths=widths or None,
+              dead_tokens=SAELENS_DEAD_STEPS * args.batch)
+    return SAETrainer(sae, lr=args.lr)
+
+
+def train(args, peer: Peer, d_in: int, tmp: Path) -> dict[tuple[str, str], float]:
+    """Both sides on every chunk of the sample stream; returns training seconds per (kind, implementation)."""
+    ours = {kind: vlmsae_trainer(kind, d_in, args) for kind in KINDS}
+    seconds = {(kind, impl): 0.0 for kind in KINDS for impl in ("vlmsae", "SAELens")}
+    chunk = tmp / "chunk.safetensors"
+    with tqdm(total=args.samples, unit="sample", unit_scale=True, desc="training") as bar:
+        for index, start in enumerate(range(0, args.samples, args.chunk)):
+            n = min(args.chunk, args.samples - start)
+            peer("chunk", n=n, path=str(chunk))
+            x = load_file(chunk)["x"]
+            for kind in KINDS:
+                sides = ["vlmsae", "SAELens"] if index % 2 == 0 else ["SAELens", "vlmsae"]
+                for side in sides:
+                    if side == "SAELens":
+                        seconds[kind, side] += peer("train", kind=kind, path=str(chunk))["seconds"]
+                        continue
+                    t0 = time.perf_counter()
+                    for batch in x.split(args.batch):
+                        ours[kind].step(batch)
+                    seconds[kind, side] += time.perf_counter() - t0
+            bar.update(n)
+            bar.set_postfix({f"{kind[:3]} {impl}": f"{s:.0f}s" for (kind, impl), s in seconds.items()})
+    for kind, trainer in ours.items():
+        trainer.stored.save(tmp / f"vlmsae-{kind}")
+    peer("save", folders={kind: str(tmp / f"SAELens-{kind}") for kind in KINDS})
+    return seconds
+
+
+def table(args, seconds: dict, results: list[dict]) -> str:
+    lines = ["| kind | implementation | encode | samples | train s | MCC | F1 | uniqueness | expl. var. | L0 | dead |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for kind in KINDS:
+        for r in (r for r in results if r["name"].endswith(kind)):
+            impl = r["name"].split("-")[0]
+            lines.append(f"| {kind} | {impl} | {r['encode']} | {args.samples:,} | {seconds[kind, impl]:,.0f} | "
+                         f"{r['mcc']:.3f} | {r['f1']:.3f} | {r['uniqueness']:.3f} | {r['explained_variance']:.3f} | "
+                         f"{r['l0']:.1f} | {r['dead']} |")
+        p = PUBLISHED[kind]
+        lines.append(f"| {kind} | SAELens, published | batch top-k | 200,000,000 | | {p['mcc']:.3f} | {p['f1']:.3f} | "
+                     f"{p['uniqueness']:.3f} | {p['explained_variance']:.3f} | 25 | |")
+    return "\n".join(lines)
+
+
+def verdicts(seconds: dict, results: list[dict]) -> list[str]:
+    """The issue's goals, per kind, on the batch top-k scores (those the published figures use)."""
+    score = {(r["name"], r["encode"]): r for r in results}
+    lines = []
+    for kind in KINDS:
+        ours, theirs = score[f"vlmsae-{kind}", "batch top-k"], score[f"SAELens-{kind}", "batch top-k"]
+        ratio = seconds[kind, "vlmsae"] / seconds[kind, "SAELens"]
+        lines.append(f"{kind}: F1 {ours['f1'] - theirs['f1']:+.3f}, MCC {ours['mcc'] - theirs['mcc']:+.3f} "
+                     f"(vlmsae - SAELens); wall time vlmsae / SAELens {ratio:.2f} (goal <= 0.33)")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=2_000_000, help="training samples, per SAE")
+    parser.add_argument("--width", type=int, default=4096, help="d_sae (the benchmark's recommended 4096)")
+    parser.add_argument("--k", type=int, default=25, help="mean latents per sample (the benchmark's L0 25)")
+    parser.add_argument("--seed", type=int, default=0, help="SAE init and sample stream")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--chunk", type=int, default=32 * 1024, help="samples drawn at a time (memory)")
+    parser.add_argument("--eval-samples", type=int, default=100 * 1024)
+    parser.add_argument("--model", default="16k", choices=["16k", "tiny"], help="tiny: a small model for smoke tests")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vlmsae" / "synth-sae-bench",
+                        help="where the built synthetic model is kept")
+    parser.add_argument("--interop-python", type=Path,
+                        default=Path(os.environ.get("VLMSAE_INTEROP_PYTHON", REPO / ".venv-interop" / "bin" / "python")))
+    args = parser.parse_args()
+    if not args.interop_python.exists():
+        sys.exit(f"no interop venv at {args.interop_python}: run tests/interop/setup_venv.sh or pass --interop-python")
+    args.chunk -= args.chunk % args.batch
+    args.samples -= args.samples % args.batch
+    torch.set_num_threads(args.threads)
+
+    peer = Peer(args.interop_python)
+    try:
+        peer("threads", n=args.threads)
+        t0 = time.perf_counter()
+        model = peer("build", model=args.model, cache=str(args.cache))
+        print(f"synthetic model {args.model}: {'built' if model['built'] else 'loaded'} in "
+              f"{time.perf_counter() - t0:.0f} s ({model['folder']})", file=sys.stderr)
+        peer("setup", width=args.width, k=args.k, samples=args.samples, batch=args.batch, lr=args.lr, seed=args.seed)
+        held_out = peer("eval_set", samples=args.eval_samples, seed=args.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds = train(args, peer, model["d_in"], Path(tmp))
+            saes = [[f"{impl}-{kind}", str(Path(tmp) / f"{impl}-{kind}"), args.k]
+                    for kind in KINDS for impl in ("vlmsae", "SAELens")]
+            results = peer("score", saes=saes)["results"]
+    finally:
+        peer.close()
+
+    print(f"\nSynthSAEBench-{args.model}: width {args.width}, k {args.k}, batch {args.batch}, lr {args.lr}, "
+          f"seed {args.seed}, {args.threads} threads; scored by SAELens on {args.eval_samples:,} held-out samples "
+          f"(true L0 {held_out['true_l0']:.1f})\n")
+    print(table(args, seconds, results))
+    print()
+    print("\n".join(verdicts(seconds, results)))
+
+
+if __name__ == "__main__":
+    main()
