@@ -16,10 +16,10 @@ JumpReLU threshold (the saved inference model).
 
 vlmsae's settings are what a user sets to match SAELens's run: the batch, the learning rate,
 SAELens's dead window (1000 steps of 1024 samples) as ``dead_tokens``, the Matryoshka widths of the
-benchmark's experiments (128, 512, 2048, width); the rest are vlmsae's defaults.
+benchmark's experiments (128, 512, 2048, 4096); the rest are vlmsae's defaults.
 
     python benchmarks/synth_sae_bench.py --samples 3000000          # width 4096, k 25
-    python benchmarks/synth_sae_bench.py --model tiny --samples 16384 --width 256 --k 8 --eval-samples 4096
+    python benchmarks/synth_sae_bench.py --model tiny --samples 4096 --width 64 --k 4 --eval-samples 2048  # smoke
 
 The interop interpreter is ``--interop-python``, else $VLMSAE_INTEROP_PYTHON, else ``.venv-interop``
 (tests/interop/setup_venv.sh). Published (SAELens, 200M samples, L0 25, width 4096): Matryoshka
@@ -46,8 +46,6 @@ from vlmsae.trainer import SAETrainer
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("batchtopk", "matryoshka")
-MATRYOSHKA_INNER = (128, 512, 2048)
-"""Inner Matryoshka widths of the benchmark's experiments (synth-sae-bench-experiments, sweeps/common.py)."""
 SAELENS_DEAD_STEPS = 1000
 """SyntheticSAERunnerConfig.dead_feature_window: a latent is dead after this many batches without firing."""
 PUBLISHED = {"batchtopk": {"f1": 0.7316, "mcc": 0.7574, "uniqueness": 0.9837, "explained_variance": 0.7923},
@@ -79,8 +77,10 @@ class Peer:
 
 def vlmsae_trainer(kind: str, d_in: int, args) -> SAETrainer:
     torch.manual_seed(args.seed)
-    widths = tuple(w for w in MATRYOSHKA_INNER if w < args.width) if kind == "matryoshka" else None
-    sae = SAE(d_in=d_in, d_sae=args.width, architecture="batchtopk", k=args.k, matryoshka_widths=widths or None,
+    # the benchmark experiments' 128, 512, 2048 at width 4096; in proportion at other widths
+    widths = sorted({w for w in (args.width // 32, args.width // 8, args.width // 2) if w >= 1})
+    sae = SAE(d_in=d_in, d_sae=args.width, architecture="batchtopk", k=args.k,
+              matryoshka_widths=widths if kind == "matryoshka" else None,
               dead_tokens=SAELENS_DEAD_STEPS * args.batch)
     return SAETrainer(sae, lr=args.lr)
 
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--chunk", type=int, default=32 * 1024, help="samples drawn at a time (memory)")
     parser.add_argument("--eval-samples", type=int, default=100 * 1024)
+    parser.add_argument("--json", type=Path, help="also write the seconds and scores here")
     parser.add_argument("--model", default="16k", choices=["16k", "tiny"], help="tiny: a small model for smoke tests")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vlmsae" / "synth-sae-bench",
                         help="where the built synthetic model is kept")
@@ -180,6 +181,10 @@ def main() -> None:
     finally:
         peer.close()
 
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "true_l0": held_out["true_l0"],
+                                         "seconds": {f"{impl}-{kind}": s for (kind, impl), s in seconds.items()},
+                                         "results": results}, indent=2))
     print(f"\nSynthSAEBench-{args.model}: width {args.width}, k {args.k}, batch {args.batch}, lr {args.lr}, "
           f"seed {args.seed}, {args.threads} threads; scored by SAELens on {args.eval_samples:,} held-out samples "
           f"(true L0 {held_out['true_l0']:.1f})\n")

@@ -7,7 +7,7 @@ The synthetic model is SynthSAEBench-16k's, built from its published config (SAE
 since its orthogonalisation takes the better part of an hour on two CPU cores. SAELens's own SAEs
 train with its own ``SAETrainer`` at the settings of its ``SyntheticSAERunnerConfig`` (the
 benchmark's: batch 1024, lr 3e-4 constant, dead window 1000 steps) and the experiments' recipe
-(Matryoshka widths 128 / 512 / 2048 / width with its Matryoshka AuxK). Scores come from SAELens's
+(Matryoshka widths 128 / 512 / 2048 / 4096 with its Matryoshka AuxK). Scores come from SAELens's
 own ``eval_sae_on_synthetic_data``, fed one held-out sample set shared by every SAE.
 
 Requests, answered in order:
@@ -43,8 +43,10 @@ from sae_lens.synthetic import (
 )
 from sae_lens.training.sae_trainer import SAETrainer
 
-MATRYOSHKA_INNER = (128, 512, 2048)
-"""The inner Matryoshka widths of the benchmark's experiments (synth-sae-bench-experiments, sweeps/common.py)."""
+def matryoshka_inner(width: int) -> list[int]:
+    """Inner Matryoshka widths: the benchmark experiments' 128, 512, 2048 at width 4096 (synth-sae-bench-experiments,
+    sweeps/common.py), in proportion at other widths."""
+    return sorted({w for w in (width // 32, width // 8, width // 2) if w >= 1})
 
 
 def model_config(name: str) -> SyntheticModelConfig:
@@ -63,13 +65,13 @@ def model_config(name: str) -> SyntheticModelConfig:
             bias=0.5, seed=42)
     if name == "tiny":
         return SyntheticModelConfig(
-            num_features=1024, hidden_dim=64,
+            num_features=512, hidden_dim=32,
             firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=0.4, min_prob=5e-3),
-            hierarchy=HierarchyConfig(total_root_nodes=8, branching_factor=4, max_depth=3,
+            hierarchy=HierarchyConfig(total_root_nodes=4, branching_factor=4, max_depth=3,
                                       mutually_exclusive_portion=1.0, mutually_exclusive_min_depth=0,
                                       compensate_probabilities=True, scale_children_by_parent=True),
-            orthogonalization=OrthogonalizationConfig(num_steps=10, lr=3e-4),
-            correlation=LowRankCorrelationConfig(rank=8, correlation_scale=0.1),
+            orthogonalization=OrthogonalizationConfig(num_steps=5, lr=3e-4),
+            correlation=LowRankCorrelationConfig(rank=4, correlation_scale=0.1),
             mean_firing_magnitudes=LinearMagnitudeConfig(start=5.0, end=4.0),
             std_firing_magnitudes=FoldedNormalMagnitudeConfig(mean=0.5, std=0.5),
             bias=0.5, seed=42)
@@ -121,7 +123,7 @@ class Peer:
         configs = {
             "batchtopk": sae_lens.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k),
             "matryoshka": sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
-                d_in=d_in, d_sae=width, k=k, matryoshka_widths=[w for w in MATRYOSHKA_INNER if w < width],
+                d_in=d_in, d_sae=width, k=k, matryoshka_widths=[*matryoshka_inner(width), width],
                 use_matryoshka_aux_loss=True),
         }
         self.trainers = {}
