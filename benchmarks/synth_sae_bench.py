@@ -14,9 +14,12 @@ L0 and dead latents, once encoding with batch top-k over batches of 1024 (as SAE
 ``SyntheticSAERunner`` scores its trained SAE, the published figures) and once with the folder's
 JumpReLU threshold (the saved inference model).
 
-vlmsae's settings are what a user sets to match SAELens's run: the batch, the learning rate,
-SAELens's dead window (1000 steps of 1024 samples) as ``dead_tokens``, the Matryoshka widths of the
-benchmark's experiments (128, 512, 2048, 4096); the rest are vlmsae's defaults.
+vlmsae's settings are what a user sets to match SAELens's run: the batch, SAELens's dead window
+(1000 steps of 1024 samples) as ``dead_tokens``, the Matryoshka widths of the benchmark's experiments
+(128, 512, 2048, 4096); the rest are vlmsae's defaults, its learning rate among them (Gao et al.'s
+2e-4 / sqrt(width / 2**14): 4e-4 at width 4096). The two learning rates do not mean the same step:
+SAELens starts its decoder rows at norm 0.1 and divides activations by their norm (so Adam turns its
+directions about ten times faster per step, slowing as the norms grow), vlmsae keeps them at norm 1.
 
     python benchmarks/synth_sae_bench.py --samples 3000000          # width 4096, k 25
     python benchmarks/synth_sae_bench.py --model tiny --samples 4096 --width 64 --k 4 --eval-samples 2048  # smoke
@@ -82,7 +85,7 @@ def vlmsae_trainer(kind: str, d_in: int, args) -> SAETrainer:
     sae = SAE(d_in=d_in, d_sae=args.width, architecture="batchtopk", k=args.k,
               matryoshka_widths=widths if kind == "matryoshka" else None,
               dead_tokens=SAELENS_DEAD_STEPS * args.batch)
-    return SAETrainer(sae, lr=args.lr)
+    return SAETrainer(sae, lr=args.vlmsae_lr)
 
 
 def train(args, peer: Peer, d_in: int, tmp: Path) -> dict[tuple[str, str], float]:
@@ -148,7 +151,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="SAE init and sample stream")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=3e-4, help="SAELens's learning rate (the benchmark's)")
+    parser.add_argument("--vlmsae-lr", type=float, help="vlmsae's; default: its own, 2e-4 / sqrt(width / 2**14)")
     parser.add_argument("--chunk", type=int, default=32 * 1024, help="samples drawn at a time (memory)")
     parser.add_argument("--eval-samples", type=int, default=100 * 1024)
     parser.add_argument("--json", type=Path, help="also write the seconds and scores here")
@@ -185,7 +189,8 @@ def main() -> None:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "true_l0": held_out["true_l0"],
                                          "seconds": {f"{impl}-{kind}": s for (kind, impl), s in seconds.items()},
                                          "results": results}, indent=2))
-    print(f"\nSynthSAEBench-{args.model}: width {args.width}, k {args.k}, batch {args.batch}, lr {args.lr}, "
+    print(f"\nSynthSAEBench-{args.model}: width {args.width}, k {args.k}, batch {args.batch}, lr {args.lr} (SAELens), "
+          f"{args.vlmsae_lr or 'default'} (vlmsae), "
           f"seed {args.seed}, {args.threads} threads; scored by SAELens on {args.eval_samples:,} held-out samples "
           f"(true L0 {held_out['true_l0']:.1f})\n")
     print(table(args, seconds, results))

@@ -107,7 +107,8 @@ class Peer:
         cfg = model_config(model)
         folder = Path(cache) / f"synth-sae-bench-{model}-seed{cfg.seed}"
         start = time.perf_counter()
-        if (folder / "synthetic_model_config.json").is_file():
+        saved = folder / "synthetic_model_config.json"
+        if saved.is_file() and json.loads(saved.read_text()) == json.loads(json.dumps(cfg.to_dict())):
             self.model = SyntheticModel.load_from_disk(folder)
             built = False
         else:
