@@ -88,58 +88,88 @@ def vlmsae_trainer(kind: str, d_in: int, args) -> SAETrainer:
     return SAETrainer(sae, lr=args.vlmsae_lr)
 
 
-def train(args, peer: Peer, d_in: int, tmp: Path) -> dict[tuple[str, str], float]:
-    """Both sides on every chunk of the sample stream; returns training seconds per (kind, implementation)."""
-    ours = {kind: vlmsae_trainer(kind, d_in, args) for kind in KINDS}
-    seconds = {(kind, impl): 0.0 for kind in KINDS for impl in ("vlmsae", "SAELens")}
-    chunk = tmp / "chunk.safetensors"
-    with tqdm(total=args.samples, unit="sample", unit_scale=True, desc="training") as bar:
-        for index, start in enumerate(range(0, args.samples, args.chunk)):
-            n = min(args.chunk, args.samples - start)
-            peer("chunk", n=n, path=str(chunk))
-            x = load_file(chunk)["x"]
-            for kind in KINDS:
-                sides = ["vlmsae", "SAELens"] if index % 2 == 0 else ["SAELens", "vlmsae"]
-                for side in sides:
-                    if side == "SAELens":
-                        seconds[kind, side] += peer("train", kind=kind, path=str(chunk))["seconds"]
-                        continue
-                    t0 = time.perf_counter()
-                    for batch in x.split(args.batch):
-                        ours[kind].step(batch)
-                    seconds[kind, side] += time.perf_counter() - t0
-            bar.update(n)
-            bar.set_postfix({f"{kind[:3]} {impl}": f"{s:.0f}s" for (kind, impl), s in seconds.items()})
-    for kind, trainer in ours.items():
-        trainer.stored.save(tmp / f"vlmsae-{kind}")
-    peer("save", folders={kind: str(tmp / f"SAELens-{kind}") for kind in KINDS})
-    return seconds
+class Bench:
+    """Both sides on one sample stream: each chunk trains every SAE, the sides taking turns; scores on request."""
+
+    def __init__(self, args, peer: Peer, d_in: int, tmp: Path):
+        self.args, self.peer, self.tmp = args, peer, tmp
+        self.impls = ("vlmsae", "SAELens") if args.saelens else ("vlmsae",)
+        self.ours = {kind: vlmsae_trainer(kind, d_in, args) for kind in args.kinds}
+        self.seconds = {(kind, impl): 0.0 for kind in args.kinds for impl in self.impls}
+        self.samples = 0
+        self.scores: list[dict] = []
+
+    def train_chunk(self, index: int, n: int) -> None:
+        chunk = self.tmp / "chunk.safetensors"
+        self.peer("chunk", n=n, path=str(chunk))
+        x = load_file(chunk)["x"]
+        for kind in self.args.kinds:
+            for impl in self.impls if index % 2 == 0 else self.impls[::-1]:
+                if impl == "SAELens":
+                    self.seconds[kind, impl] += self.peer("train", kind=kind, path=str(chunk))["seconds"]
+                    continue
+                t0 = time.perf_counter()
+                for batch in x.split(self.args.batch):
+                    self.ours[kind].step(batch)
+                self.seconds[kind, impl] += time.perf_counter() - t0
+        self.samples += n
+
+    def score(self) -> list[dict]:
+        """Save every SAE as it stands and let SAELens score them; returns (and keeps) the rows."""
+        for kind, trainer in self.ours.items():
+            trainer.stored.save(self.tmp / f"vlmsae-{kind}")
+        if self.args.saelens:
+            self.peer("save", folders={kind: str(self.tmp / f"SAELens-{kind}") for kind in self.args.kinds})
+        saes = [[f"{impl}-{kind}", str(self.tmp / f"{impl}-{kind}"), self.args.k]
+                for kind in self.args.kinds for impl in self.impls]
+        rows = self.peer("score", saes=saes)["results"]
+        for row in rows:
+            kind, impl = row["name"].split("-")[1], row["name"].split("-")[0]
+            row.update(kind=kind, impl=impl, samples=self.samples, seconds=self.seconds[kind, impl])
+        self.scores += rows
+        return rows
+
+    def run(self) -> list[dict]:
+        """Train on the whole budget, scoring every ``score_every`` samples and at the end; returns the last scores."""
+        args = self.args
+        first = True
+        with tqdm(total=args.samples, unit="sample", unit_scale=True, desc="training") as bar:
+            for index, start in enumerate(range(0, args.samples, args.chunk)):
+                self.train_chunk(index, min(args.chunk, args.samples - start))
+                bar.update(self.samples - bar.n)
+                bar.set_postfix({f"{kind[:3]} {impl}": f"{s:.0f}s" for (kind, impl), s in self.seconds.items()})
+                if args.score_every and self.samples % args.score_every == 0 and self.samples < args.samples:
+                    tqdm.write(table(self.score(), header=first))
+                    first = False
+        return self.score()
 
 
-def table(args, seconds: dict, results: list[dict]) -> str:
+def table(rows: list[dict], header: bool = True, published: bool = False) -> str:
     lines = ["| kind | implementation | encode | samples | train s | MCC | F1 | uniqueness | expl. var. | L0 | dead |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"] if header else []
     for kind in KINDS:
-        for r in (r for r in results if r["name"].endswith(kind)):
-            impl = r["name"].split("-")[0]
-            lines.append(f"| {kind} | {impl} | {r['encode']} | {args.samples:,} | {seconds[kind, impl]:,.0f} | "
+        for r in (r for r in rows if r["kind"] == kind):
+            lines.append(f"| {kind} | {r['impl']} | {r['encode']} | {r['samples']:,} | {r['seconds']:,.0f} | "
                          f"{r['mcc']:.3f} | {r['f1']:.3f} | {r['uniqueness']:.3f} | {r['explained_variance']:.3f} | "
                          f"{r['l0']:.1f} | {r['dead']} |")
-        p = PUBLISHED[kind]
-        lines.append(f"| {kind} | SAELens, published | batch top-k | 200,000,000 | | {p['mcc']:.3f} | {p['f1']:.3f} | "
-                     f"{p['uniqueness']:.3f} | {p['explained_variance']:.3f} | 25 | |")
+        if published and any(r["kind"] == kind for r in rows):
+            p = PUBLISHED[kind]
+            lines.append(f"| {kind} | SAELens, published | batch top-k | 200,000,000 | | {p['mcc']:.3f} | "
+                         f"{p['f1']:.3f} | {p['uniqueness']:.3f} | {p['explained_variance']:.3f} | 25 | |")
     return "\n".join(lines)
 
 
-def verdicts(seconds: dict, results: list[dict]) -> list[str]:
+def verdicts(rows: list[dict]) -> list[str]:
     """The issue's goals, per kind, on the batch top-k scores (those the published figures use)."""
-    score = {(r["name"], r["encode"]): r for r in results}
+    score = {(r["impl"], r["kind"]): r for r in rows if r["encode"] == "batch top-k"}
     lines = []
     for kind in KINDS:
-        ours, theirs = score[f"vlmsae-{kind}", "batch top-k"], score[f"SAELens-{kind}", "batch top-k"]
-        ratio = seconds[kind, "vlmsae"] / seconds[kind, "SAELens"]
+        if ("SAELens", kind) not in score or ("vlmsae", kind) not in score:
+            continue
+        ours, theirs = score["vlmsae", kind], score["SAELens", kind]
         lines.append(f"{kind}: F1 {ours['f1'] - theirs['f1']:+.3f}, MCC {ours['mcc'] - theirs['mcc']:+.3f} "
-                     f"(vlmsae - SAELens); wall time vlmsae / SAELens {ratio:.2f} (goal <= 0.33)")
+                     f"(vlmsae - SAELens); wall time vlmsae / SAELens {ours['seconds'] / theirs['seconds']:.2f} "
+                     "(goal <= 0.33)")
     return lines
 
 
@@ -155,7 +185,11 @@ def main() -> None:
     parser.add_argument("--vlmsae-lr", type=float, help="vlmsae's; default: its own, 2e-4 / sqrt(width / 2**14)")
     parser.add_argument("--chunk", type=int, default=32 * 1024, help="samples drawn at a time (memory)")
     parser.add_argument("--eval-samples", type=int, default=100 * 1024)
-    parser.add_argument("--json", type=Path, help="also write the seconds and scores here")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--saelens", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-saelens: train vlmsae's SAEs only (SAELens still builds, draws and scores)")
+    parser.add_argument("--score-every", type=int, default=0, help="samples between scores on the way (0: at the end)")
+    parser.add_argument("--json", type=Path, help="also write every score here")
     parser.add_argument("--model", default="16k", choices=["16k", "tiny"], help="tiny: a small model for smoke tests")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vlmsae" / "synth-sae-bench",
                         help="where the built synthetic model is kept")
@@ -175,27 +209,24 @@ def main() -> None:
         model = peer("build", model=args.model, cache=str(args.cache))
         print(f"synthetic model {args.model}: {'built' if model['built'] else 'loaded'} in "
               f"{time.perf_counter() - t0:.0f} s ({model['folder']})", file=sys.stderr)
-        peer("setup", width=args.width, k=args.k, samples=args.samples, batch=args.batch, lr=args.lr, seed=args.seed)
+        peer("setup", width=args.width, k=args.k, samples=args.samples, batch=args.batch, lr=args.lr, seed=args.seed,
+             kinds=args.kinds if args.saelens else [])
         held_out = peer("eval_set", samples=args.eval_samples, seed=args.seed)
+        print(f"\nSynthSAEBench-{args.model}: width {args.width}, k {args.k}, batch {args.batch}, lr {args.lr} (SAELens), "
+              f"{args.vlmsae_lr or 'default'} (vlmsae), seed {args.seed}, {args.threads} threads; scored by SAELens on "
+              f"{args.eval_samples:,} held-out samples (true L0 {held_out['true_l0']:.1f})\n", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            seconds = train(args, peer, model["d_in"], Path(tmp))
-            saes = [[f"{impl}-{kind}", str(Path(tmp) / f"{impl}-{kind}"), args.k]
-                    for kind in KINDS for impl in ("vlmsae", "SAELens")]
-            results = peer("score", saes=saes)["results"]
+            bench = Bench(args, peer, model["d_in"], Path(tmp))
+            rows = bench.run()
     finally:
         peer.close()
 
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "true_l0": held_out["true_l0"],
-                                         "seconds": {f"{impl}-{kind}": s for (kind, impl), s in seconds.items()},
-                                         "results": results}, indent=2))
-    print(f"\nSynthSAEBench-{args.model}: width {args.width}, k {args.k}, batch {args.batch}, lr {args.lr} (SAELens), "
-          f"{args.vlmsae_lr or 'default'} (vlmsae), "
-          f"seed {args.seed}, {args.threads} threads; scored by SAELens on {args.eval_samples:,} held-out samples "
-          f"(true L0 {held_out['true_l0']:.1f})\n")
-    print(table(args, seconds, results))
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "true_l0": held_out["true_l0"], "scores": bench.scores}, indent=2))
+    print(table(rows, published=True))
     print()
-    print("\n".join(verdicts(seconds, results)))
+    print("\n".join(verdicts(rows)))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ own ``eval_sae_on_synthetic_data``, fed one held-out sample set shared by every 
 
 Requests, answered in order:
     {"op": "build", "model": "16k" | "tiny", "cache": DIR}           build or load the synthetic model
-    {"op": "setup", "width", "k", "samples", "batch", "lr", "seed"}  SAELens's BatchTopK and Matryoshka trainers
+    {"op": "setup", "width", "k", "samples", "batch", "lr", "seed", "kinds"}  SAELens's trainers of those kinds
     {"op": "eval_set", "samples", "seed"}                            draw the held-out samples
     {"op": "chunk", "n", "path"}                                     draw the next n training samples into PATH ("x")
     {"op": "train", "kind", "path"}                                  SAELens's trainer on PATH's samples; seconds
@@ -119,7 +119,8 @@ class Peer:
         return {"d_in": cfg.hidden_dim, "num_features": cfg.num_features, "built": built,
                 "seconds": time.perf_counter() - start, "folder": str(folder)}
 
-    def setup(self, width: int, k: int, samples: int, batch: int, lr: float, seed: int) -> dict:
+    def setup(self, width: int, k: int, samples: int, batch: int, lr: float, seed: int,
+              kinds: tuple[str, ...] = ("batchtopk", "matryoshka")) -> dict:
         d_in = self.model.cfg.hidden_dim
         configs = {
             "batchtopk": sae_lens.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k),
@@ -128,7 +129,7 @@ class Peer:
                 use_matryoshka_aux_loss=True),
         }
         self.trainers = {}
-        for kind, sae_cfg in configs.items():
+        for kind, sae_cfg in ((kind, configs[kind]) for kind in kinds):
             torch.manual_seed(seed)
             sae = (sae_lens.BatchTopKTrainingSAE if kind == "batchtopk" else sae_lens.MatryoshkaBatchTopKTrainingSAE)(sae_cfg)
             # The runner's own trainer settings (SyntheticSAERunnerConfig.to_sae_trainer_config).

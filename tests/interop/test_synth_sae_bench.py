@@ -27,13 +27,13 @@ def test_synth_sae_bench_scores_both_sides_with_saelens(tmp_path):
          "--cache", str(tmp_path / "cache"), "--interop-python", str(PYTHON), "--json", str(out)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-4000:]
-    scores = json.loads(out.read_text())
-    names = {(r["name"], r["encode"]) for r in scores["results"]}
-    assert names == {(f"{impl}-{kind}", encode) for impl in ("vlmsae", "SAELens") for kind in ("batchtopk", "matryoshka")
-                     for encode in ("batch top-k", "threshold")}
-    for r in scores["results"]:
+    scores = json.loads(out.read_text())["scores"]
+    assert {(r["impl"], r["kind"], r["encode"]) for r in scores} == {
+        (impl, kind, encode) for impl in ("vlmsae", "SAELens") for kind in ("batchtopk", "matryoshka")
+        for encode in ("batch top-k", "threshold")}
+    for r in scores:
         assert 0 < r["mcc"] <= 1 and 0 <= r["f1"] <= 1 and 0 < r["uniqueness"] <= 1 and 0 <= r["dead"] <= 64
+        assert r["samples"] == 2048 and r["seconds"] > 0
         if r["encode"] == "batch top-k":  # SAELens's batch top-k on the saved weights keeps k per sample on average
             assert r["l0"] == pytest.approx(K)
-    assert all(s > 0 for s in scores["seconds"].values())
     assert "| matryoshka | vlmsae | batch top-k | 2,048 |" in result.stdout
