@@ -127,6 +127,9 @@ class Bench:
             kind, impl = row["name"].split("-")[1], row["name"].split("-")[0]
             row.update(kind=kind, impl=impl, samples=self.samples, seconds=self.seconds[kind, impl])
         self.scores += rows
+        if self.args.json:  # every score so far, so that a long run stopped early keeps them
+            self.args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(self.args).items()},
+                                                  "scores": self.scores}, indent=2))
         return rows
 
     def run(self) -> list[dict]:
@@ -189,7 +192,7 @@ def main() -> None:
     parser.add_argument("--saelens", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-saelens: train vlmsae's SAEs only (SAELens still builds, draws and scores)")
     parser.add_argument("--score-every", type=int, default=0, help="samples between scores on the way (0: at the end)")
-    parser.add_argument("--json", type=Path, help="also write every score here")
+    parser.add_argument("--json", type=Path, help="also write every score here, as it comes")
     parser.add_argument("--model", default="16k", choices=["16k", "tiny"], help="tiny: a small model for smoke tests")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vlmsae" / "synth-sae-bench",
                         help="where the built synthetic model is kept")
@@ -221,9 +224,6 @@ def main() -> None:
     finally:
         peer.close()
 
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "true_l0": held_out["true_l0"], "scores": bench.scores}, indent=2))
     print(table(rows, published=True))
     print()
     print("\n".join(verdicts(rows)))
