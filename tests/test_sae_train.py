@@ -488,3 +488,25 @@ def test_dead_is_silent_over_the_last_window_tokens_and_a_short_run_reports_it(d
         assert silent[:10].all() or end > 5
         assert readout.dead_fraction == pytest.approx(silent.double().mean().item())
     assert first.aux_loss == 0 and second.aux_loss > 0  # AuxK trains what the first readout found dead
+
+
+def test_batchtopk_selection_on_cpu_picks_what_one_topk_picks():
+    """The sampled bound before BatchTopK's topk (CPU) never changes the pick: the largest k * n_tokens entries in
+    index order, as one topk over the whole batch; also when the sample overshoots and a topk over all runs."""
+    from vlmsae.trainer import _largest_entries
+
+    def reference(pre, count):
+        values, indices = pre.reshape(-1).topk(count)
+        order = indices.argsort()
+        return values[order], indices[order]
+
+    torch.manual_seed(0)
+    # float64: no ties at the boundary, where any pick is right
+    pre = torch.randn(1024, 1000, dtype=torch.float64)  # d_sae not a power of two: the stride must reach every latent
+    pre[:, 7] += 3  # one latent fires on most tokens
+    overshoot = torch.randn(1024 * 1000, dtype=torch.float64)
+    overshoot[::17] += 100  # the entries the sample sees (stride 17) all large, but fewer than count of them
+    for x, count in ((pre, 25 * 1024), (pre, 8 * 1024), (overshoot.view(1024, 1000), 1024 * 1000 // 16)):
+        values, indices = _largest_entries(x, count)
+        want_values, want_indices = reference(x, count)
+        assert torch.equal(indices, want_indices) and torch.equal(values, want_values)

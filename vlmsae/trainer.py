@@ -59,6 +59,10 @@ cuda: H200, bf16 matmuls, d_in 4096, d_sae 65536, k 64, batch 16384, aux_k 2048:
 """
 
 
+TOPK_SAMPLE = 1 << 16
+"""Entries sampled to bound BatchTopK's threshold before its topk on CPU (see ``_largest_entries``)."""
+
+
 @dataclass
 class SAETrainerConfig:
     """How an :class:`SAETrainer` steps: the optimiser, the readout cadence, the precision of the selection.
@@ -361,9 +365,8 @@ class SAETrainer:
         for start, stop, chunk in self._encoder_chunks(u):
             pre[start:stop] = chunk
         if self.world is None:
-            values, flat = pre.view(-1).topk(k * n_tokens, sorted=False)
-            flat, order = flat.sort()
-            values = values[order].to(u.dtype)
+            values, flat = _largest_entries(pre, k * n_tokens)
+            values = values.to(u.dtype)
         else:
             values, flat = self._global_batchtopk(pre, k)
             values = values.to(u.dtype)
@@ -698,6 +701,36 @@ class SAETrainer:
             self.aux_candidates = dead.nonzero().view(-1) if meta.get("aux_active") else self.aux_candidates[:0]
         self.history = [TrainMetrics(**m) for m in meta["history"]]
         self._store()
+
+
+def _largest_entries(pre: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """(values, flat indices ascending) of the ``count`` largest entries of ``pre`` (n_tokens, d_sae): BatchTopK's pick.
+
+    On CPU one topk over a batch's millions of pre-activations is a third of a BatchTopK step (measured:
+    0.38 s of 1.2 s at batch 1024, d_sae 4096, k 25). A strided sample of about ``TOPK_SAMPLE`` entries (the
+    stride prime to d_sae, so every latent is sampled) bounds the count-th largest value from below, with a
+    margin; the entries at or above the bound (about 1.3 count) go to topk, which picks what a topk over all
+    would. If fewer than ``count`` pass, a topk over all runs. CUDA keeps the single topk: the filter's count
+    would be a host sync.
+    """
+    flat = pre.reshape(-1)
+    n = flat.numel()
+    if flat.device.type == "cpu" and n >= 4 * TOPK_SAMPLE and 16 * count <= n:
+        stride = n // TOPK_SAMPLE
+        while math.gcd(stride, pre.shape[-1]) != 1:
+            stride += 1
+        sample = flat[::stride]
+        expected = count * sample.numel() / n  # sampled entries among the count largest
+        rank = min(sample.numel(), int(1.25 * expected + 4 * math.sqrt(expected) + 8))
+        bound = sample.topk(rank, sorted=False).values.min()
+        candidates = (flat >= bound).nonzero().view(-1)
+        if candidates.numel() >= count:
+            values, order = flat[candidates].topk(count, sorted=False)
+            indices, ascending = candidates[order].sort()
+            return values[ascending], indices
+    values, indices = flat.topk(count, sorted=False)
+    indices, ascending = indices.sort()
+    return values[ascending], indices
 
 
 def _ascending(values: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:

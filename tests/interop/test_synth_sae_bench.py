@@ -1,0 +1,39 @@
+"""benchmarks/synth_sae_bench.py end to end on a tiny synthetic model (issue 15 item 5): SAELens builds the model,
+draws the samples, trains its two SAEs beside vlmsae's and scores all four folders. Skips without the interop venv."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.interop
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = Path(os.environ.get("VLMSAE_INTEROP_PYTHON", REPO / ".venv-interop" / "bin" / "python"))
+K = 4
+
+if not PYTHON.exists():
+    pytest.skip(f"no interop venv at {PYTHON}; build it with tests/interop/setup_venv.sh", allow_module_level=True)
+
+
+def test_synth_sae_bench_scores_both_sides_with_saelens(tmp_path):
+    out = tmp_path / "scores.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "synth_sae_bench.py"), "--model", "tiny", "--samples", "2048",
+         "--width", "64", "--k", str(K), "--eval-samples", "2048", "--chunk", "1024", "--threads", "1",
+         "--cache", str(tmp_path / "cache"), "--interop-python", str(PYTHON), "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    scores = json.loads(out.read_text())["scores"]
+    assert {(r["impl"], r["kind"], r["encode"]) for r in scores} == {
+        (impl, kind, encode) for impl in ("vlmsae", "SAELens") for kind in ("batchtopk", "matryoshka")
+        for encode in ("batch top-k", "threshold")}
+    for r in scores:
+        assert 0 < r["mcc"] <= 1 and 0 <= r["f1"] <= 1 and 0 < r["uniqueness"] <= 1 and 0 <= r["dead"] <= 64
+        assert r["samples"] == 2048 and r["seconds"] > 0
+        if r["encode"] == "batch top-k":  # SAELens's batch top-k on the saved weights keeps k per sample on average
+            assert r["l0"] == pytest.approx(K)
+    assert "| matryoshka | vlmsae | batch top-k | 2,048 |" in result.stdout
