@@ -207,7 +207,7 @@ def test_online_run_passes_the_buffer_kinds_trains_and_the_saved_sae_round_trips
     assert history[-1]["fvu"] < 0.8 * history[0]["fvu"]
     assert history[-1]["fvu_text"] is not None and history[-1]["fvu_image"] is not None
     raw = json.loads((tmp_path / f"L{LAYER}" / "cfg.json").read_text())
-    assert raw["architecture"] == "kindnorm_topk" and raw["vlmsae"]["config"]["normalize_per_kind"] is True
+    assert raw["architecture"] == "kinds_topk" and raw["vlmsae"]["config"]["normalize_per_kind"] is True
     loaded = SAE.load(tmp_path / f"L{LAYER}")
     assert loaded.cfg.normalize_per_kind
     for name, tensor in sae.state_dict().items():
@@ -215,8 +215,8 @@ def test_online_run_passes_the_buffer_kinds_trains_and_the_saved_sae_round_trips
     assert torch.equal(loaded(x, kinds).recon, sae(x, kinds).recon)
     # a file that would read silently wrong is refused: the mark without the option, the option without the mark,
     # the mark without vlmsae's section
-    for change, match in ((lambda r: r["vlmsae"]["config"].update(normalize_per_kind=False), "disagrees"),
-                          (lambda r: r.update(architecture="topk"), "disagrees"),
+    for change, match in ((lambda r: r["vlmsae"]["config"].update(normalize_per_kind=False), "disagree with"),
+                          (lambda r: r.update(architecture="topk"), "disagree with"),
                           (lambda r: r.pop("vlmsae"), "needs the key 'vlmsae'")):
         edited = json.loads(json.dumps(raw))
         change(edited)

@@ -142,10 +142,12 @@ class SAE(nn.Module):
         return self.cfg.architecture != "relu"
 
     def kind_rows(self, kinds: Tensor | None, shape: torch.Size) -> Tensor:
-        """(...) long: the row of `kind_mean` / `kind_scale` of each position (1 image, 0 any other kind), for inputs
+        """(...) long: the row of `kind_mean` / `kind_scale` / `kind_k` of each position (1 image, 0 any other kind), for inputs
         of leading shape `shape`. Raises ConfigError when `kinds` is missing or of another shape."""
         if kinds is None:
-            raise ConfigError("this SAE normalises per token kind (normalize_per_kind=True): pass kinds=, the "
+            why = "normalises per token kind (normalize_per_kind=True)" if self.cfg.normalize_per_kind else \
+                f"keeps a k per token kind (k_per_kind={self.cfg.k_per_kind})"
+            raise ConfigError(f"this SAE {why}: pass kinds=, the "
                               f"vlmsae.Kind of each position, shape {tuple(shape)} (vlmsae.layers(model).kinds(ids, "
                               "attention_mask), rec.kinds(layer), or a buffer's Rows.kind); splice / ablate / steer / "
                               "evaluate and vlmsae.train pass them themselves")
@@ -186,14 +188,26 @@ class SAE(nn.Module):
         """(..., d_in) -> (..., d_sae) encoder pre-activations; ``kinds`` (...) with ``normalize_per_kind``."""
         return self.center(x, kinds) @ self.W_enc + self.b_enc
 
-    def activate(self, pre: Tensor) -> Tensor:
+    def token_k(self, kinds: Tensor | None, shape: torch.Size, k: int | None = None) -> Tensor:
+        """(...) long: the k of each position with ``k_per_kind`` (its kind's, `cfg.kind_k`; ``k``: this step's
+        annealed k). Raises ConfigError when `kinds` is missing or of another shape."""
+        text_k, image_k = self.cfg.kind_k(k)
+        return torch.where(self.kind_rows(kinds, shape) == 1, image_k, text_k)
+
+    def activate(self, pre: Tensor, kinds: Tensor | None = None) -> Tensor:
         """(..., d_sae) pre-activations -> sparse latents, by architecture.
 
-        topk: the k largest per token, ReLU'd (Gao et al. 2024); batchtopk: the k * n_tokens largest over
+        topk: the k largest per token, ReLU'd (Gao et al. 2024), with ``k_per_kind`` the k of each position's
+        kind (``kinds`` (...) Kind needed, ConfigError without); batchtopk: the k * n_tokens largest over
         the batch in training, a learned per-latent threshold at inference (Bussmann et al. 2024); relu
         (Bricken et al. 2023); jumprelu: ReLU above a learned per-latent threshold (Rajamanoharan et al. 2024).
         """
         arch = self.cfg.architecture
+        if self.cfg.k_per_kind is not None:  # topk, with each position's kind's k (``kinds`` (...) needed)
+            token_k = self.token_k(kinds, pre.shape[:-1]).to(pre.device)
+            values, indices = pre.topk(max(self.cfg.kind_k()), dim=-1)  # sorted: a position keeps its first token_k
+            values = values.relu() * (torch.arange(values.shape[-1], device=pre.device) < token_k.unsqueeze(-1))
+            return torch.zeros_like(pre).scatter(-1, indices, values)
         if arch == "topk" or (arch == "batchtopk" and self.training):
             keep = self.cfg.k if arch == "topk" else self.cfg.k * pre[..., 0].numel()
             flat = pre if arch == "topk" else pre.reshape(-1)
@@ -206,8 +220,8 @@ class SAE(nn.Module):
 
     def encode(self, x: Tensor, kinds: Tensor | None = None) -> Tensor:
         """(..., d_in) -> (..., d_sae) sparse latents; ``kinds`` (...) Kind of each position, needed with
-        ``normalize_per_kind`` (ConfigError without), ignored otherwise."""
-        return self.activate(self.pre_acts(x, kinds))
+        ``normalize_per_kind`` or ``k_per_kind`` (ConfigError without), ignored otherwise."""
+        return self.activate(self.pre_acts(x, kinds), kinds)
 
     def decode(self, latents: Tensor, kinds: Tensor | None = None) -> Tensor:
         """(..., d_sae) -> (..., d_in) reconstruction, in the model's units ((..., d_out) for a transcoder);
@@ -218,7 +232,7 @@ class SAE(nn.Module):
     def forward(self, x: Tensor, kinds: Tensor | None = None) -> SAEOutput:
         """(..., d_in) -> reconstruction (..., d_in), latents and pre-activations (..., d_sae); ``kinds`` as in `encode`."""
         pre = self.pre_acts(x, kinds)
-        latents = self.activate(pre)
+        latents = self.activate(pre, kinds)
         return SAEOutput(self.decode(latents, kinds), latents, pre)
 
     @torch.no_grad()

@@ -76,6 +76,11 @@ class SAEConfig:
     recon / scale[kind] + mean[kind], the model's units. encode / decode / forward then need ``kinds=``. Replaces
     ``normalize_activations``; vlmsae-only (SAELens has no per-token-kind normalisation: such a file is marked so
     that SAELens refuses it). Issue 15."""
+    k_per_kind: dict[str, int] | None = None
+    """topk: latents kept per token of each kind, e.g. ``{"image": 16, "text": 48}``; keys ``image`` and ``text``
+    (text: every kind but image, as ``normalize_per_kind`` reads them), a kind left out keeps ``k``. encode / forward
+    then need ``kinds=``; an annealed k (``OnlineRunConfig.k_start``) scales each kind's k alike. vlmsae-only
+    (such a file is marked so that SAELens refuses it). None: ``k`` for every token. Issue 15."""
     b_dec_init: str = "geometric_median"
     """How `init_from_batch` sets b_dec: geometric_median (Bricken et al. 2023), mean or zeros."""
     dtype: str = "float32"
@@ -130,9 +135,38 @@ class SAEConfig:
         if self.normalize_per_kind and self.normalize_activations:
             raise ConfigError("normalize_per_kind=True replaces normalize_activations (a scale per token kind instead "
                               "of one); pass normalize_activations=False")
+        if self.k_per_kind is not None:
+            self._check_k_per_kind()
         if self.normalize_per_kind and self.architecture == "mgsae":
             raise ConfigError("normalize_per_kind=True is for SAEs; an MGSAE has its own image and text biases: "
                               "pass normalize_per_kind=False")
+
+    def _check_k_per_kind(self) -> None:
+        if self.architecture != "topk":
+            raise ConfigError(f"k_per_kind={self.k_per_kind!r} with architecture={self.architecture!r}: a k per token kind "
+                              "is for topk (batchtopk keeps k * n_tokens over the whole batch); use architecture='topk'")
+        if not isinstance(self.k_per_kind, dict) or not self.k_per_kind or not set(self.k_per_kind) <= {"image", "text"}:
+            raise ConfigError(f"k_per_kind={self.k_per_kind!r} must be a dict with keys 'image' and/or 'text', "
+                              "e.g. {'image': 16, 'text': 48}")
+        for kind, k in self.k_per_kind.items():
+            _check_int(f"k_per_kind[{kind!r}]", k, 1)
+            if k > self.d_sae:
+                raise ConfigError(f"k_per_kind[{kind!r}]={k} must be in 1..d_sae={self.d_sae}")
+        self.k_per_kind = {kind: self.k_per_kind[kind] for kind in ("image", "text") if kind in self.k_per_kind}
+
+    @property
+    def reads_kinds(self) -> bool:
+        """Whether encode / forward need ``kinds=`` (``normalize_per_kind`` or ``k_per_kind``)."""
+        return self.normalize_per_kind or self.k_per_kind is not None
+
+    def kind_k(self, k: int | None = None) -> tuple[int, int]:
+        """(k of text tokens, k of image tokens), the rows of ``KIND_ROWS``: ``k_per_kind``'s, else ``k``. With
+        this step's `k` (an annealed k) each is scaled by k / self.k (at least 1)."""
+        per_kind = self.k_per_kind or {}
+        own = [per_kind.get(kind, self.k) for kind in ("text", "image")]
+        if k is None or k == self.k:
+            return own[0], own[1]
+        return tuple(max(1, min(self.d_sae, round(value * k / self.k))) for value in own)
 
     def _check_transcoder(self) -> None:
         """A transcoder's fields: its decoder bias is of its output's width, and its input is read unscaled."""

@@ -16,8 +16,9 @@ saved in the same layout with architecture "mgsae", which only vlmsae opens: its
 b_dec is [2, d_in] (image, text) and b_pre [2, d_in] is added. An SAE that normalises per token kind
 (``normalize_per_kind``, issue 15) cannot be expressed in SAELens, whose inputs have one normalisation: it is
 saved with kind_mean [2, d_in] and kind_scale [2] (rows: text, image; see `vlmsae.sae.KIND_ROWS`) beside the
-weights, and its architecture is written "kindnorm_<SAELens name>" (e.g. "kindnorm_topk"), which SAELens
-refuses to open instead of reading it with the normalisation silently dropped; only vlmsae opens it.
+weights, and its architecture is written "kinds_<SAELens name>" (e.g. "kinds_topk"), which SAELens
+refuses to open instead of reading it with the normalisation silently dropped; only vlmsae opens it. So is
+an SAE with a k per token kind (``k_per_kind``), which SAELens would read with one k.
 
 Reading checks cfg.json and the safetensors header (keys, shapes, dtypes)
 before any tensor is read, and never unpickles. Writing fills a new folder beside
@@ -62,9 +63,10 @@ FROM_SAELENS_ARCHITECTURE = {"topk": "topk", "standard": "relu", "jumprelu": "ju
                              "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
 # Architectures only vlmsae writes: their files need the "vlmsae" section.
 VLMSAE_ONLY = ("mgsae",)
-# Prefixed to the SAELens architecture of an SAE with normalize_per_kind: SAELens knows no such architecture and
-# refuses the file, which it would otherwise read without the per-kind means and scales (wrong reconstructions).
-KIND_NORM_PREFIX = "kindnorm_"
+# Prefixed to the SAELens architecture of an SAE that reads token kinds (normalize_per_kind, k_per_kind): SAELens
+# knows no such architecture and refuses the file, which it would otherwise read without the per-kind means and
+# scales or with one k (wrong latents).
+KIND_PREFIX = "kinds_"
 # Config fields SAELens has its own top-level keys for.
 SAELENS_KEYS = ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "metadata", "d_out")
 SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
@@ -200,9 +202,9 @@ def _saelens_cfg(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> dict[str, Any
 
 def _saelens_architecture(cfg: SAEConfig) -> str:
     """SAELens' name of the config's architecture (a transcoder's, where ``d_out`` is set); with
-    ``normalize_per_kind`` a name only vlmsae reads (``KIND_NORM_PREFIX``)."""
+    ``normalize_per_kind`` or ``k_per_kind`` a name only vlmsae reads (``KIND_PREFIX``)."""
     name = (SAELENS_ARCHITECTURE if cfg.d_out is None else SAELENS_TRANSCODER_ARCHITECTURE)[cfg.architecture]
-    return KIND_NORM_PREFIX + name if cfg.normalize_per_kind else name
+    return KIND_PREFIX + name if cfg.reads_kinds else name
 
 
 def _need(raw: dict, key: str, cfg_path: Path, types: type) -> Any:
@@ -215,6 +217,12 @@ def _typed(key: str, value: Any, hint: Any, cfg_path: Path) -> Any:
     """`value` if JSON gave it the type `hint` names (`int | None`, `float`, ...); an int where a float
     belongs becomes a float."""
     allowed = get_args(hint) or (hint,)
+    if any(get_origin(t) is dict for t in allowed):  # a JSON object of ints (k_per_kind)
+        if value is None and type(None) in allowed:
+            return None
+        if not isinstance(value, dict) or any(isinstance(v, bool) or not isinstance(v, int) for v in value.values()):
+            raise SAEFileError(f"{cfg_path}: key {key!r} = {reprlib.repr(value)} must be an object of integers")
+        return value
     if any(get_origin(t) is tuple for t in allowed):  # a JSON list of ints (matryoshka_widths)
         if value is None and type(None) in allowed:
             return None
@@ -250,8 +258,8 @@ def _make_config(fields_: dict[str, Any], cfg_path: Path) -> SAEConfig:
 def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, bool]:
     """SAEConfig, input scale, and whether to fold decoder norms (SAELens' rescale_acts_by_decoder_norm)."""
     architecture = _need(raw, "architecture", cfg_path, str)
-    per_kind = architecture.startswith(KIND_NORM_PREFIX)  # normalize_per_kind: only vlmsae reads it
-    architecture = architecture.removeprefix(KIND_NORM_PREFIX)
+    per_kind = architecture.startswith(KIND_PREFIX)  # normalize_per_kind or k_per_kind: only vlmsae reads it
+    architecture = architecture.removeprefix(KIND_PREFIX)
     if architecture not in FROM_SAELENS_ARCHITECTURE:
         skip = " (a transcoder with a skip connection, W_skip)" if "skip_transcoder" in architecture else ""
         raise SAEFileError(
@@ -312,10 +320,12 @@ def _config_from_saelens(raw: dict, cfg_path: Path) -> tuple[SAEConfig, float, b
             )
         if architecture in ("topk", "mgsae") and fields_["k"] != raw["k"]:
             raise SAEFileError(f"{cfg_path}: key 'vlmsae.config.k' = {fields_['k']!r} disagrees with 'k' = {raw['k']!r}")
-        if fields_.get("normalize_per_kind", False) != per_kind:
-            raise SAEFileError(f"{cfg_path}: key 'vlmsae.config.normalize_per_kind' = "
-                               f"{fields_.get('normalize_per_kind', False)!r} disagrees with 'architecture' = "
-                               f"{raw['architecture']!r} (the {KIND_NORM_PREFIX!r} prefix marks it); restore the file "
+        reads_kinds = fields_.get("normalize_per_kind", False) or fields_.get("k_per_kind") is not None
+        if reads_kinds != per_kind:
+            raise SAEFileError(f"{cfg_path}: keys 'vlmsae.config.normalize_per_kind' = "
+                               f"{fields_.get('normalize_per_kind', False)!r} and 'vlmsae.config.k_per_kind' = "
+                               f"{fields_.get('k_per_kind')!r} disagree with 'architecture' = "
+                               f"{raw['architecture']!r} (the {KIND_PREFIX!r} prefix marks either); restore the file "
                                "or save the SAE again")
     return _make_config(fields_, cfg_path), float(act_scale), rescale
 

@@ -149,6 +149,9 @@ class ShardedSAE(nn.Module):
         if cfg.normalize_per_kind:
             raise ConfigError("a ShardedSAE has one input scale; an SAE with normalize_per_kind=True is not sharded yet: "
                               "train it unsharded (vlmsae.train, SAETrainer)")
+        if cfg.k_per_kind is not None:
+            raise ConfigError(f"a ShardedSAE keeps one k per token; an SAE with k_per_kind={cfg.k_per_kind} is not "
+                              "sharded yet: train it unsharded (vlmsae.train, SAETrainer)")
         self.cfg, self.group = cfg, group
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0

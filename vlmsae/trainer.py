@@ -255,14 +255,13 @@ class SAETrainer:
         """One optimiser step on `x` (..., d_in); no host synchronisation except the readout every `sync_every` steps.
 
         `k` (TopK kinds): the sparsity of this step, e.g. annealed by `vlmsae.train`; None: the SAE's own k.
-        `kinds` (...): the `vlmsae.Kind` of each row, which an SAE with ``normalize_per_kind`` needs (ConfigError
-        without) and which the others ignore; its loss is then in the per-kind normalised units, its readouts
+        `kinds` (...): the `vlmsae.Kind` of each row, which an SAE with ``normalize_per_kind`` or ``k_per_kind``
+        needs (ConfigError without) and which the others ignore; its loss is then in the per-kind normalised units, its readouts
         (mse, fvu) in the model's units as always. The SAE's config is never changed.
         """
         sae = self.sae
         x = x.reshape(-1, sae.cfg.d_in).to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-        per_kind = sae.cfg.normalize_per_kind
-        kinds = kinds.reshape(-1).to(x.device) if per_kind and kinds is not None else None
+        kinds = kinds.reshape(-1).to(x.device) if sae.cfg.reads_kinds and kinds is not None else None
         world = self.world
         if not self.initialized:  # under N ranks: from the global first batch, in rank order
             if world is None:
@@ -302,7 +301,7 @@ class SAETrainer:
             self.history.append(self.read_metrics())
 
     def _loss(self, x: Tensor, k: int | None, kinds: Tensor | None = None) -> StepLoss:
-        """This step's loss on `x` (n_tokens, d_in) of `kinds` (n_tokens,) (None without ``normalize_per_kind``):
+        """This step's loss on `x` (n_tokens, d_in) of `kinds` (n_tokens,) (None unless the SAE reads kinds: ``normalize_per_kind``, ``k_per_kind``):
         the sparse pass for the TopK kinds, the dense one for the others."""
         if self.sae.cfg.architecture in ("topk", "batchtopk"):
             return self._sparse_loss(x, k, kinds)
@@ -327,10 +326,13 @@ class SAETrainer:
             yield start, stop, torch.addmm(b_enc, u[start:stop], W_encT.T)
 
     @torch.no_grad()
-    def _select(self, u: Tensor, dead: Tensor, aux_k: int, k: int) -> Selection:
-        """The latents of this step for centred inputs `u` (n_tokens, d_in); `dead` (d_sae,) bool gates AuxK."""
-        select = self._select_batchtopk if self.sae.cfg.architecture == "batchtopk" else self._select_topk
-        chosen = select(u, dead, aux_k, k)
+    def _select(self, u: Tensor, dead: Tensor, aux_k: int, k: int, token_k: Tensor | None = None) -> Selection:
+        """The latents of this step for centred inputs `u` (n_tokens, d_in); `dead` (d_sae,) bool gates AuxK;
+        `token_k` (n_tokens,) each token's k (topk with ``k_per_kind``; `k` is then their largest)."""
+        if self.sae.cfg.architecture == "batchtopk":
+            chosen = self._select_batchtopk(u, dead, aux_k, k)
+        else:
+            chosen = self._select_topk(u, dead, aux_k, k, token_k)
         if self.compute_dtype == u.dtype:
             return chosen
         # Low-precision scores chose the latents; their values are
@@ -342,19 +344,28 @@ class SAETrainer:
         return chosen._replace(values=self._exact(u, chosen.code), aux_values=aux_values)
 
     @torch.no_grad()
-    def _select_topk(self, u: Tensor, dead: Tensor, aux_k: int, k: int) -> Selection:
-        """TopK (Gao et al. 2024): the k largest pre-activations of each token, then aux_k among dead latents."""
+    def _select_topk(self, u: Tensor, dead: Tensor, aux_k: int, k: int, token_k: Tensor | None = None) -> Selection:
+        """TopK (Gao et al. 2024): the k largest pre-activations of each token (with `token_k` (n_tokens,), the
+        token_k[t] largest of token t; k is their largest), then aux_k among dead latents."""
         values = torch.empty(u.shape[0], k + aux_k, device=u.device, dtype=u.dtype)
         latents = torch.empty(u.shape[0], k + aux_k, device=u.device, dtype=torch.long)
         for start, stop, pre in self._encoder_chunks(u):
-            values[start:stop, :k], latents[start:stop, :k] = pre.topk(k, dim=1, sorted=False)
+            values[start:stop, :k], latents[start:stop, :k] = pre.topk(k, dim=1, sorted=token_k is not None)
             if aux_k:
                 # Top-k_aux among dead latents only (Gao et al. 2024 §A.2); with
                 # fewer dead than aux_k the rest are -inf, which ReLU turns to 0.
                 values[start:stop, k:], latents[start:stop, k:] = pre.masked_fill_(~dead, -math.inf).topk(aux_k, dim=1, sorted=False)
-        values_k, latents_k = _ascending(values[:, :k], latents[:, :k])
-        code = SparseCode.from_topk(latents_k).with_latent_order(self.sae.cfg.d_sae)
-        return Selection(code, values_k.reshape(-1), *_ascending(values[:, k:], latents[:, k:]))
+        aux = _ascending(values[:, k:], latents[:, k:])
+        d_sae = self.sae.cfg.d_sae
+        if token_k is None:
+            values_k, latents_k = _ascending(values[:, :k], latents[:, :k])
+            return Selection(SparseCode.from_topk(latents_k).with_latent_order(d_sae), values_k.reshape(-1), *aux)
+        # Each token keeps its token_k largest (the first, sorted); the others sort last and are left out.
+        keep = torch.arange(k, device=u.device) < token_k.unsqueeze(1)
+        values_k, latents_k = _ascending(values[:, :k], torch.where(keep, latents[:, :k], d_sae))  # kept ones lead
+        rows = torch.arange(u.shape[0], device=u.device).unsqueeze(1).expand_as(keep)[keep]
+        code = SparseCode.from_rows_cols(rows, latents_k[keep], u.shape[0]).with_latent_order(d_sae)
+        return Selection(code, values_k[keep], *aux)
 
     @torch.no_grad()
     def _select_batchtopk(self, u: Tensor, dead: Tensor, aux_k: int, k: int) -> Selection:
@@ -399,11 +410,12 @@ class SAETrainer:
         dead (Gao et al. 2024 §A.2), plus with ``matryoshka_widths`` the MSE of each inner prefix's decode of
         the same selection (Bussmann et al. 2025). `k`: this step's sparsity; None: the SAE's own."""
         sae, cfg = self.sae, self.sae.cfg
-        k = cfg.k if k is None else k
+        token_k = None if cfg.k_per_kind is None else sae.token_k(kinds, x.shape[:-1], k)
+        k = max(cfg.kind_k(k)) if token_k is not None else cfg.k if k is None else k
         aux_k, dense_aux, dead = self._aux_plan()
         x_n = sae.normalize(x, kinds)
         u = sae.center(x, kinds)
-        chosen = self._select(u, dead, 0 if dense_aux else aux_k, k)
+        chosen = self._select(u, dead, 0 if dense_aux else aux_k, k, token_k)
         acts, aux_acts, aux_code = self._encode_selected(u, chosen)
         if cfg.architecture == "batchtopk":
             self._update_threshold(acts.detach())
