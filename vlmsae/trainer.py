@@ -301,8 +301,8 @@ class SAETrainer:
             self.history.append(self.read_metrics())
 
     def _loss(self, x: Tensor, k: int | None, kinds: Tensor | None = None) -> StepLoss:
-        """This step's loss on `x` (n_tokens, d_in) of `kinds` (n_tokens,) (None unless the SAE reads kinds: ``normalize_per_kind``, ``k_per_kind``):
-        the sparse pass for the TopK kinds, the dense one for the others."""
+        """This step's loss on `x` (n_tokens, d_in) of `kinds` (n_tokens,) (None unless the SAE reads kinds:
+        ``normalize_per_kind``, ``k_per_kind``): the sparse pass for the TopK kinds, the dense one for the others."""
         if self.sae.cfg.architecture in ("topk", "batchtopk"):
             return self._sparse_loss(x, k, kinds)
         return self._dense_loss(x, kinds)
