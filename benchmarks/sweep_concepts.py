@@ -13,7 +13,7 @@ FVU, L0 and dead on the demo's evaluation batches (``vlmsae.evaluate``). Example
         --matryoshka-widths none --matryoshka-widths 32 128
 
 ``--matryoshka-widths`` may be given several times, each a schedule (``none``: plain); every architecture is
-trained with every schedule. The full width d_sae may be left out of a schedule (SAEConfig appends it).
+trained with every schedule and every ``--dead-tokens`` window. The full width d_sae may be left out of a schedule (SAEConfig appends it).
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def main() -> None:
                    help="a width schedule, or none; repeat for several (default: none)")
     p.add_argument("--expansion", type=int, default=demo.expansion)
     p.add_argument("--k", type=int, default=demo.k, help="topk, batchtopk: latents per token")
+    p.add_argument("--dead-tokens", type=int, nargs="+", default=[None],
+                   help="one SAE per value: the dead window (tokens) that turns AuxK on (default SAEConfig's)")
     p.add_argument("--l1-coefficient", type=float, help="relu: the L1 weight (default SAEConfig's)")
     p.add_argument("--l0-coefficient", type=float, help="jumprelu: the L0 weight (default SAEConfig's)")
     p.add_argument("--steps", type=int, default=demo.steps)
@@ -64,26 +66,28 @@ def main() -> None:
     eval_data = ShapesData(tokenizer, batches=demo.eval_batches, batch_size=demo.data_batch, seed=EVAL_SEED)
     coefficients = {name: value for name, value in (("l1_coefficient", args.l1_coefficient),
                                                     ("l0_coefficient", args.l0_coefficient)) if value is not None}
-    settings = list(itertools.product(args.architecture, [schedule(w) for w in args.matryoshka_widths or [["none"]]]))
+    settings = list(itertools.product(args.architecture, [schedule(w) for w in args.matryoshka_widths or [["none"]]],
+                                      args.dead_tokens))
     for layer, seed in itertools.product(args.layers, args.seeds):
         saes = []
-        for architecture, widths in settings:
+        for architecture, widths, dead_tokens in settings:
             torch.manual_seed(seed)  # each SAE starts where it would if trained alone
+            window = {} if dead_tokens is None else {"dead_tokens": dead_tokens}
             saes.append(SAE(d_in=d_model, d_sae=args.expansion * d_model, k=args.k, architecture=architecture,
-                            matryoshka_widths=widths, **coefficients))
+                            matryoshka_widths=widths, **coefficients, **window))
         t0 = time.perf_counter()
         result = train(model, layer, ShapesData(tokenizer, batches=100_000, batch_size=demo.data_batch), saes,
                        steps=args.steps, batch_size=demo.batch_size, buffer_size=demo.buffer_size,
                        k_start=4 * args.k, warmup_steps=min(50, args.steps // 10), seed=seed, progress=False)
         seconds = time.perf_counter() - t0
-        for i, ((architecture, widths), sae) in enumerate(zip(settings, saes)):
+        for i, ((architecture, widths, _), sae) in enumerate(zip(settings, saes)):
             last = [h for h in result.history if h["sae"] == i][-1]
             table = concept_auroc(model, layer, sae, tokenizer, samples)
             quality = evaluate(model, layer, sae, eval_data, where=["all"], ablations=False).loc["all"]
             print(json.dumps({
                 "layer": layer, "seed": seed, "architecture": architecture,
                 "matryoshka_widths": list(sae.cfg.matryoshka_widths or []), "expansion": args.expansion,
-                "k": args.k, **coefficients, "steps": args.steps, "train_s": round(seconds), "saes_trained": len(saes),
+                "k": args.k, "dead_tokens": sae.cfg.dead_tokens, **coefficients, "steps": args.steps, "train_s": round(seconds), "saes_trained": len(saes),
                 "weakest": {c: round(float(table.loc[c, "auroc"].min()), 3) for c in shapes.CONCEPTS},
                 **{c: table.loc[c, "auroc"].round(3).to_dict() for c in ("color", "shape")},
                 "color_latent": table.loc["color", "latent"].to_dict(),

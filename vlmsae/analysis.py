@@ -193,6 +193,10 @@ class Scan:
     """``(len(Kind), d_sae + 1)`` positions of each token kind with each L0 (active latents at the position),
     counted over every non-pad position, whatever ``where`` read."""
     top: TopExamples
+    peaks: Tensor | None = None
+    """``(F, n_examples)`` each example's largest activation of each scanned latent (rows as ``top.latents``,
+    0 where it did not fire), with ``scan(..., peaks=True)``; None otherwise. :func:`vlmsae.explain` picks
+    firing and non-firing examples from it."""
 
     @property
     def density(self) -> Tensor:
@@ -231,7 +235,7 @@ def _merge_top(top: tuple[Tensor, ...], new: tuple[Tensor, ...], n: int) -> tupl
 def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples: int = 8,
          latents: Iterable[int] | None = None, where: Where = DEFAULT_WHERE, context: int = 4,
          site: str = "resid_post", special_ids: Iterable[int] | None = None,
-         max_top_bytes: int = MAX_TOP_BYTES) -> Scan:
+         max_top_bytes: int = MAX_TOP_BYTES, peaks: bool = False) -> Scan:
     """One pass over ``data`` (batches of model inputs): latent statistics and each latent's top ``n_examples``.
 
     ``latents`` limits the top examples (not the statistics) to some latents: their memory is
@@ -241,6 +245,8 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
     chooses the positions read (kind names as in :func:`vlmsae.steer`); ``special_ids`` are token ids
     counted as SPECIAL besides the config's (a chat template's control tokens:
     :func:`vlmsae.special_token_ids` with the tokenizer), so the default ``where`` leaves them out.
+    ``peaks=True`` also keeps every example's largest activation of each scanned latent (``Scan.peaks``,
+    ``F x examples`` values on the CPU).
     Examples are numbered across batches in order. Activations are in the SAE's latent units; counts
     in positions. At a vision tower's site (``"vision.blocks.3.hook_resid_post"``) an example is one image of the
     tower's batch, its positions are patches (token ids -1; the class token is SPECIAL, so left out by default),
@@ -276,7 +282,7 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
     peak_max, tokens = zeros(d_sae), zeros((), dtype=torch.long)
     l0_counts = zeros(len(Kind), d_sae + 1, dtype=torch.long)
     top: tuple[Tensor, ...] | None = None
-    layout, offset = None, 0
+    layout, offset, peak_rows = None, 0, []
     for batch in tqdm(data, desc="scan", leave=False):
         with record(model, [layer], site=site, stop=True, special_ids=special_ids) as rec:
             model(**batch)
@@ -301,6 +307,8 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
         peak, position = acts.masked_fill(~read[..., None], float("-inf")).max(1)  # (B, F)
         ids = fwd.ids.to(device) if fwd.ids is not None else torch.full(kinds.shape, -1, device=device)  # a tower's patches
         ids, window_acts = _window(ids, kinds, acts, position, context)
+        if peaks:
+            peak_rows.append(peak.T.clamp_min(0).cpu())  # (F, B); -inf (no position read) -> 0
         example = torch.arange(offset, offset + n_batch, device=device)[None, :].expand(n_feat, -1)
         new = [peak.T, example, position.T, ids.transpose(0, 1), window_acts.transpose(0, 1)]
         if heatmaps:
@@ -329,7 +337,7 @@ def scan(model: Model, layer: int, sae: SAE, data: Iterable[dict], *, n_examples
     found = TopExamples(latents=feats, values=values, example=example, position=position, tokens=ids,
                         token_acts=window_acts, image_acts=heat[0] if heat else None, layout=layout)
     return Scan(tokens=int(tokens), fired=fired, fired_image=fired_image, total=total, max=peak_max,
-                l0_counts=l0_counts, top=found)
+                l0_counts=l0_counts, top=found, peaks=torch.cat(peak_rows, 1) if peaks else None)
 
 
 def _check_top_bytes(first: list[Tensor], n_examples: int, limit: int, device) -> None:

@@ -36,6 +36,7 @@ from ..train import train
 from . import shapes
 from .concepts import concept_auroc, site_latents, steering_success
 from .data import ShapesData
+from .explain import ShapesQAExplainer, explain_concepts
 from .models import load_captioner
 
 EVAL_SEED, CONCEPT_SEED, CALIBRATE_SEED, STEER_SEED = 30_000_000, 40_000_000, 50_000_000, 60_000_000
@@ -105,8 +106,9 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
     train(model, list(chosen), data, saes, steps=cfg.steps, batch_size=cfg.batch_size, buffer_size=cfg.buffer_size,
           k_start=4 * cfg.k, warmup_steps=min(50, cfg.steps // 10), sync_every=25, history=history, seed=cfg.seed,
           special_ids=special_ids)
-    rows, concepts, steering, example = {}, {}, {}, None
+    rows, concepts, steering, explained, example = {}, {}, {}, {}, None
     samples = shapes.make_samples(cfg.concept_samples, CONCEPT_SEED) if model_name is None else None
+    explainer = ShapesQAExplainer() if samples is not None else None
     for L, sae in saes.items():
         sae.save(out / "sae" / f"L{L}")
         print(f"layer {L}: evaluating (loss recovered, KL, FVU, L0)")
@@ -121,6 +123,12 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
             row["concepts_above_0.9"] = float((concepts[L]["auroc"] > 0.9).mean())
             for concept in ("color", "shape"):
                 row[f"min_auroc_{concept}"] = float(concepts[L].loc[concept, "auroc"].min())
+            print(f"layer {L}: labelling the best colour and shape latents with the Shapes QA model")
+            explained[L] = explain_concepts(model, L, sae, tokenizer, samples, concepts[L], explainer)
+            scores = explained[L]["explanations"]
+            row["labels_right"] = float(explained[L]["agreement"]["right"].mean())
+            row["detection"] = float(scores["detection"].mean())
+            row["detection_shuffled"] = float(scores["detection_shuffled"].mean())
             steering[L], first = _steer_colours(model, tokenizer, L, sae, concepts[L], cfg)
             row["steering_success_color"] = float(steering[L]["success"].mean())
             example = example or (first and {"layer": L, **first})
@@ -128,13 +136,15 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
     table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("layer")
     summary = {"model": type(model).__name__, "d_sae": cfg.expansion * info.d_model, "k": cfg.k,
                "steps": cfg.steps, "seconds": time.perf_counter() - t0}
-    _write_report(out / "report.html", summary, table, history, concepts, steering, example, cfg)
+    _write_report(out / "report.html", summary, table, history, concepts, steering, example, cfg, explained)
     write_text_atomic(out / "summary.json", json.dumps({**summary, "layers": table.to_dict(orient="index")},
                                                        indent=1, default=float))
     print(pd.Series(summary).to_string())
     print(table.to_string(float_format="{:.4f}".format))
     for L in concepts:
         print(f"\nlayer {L}: best latent per concept value\n{concepts[L].to_string()}")
+        if L in explained:
+            print(f"\nlayer {L}: labels from the Shapes QA model\n{explained[L]['agreement'].to_string()}")
         print(f"\nlayer {L}: steering toward each colour\n{steering[L].to_string()}")
     if example is not None:
         print(f"\nlayer {example['layer']}, steered toward {example['value']!r}:\n  before: {example['before']}\n"
@@ -165,7 +175,35 @@ def _steer_colours(model, tokenizer, layer, sae, concepts, cfg):
     return pd.DataFrame(rows).set_index("value"), example
 
 
-def _write_report(path: Path, summary, table, history, concepts, steering, example, cfg) -> None:
+def _labels_html(layer: int, found: dict) -> str:
+    """Per concept value: its best latent, the explainer's label (right or not), detection, and the latent's top
+    images (the explainer saw these, with its answers in the image's title)."""
+    from ..dashboard import png_data_uri
+
+    explanations, agreement = found["explanations"], found["agreement"]
+    cards = []
+    for (concept, value), row in agreement.iterrows():
+        latent = int(row["latent"])
+        said = {}
+        for turn in explanations.at[latent, "transcript"]:
+            said.setdefault(turn["example"], []).append(f"{turn['prompt']} {turn['answer']}")
+        images = "".join(
+            f"<img src='{png_data_uri(found['images'][e])}' alt='example {e}' "
+            f"title='{html.escape(chr(10).join(said.get(e, [])), quote=True)}'>"
+            for e in explanations.at[latent, "examples"][:6])
+        verdict = "right" if row["right"] else "wrong"
+        cards.append(
+            f"<div class='card'><b>{html.escape(concept)} {html.escape(value)}</b>: latent #{latent} (AUROC "
+            f"{row['auroc']:.3f})<br>label <i>{html.escape(str(row['label']))}</i> ({verdict}), detection "
+            f"{explanations.at[latent, 'detection']:.2f} (another latent's label: "
+            f"{explanations.at[latent, 'detection_shuffled']:.2f})<div class='images'>{images}</div></div>")
+    return (f"<h2>layer {layer}: labels from the Shapes QA model</h2><p>Each concept value's best latent, the label "
+            "the QA model's answers about its top images give it, and how well that label picks held-out images "
+            "where the latent fires from images where it does not (balanced accuracy; 0.5 is chance). Hover an "
+            "image for the questions and answers.</p><div class='cards'>" + "".join(cards) + "</div>")
+
+
+def _write_report(path: Path, summary, table, history, concepts, steering, example, cfg, explained=None) -> None:
     import plotly.graph_objects as go
 
     figures = []
@@ -204,9 +242,17 @@ def _write_report(path: Path, summary, table, history, concepts, steering, examp
                      f"after: {html.escape(str(example['after']))}</p>")
     for i, fig in enumerate(figures):
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
+    for L, found in (explained or {}).items():
+        parts.append(_labels_html(L, found))
     for L, c in concepts.items():
         parts.append(f"<h2>layer {html.escape(str(L))}: concept AUROC</h2>{c.to_html(escape=True)}")
     parts.append(f"<h2>settings</h2><pre>{html.escape(str(asdict(cfg)))}</pre>")
-    page = "<!doctype html><html><head><meta charset='utf-8'><title>vlmsae demo</title></head><body>" \
+    style = ("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px;display:block;overflow-x:auto;max-width:100%}"
+             "td,th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:right}"
+             ".cards{display:flex;flex-wrap:wrap;gap:8px}.card{border:1px solid #ccc;border-radius:6px;padding:6px;"
+             "width:330px;font-size:13px}.images img{width:48px;height:48px;image-rendering:pixelated;margin:2px}"
+             "</style>")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>vlmsae demo</title>{style}</head><body>" \
            + "\n".join(parts) + "</body></html>"
     write_text_atomic(path, page)
