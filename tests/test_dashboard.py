@@ -112,7 +112,9 @@ def test_browser_renders_hostile_labels_as_text(built, tmp_path):
     table["top_tokens"] = [HOSTILE[i % len(HOSTILE)] for i in range(len(table))]
     table["concept"] = [HOSTILE[(i + 1) % len(HOSTILE)] for i in range(len(table))]
     images = torch.rand(12, 3, 32, 32)  # the scan's 3 batches of 4 examples; which pixels does not matter here
-    hostile = write_dashboard(tmp_path / "hostile.html", found, images, table=table, title="".join(HOSTILE))
+    labels = {f: f"label {f} {HOSTILE[i % len(HOSTILE)]}" for i, f in enumerate(features)}
+    hostile = write_dashboard(tmp_path / "hostile.html", found, images, table=table, title="".join(HOSTILE),
+                              labels=labels)
     page = hostile.read_text().rstrip()
     assert page.endswith("</body></html>")
     # a probe after the page's own script: it runs only if the page was not swallowed, and reports the injection
@@ -124,3 +126,7 @@ def test_browser_renders_hostile_labels_as_text(built, tmp_path):
     assert len(re.findall(r'<li class="latent', dom)) == len(features)
     for label in HOSTILE + ("".join(HOSTILE),):
         assert html.escape(label, quote=False) in dom, label
+    # each latent's label in its list entry, and the first latent's in the header too
+    for f in features:
+        assert html.escape(labels[f], quote=False) in dom, f
+    assert f"<h2>Latent {features[0]}: {html.escape(labels[features[0]], quote=False)}" in dom

@@ -11,6 +11,7 @@ from .errors import (ConfigError, LayerIndexError, NonFiniteError, SAEFileError,
                      VlmsaeError)
 from .evaluate import evaluate
 from .explain import explain, score_detection
+from .export import neuronpedia_json, write_neuronpedia
 from .hooks import SITES, Forward, attach
 from .mgsae import MGSAE
 from .mgsae_trainer import MGSAETrainer, train_mgsae
@@ -37,7 +38,8 @@ __all__ = [
     # analysis
     "scan", "latent_table", "concept_aurocs", "image_question_grid", "patch_grid", "patch_layout", "Scan",
     "TopExamples", "PatchLayout", "ImageQuestionGrid", "compare_probes", "probe_accuracy", "write_dashboard", "plots",
-    "modality_census", "zero_shot_from_codes", "Census", "ZeroShot", "explain", "score_detection",
+    "neuronpedia_json", "write_neuronpedia", "explain", "score_detection",
+    "modality_census", "zero_shot_from_codes", "Census", "ZeroShot",
     # errors
     "VlmsaeError", "ConfigError", "LayerIndexError", "NonFiniteError", "SAEFileError", "SiteError",
     "UnsupportedModelError",

@@ -125,3 +125,42 @@ def check_latents(latents: Iterable[int], d_sae: int) -> list[int]:
     if bad:
         raise ConfigError(f"latent index {bad[0]!r} is out of range; this SAE has latents 0..{d_sae - 1}")
     return latents
+
+
+def check_labels(labels, scanned: Iterable[int]) -> dict[int, str]:
+    """Latent labels as ``{latent: text}``: from a mapping latent -> str, or a DataFrame with a ``label`` column
+    indexed by latent (:mod:`vlmsae.explain`'s tables). Missing (``None`` / NaN) and blank labels are left out.
+
+    Raises:
+        ConfigError: a label is for a latent not in ``scanned``, a key is not a latent index, a value is not text,
+            or a DataFrame has no ``label`` column.
+    """
+    if labels is None:
+        return {}
+    if hasattr(labels, "columns"):  # a DataFrame
+        if "label" not in labels.columns:
+            raise ConfigError(f"the labels table has columns {list(labels.columns)}; give it a 'label' column "
+                              "(index: latent), or pass a mapping latent -> label")
+        labels = labels["label"]
+    items = labels.items() if hasattr(labels, "items") else None
+    if items is None:
+        raise ConfigError(f"labels={type(labels).__name__}: pass a mapping latent -> label or a DataFrame with a "
+                          "'label' column")
+    known, out, unknown = set(int(i) for i in scanned), {}, []
+    for key, text in items:
+        if hasattr(key, "item"):
+            key = key.item()
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise ConfigError(f"labels key {key!r} is not a latent index; key labels by latent (int)")
+        if text is None or (isinstance(text, float) and text != text):
+            continue
+        if not isinstance(text, str):
+            raise ConfigError(f"label of latent {key} is {type(text).__name__} {text!r}; labels are text (str)")
+        if key not in known:
+            unknown.append(key)
+        elif text.strip():
+            out[key] = text
+    if unknown:
+        raise ConfigError(f"labels for latents {sorted(unknown)[:10]} that the scan did not keep examples for; "
+                          "scan them (scan(..., latents=)) or drop their labels")
+    return out

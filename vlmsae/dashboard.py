@@ -26,6 +26,7 @@ import plotly.graph_objects as go
 from PIL import Image
 
 from .analysis import Scan, latent_table
+from .checks import check_labels
 from .deprecation import renamed_kwargs
 from .errors import ConfigError
 from .files import write_text_atomic
@@ -66,13 +67,18 @@ def _token_strings(tokenizer, ids: list[int]) -> list[str | None]:
 
 @renamed_kwargs(features="latents")
 def dashboard_data(scan: Scan, images: Sequence, *, table: pd.DataFrame, tokenizer=None,
-                   latents: Iterable[int] | None = None) -> dict:
-    """The JSON the page renders: latents with stats and top examples, and each image used, once.
+                   latents: Iterable[int] | None = None, labels=None) -> dict:
+    """The JSON the page renders: latents with stats, label and top examples, and each image used, once.
+
+    ``labels``: a mapping latent -> label, or a DataFrame with a ``label`` column indexed by latent (as
+    :func:`vlmsae.export.neuronpedia_json` takes); a latent without one gets ``None``.
 
     Raises:
-        ConfigError: a top example has no image in ``images``; a latent was not scanned.
+        ConfigError: a top example has no image in ``images``; a latent was not scanned; labels for latents
+            not scanned.
     """
     top = scan.top
+    names = check_labels(labels, top.latents.tolist())
     chosen = top.latents.tolist() if latents is None else list(latents)
     shown, uris = [], {}
     for latent in chosen:
@@ -94,7 +100,8 @@ def dashboard_data(scan: Scan, images: Sequence, *, table: pd.DataFrame, tokeniz
                 "token_acts": [round(float(v), 4) for v in top.token_acts[row, j]],
             })
         stats = {c: _number(table.at[latent, c]) for c in STATS if c in table.columns}
-        shown.append({"id": latent, "top_tokens": str(table.at[latent, "top_tokens"]), "stats": stats,
+        shown.append({"id": latent, "label": names.get(latent), "top_tokens": str(table.at[latent, "top_tokens"]),
+                      "stats": stats,
                       "dead": bool(table.at[latent, "dead"]), "examples": examples})
     return {"latents": shown, "images": {str(k): v for k, v in uris.items()}}
 
@@ -102,20 +109,23 @@ def dashboard_data(scan: Scan, images: Sequence, *, table: pd.DataFrame, tokeniz
 @renamed_kwargs(features="latents")
 def write_dashboard(path: str | os.PathLike, scan: Scan, images: Sequence, *, table: pd.DataFrame | None = None,
                     tokenizer=None, latents: Iterable[int] | None = None, title: str = "vlmsae latents",
-                    figures: Sequence[go.Figure] | None = None) -> Path:
+                    figures: Sequence[go.Figure] | None = None, labels=None) -> Path:
     """Write the dashboard of the latents in ``scan`` to ``path`` (atomically) and return the path.
 
     ``images[i]`` is example ``i`` of the scanned data. ``table`` defaults to ``latent_table(scan)``
     (pass your own to add concept columns); ``latents`` defaults to every latent the scan kept
     examples for; ``figures`` default to the density histogram and L0 per token kind. ``images`` are PIL
-    images or ``(3, H, W)`` / ``(H, W, 3)`` arrays or tensors (:func:`vlmsae.plots.to_rgb`).
+    images or ``(3, H, W)`` / ``(H, W, 3)`` arrays or tensors (:func:`vlmsae.plots.to_rgb`). ``labels`` (as
+    :func:`dashboard_data`) show in each latent's list entry and header, the same labels
+    :func:`vlmsae.export.write_neuronpedia` exports.
 
     Raises:
-        ConfigError: a top example has no image in ``images``, or a latent was not scanned.
+        ConfigError: a top example has no image in ``images``, a latent was not scanned, or labels for latents
+            not scanned.
         OSError: the file cannot be written (an existing file at ``path`` is left as it was).
     """
     table = latent_table(scan, tokenizer=tokenizer) if table is None else table
-    data = dashboard_data(scan, images, table=table, tokenizer=tokenizer, latents=latents)
+    data = dashboard_data(scan, images, table=table, tokenizer=tokenizer, latents=latents, labels=labels)
     if figures is None:
         figures = [density_histogram(table), l0_by_kind(scan)]
     # plotly.js goes in once, inline, with the first figure: the page must open with no network.
@@ -143,6 +153,7 @@ header{padding:8px 16px;background:#222;color:#eee}
 #list li{padding:4px 10px;cursor:pointer;border-bottom:1px solid #eee;font-size:13px}
 #list li.selected{background:#dde8ff}
 #list li .tok{color:#666}
+#list li .label{display:block}
 #detail{flex:1;overflow-y:auto;padding:12px 16px}
 .examples{display:flex;flex-wrap:wrap;gap:12px}
 .example{width:160px;font-size:12px}
@@ -155,7 +166,7 @@ table.stats td{padding:1px 8px}
 #errors{color:#b00}
 </style></head>
 <body><header><b>__TITLE__</b> · <span id="count"></span></header>
-<div id="main"><div id="side"><input id="search" type="search" placeholder="search: id, token, concept">
+<div id="main"><div id="side"><input id="search" type="search" placeholder="search: id, token, concept, label">
 <ul id="list"></ul></div>
 <div id="detail"><div id="latent"></div><h3>Summary</h3>__PLOTS__</div></div>
 <pre id="errors"></pre>
@@ -195,7 +206,7 @@ function showLatent(f) {
   selected = f.id;
   for (const li of list.children) li.classList.toggle("selected", Number(li.dataset.id) === f.id);
   const box = document.getElementById("latent");
-  box.replaceChildren(el("h2", {}, `Latent ${f.id}` + (f.dead ? " (dead)" : "")));
+  box.replaceChildren(el("h2", {}, `Latent ${f.id}` + (f.label ? ": " + f.label : "") + (f.dead ? " (dead)" : "")));
   const stats = el("table", {class: "stats"});
   for (const [k, v] of Object.entries(f.stats)) {
     const tr = el("tr");
@@ -235,11 +246,12 @@ function render() {
   list.replaceChildren();
   let shown = 0;
   for (const f of data.latents) {
-    const text = `${f.id} ${f.top_tokens} ${f.stats.concept || ""}`.toLowerCase();
+    const text = `${f.id} ${f.top_tokens} ${f.stats.concept || ""} ${f.label || ""}`.toLowerCase();
     if (q && !text.split(/\\s+/).some(w => w.startsWith(q)) && !text.includes(q)) continue;
     const li = el("li", {class: "latent", "data-id": f.id});
     li.append(el("b", {}, `#${f.id}`), document.createTextNode(` ${fmt(f.stats.density)} `),
               el("span", {class: "tok"}, f.top_tokens + (f.stats.concept ? " · " + f.stats.concept : "")));
+    if (f.label) li.appendChild(el("span", {class: "label"}, f.label));
     li.addEventListener("click", () => showLatent(f));
     list.appendChild(li);
     shown++;
