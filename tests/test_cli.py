@@ -209,3 +209,46 @@ def test_train_command_reads_special_tokens_from_the_models_processor(tmp_path, 
     main(["train", "--model", str(folder), "--data", str(image_folder(tmp_path / "images", n=4)), "--layer", "1",
           "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "16", "--buffer-size", "64", "--k", "4"])
     assert turn in seen["special_ids"] and seen["turns"] == 4 * 2  # two <turn> in each prompt
+
+
+def test_explain_command_labels_latents_with_an_explainer_vlm(tmp_path, capsys):
+    """``vlmsae explain`` with a VLM folder as explainer: its answers (through the folder's chat template) become
+    the labels; every latent gets a label or None, its transcript holds the folder's prompts, a detection score;
+    a bad argument exits with the reason and writes nothing."""
+    import json
+
+    import pytest
+    import torch
+
+    import vlmsae
+
+    data = image_folder(tmp_path / "images", n=12)
+    folder, _ = llava_folder(tmp_path / "explainer")
+    torch.manual_seed(0)
+    sae = vlmsae.SAE(d_in=64, d_sae=32, k=8, metadata={"hook_name": "blocks.1.hook_resid_post"})
+    sae.save(tmp_path / "sae")
+    common = ["--model", "zoo:llava", "--sae", str(tmp_path / "sae"), "--data", str(data), "--data-batch", "4"]
+    out = tmp_path / "labels.json"
+    main(["explain", *common, "--latents", "0", "1", "--explainer", str(folder), "--out", str(out),
+          "--n-top", "3", "--n-negative", "3", "--n-score", "2"])
+    assert "wrote" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    explainer = vlmsae.VLMExplainer(vlmsae.load_model(str(folder)))
+    assert [r["latent"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["transcript"] and {t["prompt"] for t in r["transcript"]} <= set(explainer.questions.values())
+        assert all(t["answer"] == explainer.ask([vlmsae.plots.to_rgb(_image(data, t["example"]))], t["question"])[0]
+                   for t in r["transcript"][:2])
+        assert r["label"] is None or r["label"].split(": ")[0] in explainer.questions
+    for argv, reason in ((["--out", str(tmp_path / "l.csv"), "--explainer", str(folder)], "must end in .json"),
+                         (["--out", str(tmp_path / "l.json"), "--explainer", str(tmp_path / "none")], "none")):
+        with pytest.raises(SystemExit):
+            main(["explain", *common, "--latents", "0", *argv])
+        assert reason in capsys.readouterr().err
+    assert not (tmp_path / "l.json").exists()
+
+
+def _image(folder, example):
+    from PIL import Image
+
+    return Image.open(folder / f"{example}.png").convert("RGB")

@@ -60,6 +60,19 @@ def test_demo_sae_has_a_feature_per_colour_and_shape(demo_summary):
     assert last["min_auroc_shape"] >= 0.95
 
 
+def test_demo_labels_name_the_concept_of_each_best_latent(demo_summary):
+    """Issue 16: the Shapes QA model, shown each colour's and shape's best latent's top images and some where it
+    does not fire, labels it with that colour or shape (the truth) in at least 90% of cases at the last layer, and
+    a label picks held-out firing images better than another latent's label does."""
+    table = demo_summary["table"]
+    print(f"\n{table[['labels_right', 'detection', 'detection_shuffled']].to_string()}")
+    last = table.loc[table.index.max()]
+    assert last["labels_right"] >= 0.9
+    assert (table["detection"] >= table["detection_shuffled"] + 0.2).all()
+    page = (demo_summary["out"] / "report.html").read_text()
+    assert "labels from the Shapes QA model" in page and page.count("data:image/png;base64") >= 8
+
+
 def test_llava_image_token_features_localise_colours():
     import vlmsae
     from vlmsae import SAE, train

@@ -124,7 +124,7 @@ def test_explain_names_the_value_the_top_images_share_and_detection_separates_ri
     assert oracle.asked == 3 * len(seen)
 
     right = score_detection(table, found, IMAGES, oracle, n=16, progress=False)
-    assert (right["detection"] == 1.0).all() and (right["positives"] == 16).all() and (right["negatives"] == 16).all()
+    assert (right["detection"] == 1.0).all() and (right["n_firing"] == 16).all() and (right["n_silent"] == 16).all()
     for latent, (concept, value) in truth.items():  # held out: none of the examples the label was made from
         shown = {*table.loc[latent, "examples"], *table.loc[latent, "negatives"]}
         assert not shown & {*right.loc[latent, "firing"], *right.loc[latent, "silent"]}

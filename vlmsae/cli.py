@@ -166,6 +166,37 @@ def dashboard_command(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def explain_command(args: argparse.Namespace) -> None:
+    """Label SAE latents: an explainer VLM answers questions about each latent's top and non-firing images; each
+    label is then scored by detection on held-out images."""
+    from PIL import Image
+
+    from .analysis import scan
+    from .errors import ConfigError
+    from .explain import VLMExplainer, explain, score_detection
+    from .files import write_text_atomic
+
+    if not args.out.endswith(".json"):
+        raise ConfigError(f"--out {args.out!r} must end in .json (the labels, scores and transcripts)")
+    if args.explainer == "shapes-qa":
+        from .testbed.explain import ShapesQAExplainer
+
+        explainer = ShapesQAExplainer()
+    else:
+        explainer = VLMExplainer(load_model(args.explainer, device=args.device))
+    model, sae, layer, site, batches, folder, n_images, special_ids = _sae_and_data(args)
+    found = scan(model, layer, sae, tqdm(batches, desc="scan", disable=not sys.stderr.isatty()),
+                 n_examples=args.n_top, latents=args.latents, site=site, special_ids=special_ids, peaks=True)
+    names = folder.table[folder.image_column].iloc[:n_images]
+    images = [Image.open(folder.folder / name).convert("RGB") for name in names]
+    table = explain(found, images, explainer, n_top=args.n_top, n_negative=args.n_negative)
+    scores = score_detection(table, found, images, explainer, n=args.n_score)
+    table = table.join(scores[["detection", "n_firing", "n_silent"]])
+    print(table[["label", "contrast", "detection"]].to_string(float_format="{:.3f}".format))
+    write_text_atomic(args.out, table.reset_index().to_json(orient="records", indent=1))  # computed first
+    print(f"wrote {args.out}")
+
+
 def _sae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a local model folder, a hub id, or zoo:FAMILY")
     p.add_argument("--sae", required=True, help="an SAE folder (vlmsae / SAELens / sparsify)")
@@ -233,6 +264,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latents", type=int, nargs="+", default=None, help="only these latents (default: all)")
     p.add_argument("--n-examples", type=int, default=8, help="top examples kept per latent")
     p.set_defaults(run=dashboard_command)
+    p = sub.add_parser("explain", help=explain_command.__doc__)
+    _sae_args(p)
+    p.add_argument("--latents", type=int, nargs="+", required=True,
+                   help="the latents to label (each costs the explainer one answer per image and question)")
+    p.add_argument("--explainer", required=True,
+                   help="a VLM folder or hub id that answers questions about images, or shapes-qa (the testbed's)")
+    p.add_argument("--out", required=True, help="the .json file of labels, detection scores and transcripts")
+    p.add_argument("--n-top", type=int, default=8, help="top examples shown per latent")
+    p.add_argument("--n-negative", type=int, default=8, help="non-firing examples shown per latent")
+    p.add_argument("--n-score", type=int, default=16, help="held-out firing and non-firing examples scored")
+    p.set_defaults(run=explain_command)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -19,7 +19,7 @@ examples among non-firing ones), made for images and for an explainer that answe
 
 An explainer is any object with ``questions`` (a dict: key -> question text) and ``ask(images, question)``
 (a list of ``(H, W, 3)`` uint8 arrays and a key of ``questions`` -> one answer string per image).
-:class:`VLMExplainer` wraps a Hugging Face VLM and its processor; offline, the testbed's
+:class:`VLMExplainer` wraps a Hugging Face VLM and its processor (``vlmsae explain --explainer DIR``); offline, the testbed's
 :class:`vlmsae.testbed.explain.ShapesQAExplainer` asks the shipped Shapes QA model its standard questions.
 """
 
@@ -211,7 +211,7 @@ def score_detection(explanations: pd.DataFrame, scan: Scan, images: Sequence, ex
 
     Returns a DataFrame indexed by latent: ``label``, ``detection`` (balanced accuracy in [0, 1]; 0.5 is
     chance; NaN where either side has no example), ``true_positive_rate``, ``true_negative_rate``,
-    ``positives``, ``negatives`` (counts) and ``firing``, ``silent`` (the example indices asked about).
+    ``n_firing``, ``n_silent`` (counts) and ``firing``, ``silent`` (the example indices asked about).
 
     Raises:
         ConfigError: as :func:`explain`; a label's question is not one of the explainer's.
@@ -224,7 +224,7 @@ def score_detection(explanations: pd.DataFrame, scan: Scan, images: Sequence, ex
         key, phrase = labels[latent] if labels is not None else (row["question"], row["phrase"])
         if key is None:
             rows[latent] = {"label": None, "detection": float("nan"), "true_positive_rate": float("nan"),
-                            "true_negative_rate": float("nan"), "positives": 0, "negatives": 0, "firing": [],
+                            "true_negative_rate": float("nan"), "n_firing": 0, "n_silent": 0, "firing": [],
                             "silent": []}
             continue
         if key not in explainer.questions:
@@ -240,6 +240,56 @@ def score_detection(explanations: pd.DataFrame, scan: Scan, images: Sequence, ex
         tpr = float(np.mean(named[:len(firing)])) if firing else float("nan")
         tnr = float(np.mean([not v for v in named[len(firing):]])) if silent else float("nan")
         rows[latent] = {"label": f"{key}: {phrase}", "detection": (tpr + tnr) / 2, "true_positive_rate": tpr,
-                        "true_negative_rate": tnr, "positives": len(firing), "negatives": len(silent),
+                        "true_negative_rate": tnr, "n_firing": len(firing), "n_silent": len(silent),
                         "firing": firing, "silent": silent}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("latent")
+
+
+class VLMExplainer:
+    """A Hugging Face vision-language model as an :class:`Explainer`: each question asked through its processor's
+    chat template (:func:`vlmsae.data.hf_processor`), answered greedily.
+
+    ``model``: a decoder VLM (LLaVA, Qwen-VL, Gemma 3, ...; ``vlmsae.load_model``); ``questions``: key -> question
+    (default :data:`QUESTIONS`); ``max_new_tokens``: the longest answer. Raises ConfigError (from
+    ``hf_processor``) when no processor can be found for the model offline.
+    """
+
+    def __init__(self, model, processor=None, questions: Mapping[str, str] | None = None, max_new_tokens: int = 12):
+        from .data import hf_processor
+
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.questions = dict(QUESTIONS if questions is None else questions)
+        self.to_inputs = hf_processor(model, processor)
+        self.tokenizer = self.to_inputs.tokenizer
+        if self.tokenizer is None:
+            raise ConfigError(f"{type(model).__name__} has no tokenizer to read answers with; an explainer must be "
+                              "a VLM that writes text (a captioner cannot answer questions)")
+
+    @torch.no_grad()
+    def ask(self, images: Sequence[np.ndarray], question: str) -> list[str]:
+        from PIL import Image
+
+        if question not in self.questions:
+            raise ConfigError(f"question {question!r} is not one of this explainer's: {list(self.questions)}")
+        if not images:
+            return []
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"  # answers start where every prompt ends
+        try:
+            inputs = self.to_inputs([Image.fromarray(im) for im in images], [self.questions[question]] * len(images))
+        finally:
+            self.tokenizer.padding_side = side
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return [t.strip() for t in self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:],
+                                                               skip_special_tokens=True)]
+
+
+QUESTIONS = {
+    "object": "What is the main object in this image? Answer in a few words.",
+    "color": "What color is the main object? Answer in one word.",
+    "shape": "What shape is the main object? Answer in one word.",
+    "scene": "Where is this? Answer in a few words.",
+}
+"""The questions a :class:`VLMExplainer` asks by default."""
