@@ -20,7 +20,7 @@ from pathlib import Path
 import vlmsae
 
 PACKAGE = Path(vlmsae.__file__).parent
-ANALYSIS = {"vlmsae.analysis", "vlmsae.probes", "vlmsae.plots", "vlmsae.dashboard"}
+ANALYSIS = {"vlmsae.analysis", "vlmsae.probes", "vlmsae.plots", "vlmsae.dashboard", "vlmsae.explain", "vlmsae.export"}
 TOP = {"vlmsae", "vlmsae.__main__", "vlmsae.cli"}  # the API and the command sit on all three layers
 PEERS = ("nnsight", "transformer_lens", "accelerate")  # optional extras: only vlmsae.integrations may import them
 SHIMS = {"vlmsae.shapes", "vlmsae.concepts", "vlmsae.demo"}  # old paths of testbed modules, for one release
