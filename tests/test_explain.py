@@ -194,3 +194,17 @@ def test_label_agreement_checks_each_best_latent_against_its_value():
     assert agreement["right"].tolist() == [True, False]
     with pytest.raises(ConfigError, match="latent 9 .* was not explained"):
         label_agreement(table.loc[[3]], concepts)
+
+
+def test_localisation_scores_the_heatmap_against_the_labelled_objects():
+    from vlmsae.testbed.explain import score_localisation
+
+    found = hand_scan({5: ("color", "red"), 6: ("shape", "circle")}, heat=True)
+    table = explain(found, IMAGES, Oracle(), n_top=8, n_negative=8, progress=False)
+    assert list(table["label"]) == ["color: red", "shape: circle"]
+    right = score_localisation(table, found, SAMPLES)
+    assert (right == 1.0).all()  # the heat is exactly the labelled objects' coverage
+    table.loc[5, "phrase"], table.loc[6, "question"], table.loc[6, "phrase"] = "blue", "color", "green"
+    wrong = score_localisation(table, found, SAMPLES)
+    assert (wrong < 0.75).all()
+    assert score_localisation(table, hand_scan({5: ("color", "red"), 6: ("shape", "circle")}), SAMPLES).isna().all()

@@ -103,3 +103,39 @@ def explain_concepts(model, layer: int, sae, tokenizer, samples: Sequence[shapes
     explanations = explanations.assign(detection=own["detection"], detection_shuffled=other["detection"])
     return {"explanations": explanations, "agreement": label_agreement(explanations, concepts, concept_names),
             "scan": found, "images": images}
+
+
+def score_localisation(explanations: pd.DataFrame, found, samples: Sequence[shapes.Sample],
+                       patch: int = shapes.PATCH) -> pd.Series:
+    """Does a label's latent fire on the objects the label names? Per latent of ``explanations`` whose scan has
+    heatmaps: the AUROC of its activation on the patches of its top examples at ranking the patches of objects
+    with the label's value (any pixel covered) above the other patches. NaN for a latent without heatmaps, a label
+    that is not about an object's attribute (count), or top examples without both kinds of patch.
+
+    ``found``: the scan ``explanations`` were made from (``scan(..., peaks=True)`` of ``samples`` at an image-token
+    or vision-tower site); ``patch``: the site's patch size in pixels.
+    """
+    from ..metrics import auroc
+
+    out = {}
+    for latent, row in explanations.iterrows():
+        key, phrase, heats = row["question"], row["phrase"], found.top.heatmap(found.top.row(int(latent)))
+        if heats is None or key not in ("color", "shape", "size", "position"):
+            out[latent] = float("nan")
+            continue
+        pos, neg = [], []
+        for j, example in enumerate(row["examples"]):
+            sample = samples[example]
+            named = [i for i, o in enumerate(sample.objects) if _attribute(o, key) == phrase]
+            covered = sample.patch_coverage(patch)[named].sum(0) > 0 if named else np.zeros(heats.shape[1:], bool)
+            heat = heats[j].float().numpy()
+            pos.append(heat[covered])
+            neg.append(heat[~covered])
+        pos, neg = np.concatenate(pos), np.concatenate(neg)
+        out[latent] = float(auroc(torch.from_numpy(pos)[:, None], torch.from_numpy(neg)[:, None])) \
+            if len(pos) and len(neg) else float("nan")
+    return pd.Series(out, name="localisation", dtype=float).rename_axis("latent")
+
+
+def _attribute(obj: shapes.ShapeObject, key: str) -> str:
+    return obj.position if key == "position" else obj.value(key)
