@@ -71,6 +71,27 @@ def test_demo_labels_name_the_concept_of_each_best_latent(demo_summary):
     assert (table["detection"] >= table["detection_shuffled"] + 0.2).all()
     page = (demo_summary["out"] / "report.html").read_text()
     assert "labels from the Shapes QA model" in page and page.count("data:image/png;base64") >= 8
+    for layer in table.index:
+        assert f"href='dashboard_L{layer}.html'" in page and (demo_summary["out"] / f"dashboard_L{layer}.html").is_file()
+
+
+def test_demo_report_opens_in_a_browser_with_its_images(demo_summary, tmp_path):
+    """The report and a layer's dashboard render in headless chromium with no console error, the report's label
+    cards with their images, the dashboard with the labels."""
+    from test_dashboard import CHROMIUM, browse
+
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (apt-get install -y chromium)")
+    out = demo_summary["out"]
+    dom, log = browse(out / "report.html", "", tmp_path)
+    assert not [line for line in log.splitlines() if ":CONSOLE" in line]
+    assert dom.count("class=\"card\"") == 8 * len(demo_summary["table"])  # each colour and shape, per layer
+    assert dom.count("<img src=\"data:image/png;base64,") >= 8 * 4
+    assert dom.count("class=\"plotly-graph-div") >= 3
+    layer = int(demo_summary["table"].index.max())
+    dom, log = browse(out / f"dashboard_L{layer}.html", "", tmp_path)
+    assert not [line for line in log.splitlines() if ":CONSOLE" in line]
+    assert 'data-ready="1"' in dom and "color: " in dom
 
 
 def test_llava_image_token_features_localise_colours():

@@ -129,6 +129,7 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
             row["labels_right"] = float(explained[L]["agreement"]["right"].mean())
             row["detection"] = float(scores["detection"].mean())
             row["detection_shuffled"] = float(scores["detection_shuffled"].mean())
+            _write_layer_dashboard(out / f"dashboard_L{L}.html", model, L, sae, tokenizer, samples, explained[L])
             steering[L], first = _steer_colours(model, tokenizer, L, sae, concepts[L], cfg)
             row["steering_success_color"] = float(steering[L]["success"].mean())
             example = example or (first and {"layer": L, **first})
@@ -173,6 +174,18 @@ def _steer_colours(model, tokenizer, layer, sae, concepts, cfg):
         if example is None and len(table):
             example = {"value": value, "before": table["before"].iloc[0], "after": table["after"].iloc[0]}
     return pd.DataFrame(rows).set_index("value"), example
+
+
+def _write_layer_dashboard(path: Path, model, layer: int, sae, tokenizer, samples, found: dict) -> None:
+    """Every latent's dashboard page (top images and tokens, statistics), with the explainer's labels."""
+    from ..analysis import scan
+    from ..dashboard import write_dashboard
+    from .explain import captioner_batches
+
+    full = scan(model, layer, sae, captioner_batches(samples, tokenizer), n_examples=6)
+    labels = {int(latent): label for latent, label in found["explanations"]["label"].items() if label}
+    write_dashboard(path, full, found["images"], tokenizer=tokenizer, labels=labels,
+                    title=f"vlmsae demo: layer {layer}, {sae.cfg.d_sae} latents")
 
 
 def _labels_html(layer: int, found: dict) -> str:
@@ -244,6 +257,8 @@ def _write_report(path: Path, summary, table, history, concepts, steering, examp
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
     for L, found in (explained or {}).items():
         parts.append(_labels_html(L, found))
+        parts.append(f"<p><a href='dashboard_L{L}.html'>every latent of layer {L}: the dashboard</a> (top images "
+                     "and tokens, statistics, labels)</p>")
     for L, c in concepts.items():
         parts.append(f"<h2>layer {html.escape(str(L))}: concept AUROC</h2>{c.to_html(escape=True)}")
     parts.append(f"<h2>settings</h2><pre>{html.escape(str(asdict(cfg)))}</pre>")
