@@ -145,7 +145,8 @@ def test_vision_site_heatmaps_put_the_hot_patches_on_the_object(shipped):
     name = "vision.blocks.0.hook_resid_post"
     width = vlmsae.layers(model).width("vision.resid_post")
     torch.manual_seed(0)
-    sae = vlmsae.SAE(d_in=width, d_sae=8 * width, k=8)
+    # k 16: on the shipped model (900 steps) k 8 gave a best colour AUROC of 0.844, k 16 0.910 (min 0.815)
+    sae = vlmsae.SAE(d_in=width, d_sae=8 * width, k=16)
     batches = (clip.clip_inputs(shapes.make_samples(64, models.TRAIN_SEED + i), tok) for i in range(80))
     vlmsae.train(model, name, batches, sae, steps=300, batch_size=256, buffer_size=4096, progress=False)
 
