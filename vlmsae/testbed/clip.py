@@ -12,12 +12,14 @@ and measured with ``python -m vlmsae.testbed eval clip --n 2000``: zero-shot col
 0.982 on 2000 fresh single-object images (``reduce="mean"``: 1.0 and 0.982); on 2000 images of one to
 three objects, every object's value right in reading order, 0.62 and 0.63.
 
-Training time: 316 s for the 900 steps (``--threads 2``; 327 s for the whole command, whose closing
+Training time, measured on the quiet 2-core machine (2026-11-30, load average 1.6-2.3, no other job): the command
+above took 214 s to train (3 min 43 s for the whole command, its closing evaluation on 500 images included), and
+wrote a checkpoint bitwise equal to the shipped one. Earlier, under load: 316 s for the 900 steps (``--threads 2``; 327 s for the whole command, whose closing
 evaluation on 500 images gave colour 1.0, shape 0.978), on 2 cores shared with 3 other training processes:
 load average 5.5 when it started, 6.6 a minute in, 2.9 at the end; 288 s user + 31 s system CPU time.
 On a quiet machine a step (forward, backward, AdamW) costs 0.134 s with 2 threads (0.216 s with 1);
 drawing and describing the batch, 0.05 s (at load 5.8), runs on a second thread meanwhile (numpy and torch release
-the GIL in most of it), so about 0.14-0.18 s a step: 2-3 minutes in all, estimated, not measured quiet.
+the GIL in most of it), so about 0.24 s a step with the two heads.
 
 What was tried (1 thread, data drawn between steps; accuracy on 500 fresh single-object images as training
 went, the last row on 1000 by :func:`evaluate_clip`; the s/step include drawing the batch and swing with
