@@ -106,11 +106,19 @@ def test_descriptions_name_what_the_image_shows():
 
 def test_training_is_deterministic(tmp_path):
     cfg = clip.ShapesClipConfig(steps=3, warmup=1, batch=8, d_model=32, vision_layers=1, text_layers=1,
-                                projection_dim=16, patch_aux=1.0, threads=1)
+                                projection_dim=16, patch_aux=1.0, patch_aux_layers=1, threads=1)
     a, _ = clip.train_clip(tmp_path / "a", cfg)
     b, _ = clip.train_clip(None, cfg)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+    # Drawing the next batch on a second thread (the default) or between steps trains the same model.
+    serial, _ = clip.train_clip(None, clip.ShapesClipConfig(**{**cfg.__dict__, "prefetch": 0}))
+    for (name, x), y in zip(a.state_dict().items(), serial.state_dict().values()):
+        assert torch.equal(x, y), name
+    two_heads = clip.ShapesClipConfig(**{**cfg.__dict__, "vision_layers": 2, "patch_aux_layers": 2})
+    d, _ = clip.train_clip(None, two_heads)
+    e, _ = clip.train_clip(None, clip.ShapesClipConfig(**{**two_heads.__dict__, "prefetch": 0}))
+    assert all(torch.equal(x, y) for x, y in zip(d.state_dict().values(), e.state_dict().values()))
     c, _ = clip.train_clip(None, clip.ShapesClipConfig(**{**cfg.__dict__, "seed": 1}))
     assert not torch.equal(c.visual_projection.weight, a.visual_projection.weight)
     loaded, tok = clip.load_clip(tmp_path / "a")
@@ -137,7 +145,8 @@ def test_vision_site_heatmaps_put_the_hot_patches_on_the_object(shipped):
     name = "vision.blocks.0.hook_resid_post"
     width = vlmsae.layers(model).width("vision.resid_post")
     torch.manual_seed(0)
-    sae = vlmsae.SAE(d_in=width, d_sae=8 * width, k=8)
+    # k 16: on the shipped model (900 steps) k 8 gave a best colour AUROC of 0.844, k 16 0.910 (min 0.815)
+    sae = vlmsae.SAE(d_in=width, d_sae=8 * width, k=16)
     batches = (clip.clip_inputs(shapes.make_samples(64, models.TRAIN_SEED + i), tok) for i in range(80))
     vlmsae.train(model, name, batches, sae, steps=300, batch_size=256, buffer_size=4096, progress=False)
 
