@@ -224,7 +224,8 @@ def _write_report(path: Path, summary, table, history, concepts, steering, examp
         h = pd.DataFrame(history)
         fig = go.Figure([go.Scatter(x=g["step"], y=g[m], name=f"layer {L}: {m}")
                          for L, g in h.groupby("layer") for m in ("fvu", "dead_fraction")])
-        fig.update_layout(title="training", xaxis_title="step", yaxis_title="value")
+        fig.update_layout(title="training (dead: fired on none of the last min(dead_tokens, tokens trained) tokens)",
+                          xaxis_title=f"step ({cfg.batch_size} tokens each)", yaxis_title="FVU, dead fraction (fractions of 1)")
         figures.append(fig)
     if concepts:
         bars = []
