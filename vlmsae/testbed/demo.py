@@ -268,6 +268,7 @@ def _write_report(path: Path, summary, table, history, concepts, steering, examp
              "td,th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:right}"
              ".cards{display:flex;flex-wrap:wrap;gap:8px}.card{border:1px solid #ccc;border-radius:6px;padding:6px;"
              "width:330px;font-size:13px}.images img{width:48px;height:48px;image-rendering:pixelated;margin:2px}"
+             "pre{white-space:pre-wrap;overflow-wrap:anywhere}.plotly-graph-div{max-width:100%}"
              "</style>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>vlmsae demo</title>{style}</head><body>" \
            + "\n".join(parts) + "</body></html>"
