@@ -236,9 +236,11 @@ def test_explain_command_labels_latents_with_an_explainer_vlm(tmp_path, capsys):
     explainer = vlmsae.VLMExplainer(vlmsae.load_model(str(folder)))
     assert [r["latent"] for r in rows] == [0, 1]
     for r in rows:
-        assert r["transcript"] and {t["prompt"] for t in r["transcript"]} <= set(explainer.questions.values())
-        assert all(t["answer"] == explainer.ask([vlmsae.plots.to_rgb(_image(data, t["example"]))], t["question"])[0]
-                   for t in r["transcript"][:2])
+        assert r["transcript"] and all(t["prompt"] == explainer.prompt(t["question"], t["context"])
+                                       for t in r["transcript"])
+        assert any(t["context"] and "[[" in t["prompt"] for t in r["transcript"])  # the peak's text is asked
+        assert all(t["answer"] == explainer.ask([vlmsae.plots.to_rgb(_image(data, t["example"]))], t["question"],
+                                                [t["context"]])[0] for t in r["transcript"][:2])
         assert r["label"] is None or r["label"].split(": ")[0] in explainer.questions
     for argv, reason in ((["--out", str(tmp_path / "l.csv"), "--explainer", str(folder)], "must end in .json"),
                          (["--out", str(tmp_path / "l.json"), "--explainer", str(tmp_path / "none")], "none")):

@@ -72,9 +72,12 @@ def hand_scan(latent_values: dict[int, tuple[str, str]], n_top=8, heat=False) ->
     values = torch.where(values > 0, values, float("-inf"))
     example = torch.where(values > 0, example, -1)
     f = len(latents)
+    # the window around each peak: (example, 1000 + latent, -1 past the end)
+    tokens = torch.stack([example, 1000 + torch.tensor(latents)[:, None].expand(-1, n_top),
+                          torch.full((f, n_top), -1)], -1)
     top = TopExamples(latents=torch.tensor(latents), values=values, example=example,
-                      position=torch.zeros(f, n_top, dtype=torch.long), tokens=torch.full((f, n_top, 1), -1),
-                      token_acts=torch.zeros(f, n_top, 1),
+                      position=torch.zeros(f, n_top, dtype=torch.long), tokens=tokens,
+                      token_acts=torch.zeros(f, n_top, 3),
                       image_acts=heats.gather(1, example.clamp_min(0)[..., None].expand(-1, -1, GRID * GRID))
                       if heat else None,
                       layout=PatchLayout((GRID, GRID), 1) if heat else None)
@@ -208,3 +211,37 @@ def test_localisation_scores_the_heatmap_against_the_labelled_objects():
     wrong = score_localisation(table, found, SAMPLES)
     assert (wrong < 0.75).all()
     assert score_localisation(table, hand_scan({5: ("color", "red"), 6: ("shape", "circle")}), SAMPLES).isna().all()
+
+
+def test_an_explainer_that_reads_context_gets_the_text_around_each_peak():
+    """Top examples come with the window around the latent's peak, the peak in [[ ]]; non-firing ones and the
+    held-out images of scoring with none. Two latents sharing an image each ask with their own context."""
+
+    class Reader(Oracle):
+        reads_context = True
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def ask(self, images, question, contexts=None):
+            self.seen += [(question, c) for c in contexts]
+            return super().ask(images, question)
+
+    reader = Reader()
+    found = hand_scan({3: ("color", "red"), 9: ("shape", "circle")})
+    table = explain(found, IMAGES, reader, n_top=8, n_negative=8, progress=False)
+    assert table.loc[3, "label"] == "color: red"
+    for latent in (3, 9):
+        turns = [t for t in table.loc[latent, "transcript"] if t["question"] == "color"]
+        top = [t for t in turns if t["context"] is not None]
+        assert [t["context"] for t in top] == [f"{e} [[{1000 + latent}]]" for e in table.loc[latent, "examples"]]
+        assert all(("color", t["context"]) in reader.seen for t in top)
+        assert len(turns) - len(top) == 8  # the non-firing ones
+    shared = set(table.loc[3, "examples"]) & set(table.loc[9, "examples"])
+    assert shared  # asked twice, once per latent's context
+    assert all(sum(c == f"{e} [[{1000 + L}]]" for q, c in reader.seen if q == "color") == 1
+               for e in shared for L in (3, 9))
+    before = len(reader.seen)
+    score_detection(table, found, IMAGES, reader, n=4, progress=False)
+    assert reader.seen[before:] and all(c is None for _, c in reader.seen[before:])

@@ -189,7 +189,8 @@ def explain_command(args: argparse.Namespace) -> None:
                  n_examples=args.n_top, latents=args.latents, site=site, special_ids=special_ids, peaks=True)
     names = folder.table[folder.image_column].iloc[:n_images]
     images = [Image.open(folder.folder / name).convert("RGB") for name in names]
-    table = explain(found, images, explainer, n_top=args.n_top, n_negative=args.n_negative)
+    table = explain(found, images, explainer, n_top=args.n_top, n_negative=args.n_negative,
+                    tokenizer=getattr(folder.to_inputs, "tokenizer", None))  # the text around each peak, as tokens
     scores = score_detection(table, found, images, explainer, n=args.n_score)
     table = table.join(scores[["detection", "n_firing", "n_silent"]])
     print(table[["label", "contrast", "detection"]].to_string(float_format="{:.3f}".format))

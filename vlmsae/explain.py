@@ -49,8 +49,24 @@ class Explainer(Protocol):
     """Key -> the question asked (e.g. ``{"color": "what color is the shape?"}``)."""
 
     def ask(self, images: Sequence[np.ndarray], question: str) -> list[str]:
-        """One answer per ``(H, W, 3)`` uint8 image to the question of key ``question``."""
+        """One answer per ``(H, W, 3)`` uint8 image to the question of key ``question``. An explainer whose
+        ``reads_context`` is True is also given ``contexts=``: per image the text around the latent's peak, the
+        peak token in ``[[ ]]`` (None for an image shown whole, without a peak)."""
         ...
+
+
+def context_text(ids: Sequence[int], tokenizer=None) -> str:
+    """The window of token ids around a peak (``TopExamples.tokens`` row: the peak in the middle, -1 outside the
+    sequence) as text, the peak token in ``[[ ]]``; ids as numbers without a tokenizer."""
+    ids = [int(i) for i in ids]
+    middle = len(ids) // 2
+    words = []
+    for i, t in enumerate(ids):
+        if t < 0:
+            continue
+        word = str(t) if tokenizer is None else str(tokenizer.convert_ids_to_tokens(t))
+        words.append(f"[[{word}]]" if i == middle else word)
+    return " ".join(words)
 
 
 def phrases(answer: str) -> set[str]:
@@ -101,13 +117,18 @@ class _Answers:
                               "the images of the scanned data, in the order it was scanned")
         return to_rgb(self.images[example])
 
-    def get(self, keys: Sequence[tuple], make, question: str) -> list[str]:
-        """Answers to ``question`` for ``keys``; ``make(key)`` builds a key's image when it is not cached."""
+    def get(self, keys: Sequence[tuple], make, question: str, contexts: Mapping[tuple, str] | None = None
+            ) -> list[str]:
+        """Answers to ``question`` for ``keys``; ``make(key)`` builds a key's image when it is not cached;
+        ``contexts`` (key -> text) go to an explainer that reads them."""
         todo = [k for k in dict.fromkeys(keys) if (k, question) not in self.cache]
+        reads = getattr(self.explainer, "reads_context", False)
         for start in tqdm(range(0, len(todo), self.batch), desc=f"ask {question}", leave=False,
                           disable=not self.progress or len(todo) <= self.batch):
             chunk = todo[start:start + self.batch]
-            answers = self.explainer.ask([make(k) for k in chunk], question)
+            images = [make(k) for k in chunk]
+            answers = self.explainer.ask(images, question, contexts=[(contexts or {}).get(k) for k in chunk]) \
+                if reads else self.explainer.ask(images, question)
             if len(answers) != len(chunk):
                 raise ConfigError(f"the explainer gave {len(answers)} answers for {len(chunk)} images; its ask() "
                                   "must answer every image")
@@ -137,19 +158,22 @@ def _shares(answers: list[str]) -> dict[str, float]:
 
 @torch.no_grad()
 def explain(scan: Scan, images: Sequence, explainer: Explainer, *, latents: Sequence[int] | None = None,
-            n_top: int = 8, n_negative: int = 8, use_focus: bool = True, seed: int = 0, batch: int = 128,
-            progress: bool = True) -> pd.DataFrame:
+            n_top: int = 8, n_negative: int = 8, use_focus: bool = True, tokenizer=None, seed: int = 0,
+            batch: int = 128, progress: bool = True) -> pd.DataFrame:
     """A label per latent from the explainer's answers about its top and non-firing examples.
 
     ``scan``: from ``vlmsae.scan(..., peaks=True)`` with at least ``n_top`` examples per latent;
     ``images[i]`` is example ``i`` of the scanned data (PIL images, or arrays / tensors ``(3, H, W)`` or
     ``(H, W, 3)``); ``latents`` defaults to every scanned latent. Non-firing examples are drawn at random
-    (``seed``) among those with a peak of 0; focusing (``use_focus``) applies where the scan has heatmaps.
+    (``seed``) among those with a peak of 0; focusing (``use_focus``) applies where the scan has heatmaps. Each
+    top example's text around the peak (:func:`context_text`, with ``tokenizer``'s tokens) is kept in the
+    transcript and given to an explainer that reads it (``reads_context``).
 
     Returns a DataFrame indexed by latent: ``label`` (``"question: phrase"``, e.g. ``"color: red"``; None for a
     latent that fired on no example), ``question``, ``phrase``, ``contrast``, ``top_share``,
     ``negative_share``, ``examples`` and ``negatives`` (example indices shown), ``focused`` (bool) and
-    ``transcript`` (a list of ``{"example", "focused", "question", "prompt", "answer"}``).
+    ``transcript`` (a list of ``{"example", "focused", "context", "question", "prompt", "answer"}``; context None
+    for a non-firing example).
 
     Raises:
         ConfigError: the scan has no peaks, a latent was not scanned, an example has no image, ``n_top`` or
@@ -171,19 +195,23 @@ def explain(scan: Scan, images: Sequence, explainer: Explainer, *, latents: Sequ
         negatives = silent[torch.randperm(len(silent), generator=generator)[:n_negative]].sort().values.tolist()
         heats = top.heatmap(row) if use_focus else None
         focused = heats is not None
-        # keys: (latent, example, place among the top) for a focused image, (None, example, None) for a whole one
-        top_keys = [(latent, e, j) if focused else (None, e, None) for j, e in places]
-        make_top = lambda key: focus(answers.image(key[1]), heats[key[2]]) if key[0] is not None \
+        # keys: (latent, example, place among the top) for a focused image or one shown with its peak's context,
+        # (None, example, None) for a whole one
+        reads = getattr(explainer, "reads_context", False)
+        top_keys = [(latent, e, j) if focused or reads else (None, e, None) for j, e in places]
+        context = {key: context_text(top.tokens[row, j], tokenizer) for key, (j, _) in zip(top_keys, places)}
+        make_top = lambda key: focus(answers.image(key[1]), heats[key[2]]) if focused \
             else answers.image(key[1])  # noqa: E731
         neg_keys = [(None, e, None) for e in negatives]
         transcript, best = [], None
         for key, question in explainer.questions.items():
-            said = answers.get(top_keys, make_top, key)
+            said = answers.get(top_keys, make_top, key, context)
             unsaid = answers.get(neg_keys, lambda k: answers.image(k[1]), key)
-            transcript += [{"example": e, "focused": focused, "question": key, "prompt": question, "answer": a}
-                           for e, a in zip(shown, said)]
-            transcript += [{"example": e, "focused": False, "question": key, "prompt": question, "answer": a}
-                           for e, a in zip(negatives, unsaid)]
+            asked = getattr(explainer, "prompt", lambda key, context: question)  # the text a VLMExplainer asks
+            transcript += [{"example": e, "focused": focused, "context": context[k], "question": key,
+                            "prompt": asked(key, context[k]), "answer": a} for e, k, a in zip(shown, top_keys, said)]
+            transcript += [{"example": e, "focused": False, "context": None, "question": key, "prompt": question,
+                            "answer": a} for e, a in zip(negatives, unsaid)]
             on, off = _shares(said), _shares(unsaid)
             for phrase, share in on.items():
                 candidate = (share - off.get(phrase, 0.0), share, key, phrase)
@@ -250,14 +278,16 @@ class VLMExplainer:
     chat template (:func:`vlmsae.data.hf_processor`), answered greedily.
 
     ``model``: a decoder VLM (LLaVA, Qwen-VL, Gemma 3, ...; ``vlmsae.load_model``); ``questions``: key -> question
-    (default :data:`QUESTIONS`); ``max_new_tokens``: the longest answer. Raises ConfigError (from
+    (default :data:`QUESTIONS`); ``max_new_tokens``: the longest answer; ``show_context``: a top example's
+    question also quotes the text around the latent's peak (:meth:`prompt`). Raises ConfigError (from
     ``hf_processor``) when no processor can be found for the model offline.
     """
 
-    def __init__(self, model, processor=None, questions: Mapping[str, str] | None = None, max_new_tokens: int = 12):
+    def __init__(self, model, processor=None, questions: Mapping[str, str] | None = None, max_new_tokens: int = 12,
+                 show_context: bool = True):
         from .data import hf_processor
 
-        self.model, self.max_new_tokens = model, max_new_tokens
+        self.model, self.max_new_tokens, self.reads_context = model, max_new_tokens, show_context
         self.questions = dict(QUESTIONS if questions is None else questions)
         self.to_inputs = hf_processor(model, processor)
         self.tokenizer = self.to_inputs.tokenizer
@@ -265,18 +295,27 @@ class VLMExplainer:
             raise ConfigError(f"{type(model).__name__} has no tokenizer to read answers with; an explainer must be "
                               "a VLM that writes text (a captioner cannot answer questions)")
 
+    def prompt(self, question: str, context: str | None = None) -> str:
+        """The text asked: the question of key ``question``, with the text around the peak when there is one."""
+        text = self.questions[question]
+        if context is None or not self.reads_context:
+            return text
+        return f'{text} (The image came with the text "{context}"; the part in [[ ]] is where it matters.)'
+
     @torch.no_grad()
-    def ask(self, images: Sequence[np.ndarray], question: str) -> list[str]:
+    def ask(self, images: Sequence[np.ndarray], question: str, contexts: Sequence[str | None] | None = None
+            ) -> list[str]:
         from PIL import Image
 
         if question not in self.questions:
             raise ConfigError(f"question {question!r} is not one of this explainer's: {list(self.questions)}")
         if not images:
             return []
+        contexts = [None] * len(images) if contexts is None else contexts
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"  # answers start where every prompt ends
         try:
-            inputs = self.to_inputs([Image.fromarray(im) for im in images], [self.questions[question]] * len(images))
+            inputs = self.to_inputs([Image.fromarray(im) for im in images], [self.prompt(question, c) for c in contexts])
         finally:
             self.tokenizer.padding_side = side
         device = next(self.model.parameters()).device

@@ -199,7 +199,8 @@ def _labels_html(layer: int, found: dict) -> str:
         latent = int(row["latent"])
         said = {}
         for turn in explanations.at[latent, "transcript"]:
-            said.setdefault(turn["example"], []).append(f"{turn['prompt']} {turn['answer']}")
+            said.setdefault(turn["example"], [f"caption: {turn['context']}"] if turn["context"] else [])
+            said[turn["example"]].append(f"{turn['prompt']} {turn['answer']}")
         images = "".join(
             f"<img src='{png_data_uri(found['images'][e])}' alt='example {e}' "
             f"title='{html.escape(chr(10).join(said.get(e, [])), quote=True)}'>"

@@ -95,7 +95,8 @@ def explain_concepts(model, layer: int, sae, tokenizer, samples: Sequence[shapes
     found = scan(model, layer, sae, captioner_batches(samples, tokenizer), latents=latents, n_examples=n_top,
                  peaks=True)
     images = [s.image for s in samples]
-    explanations = explain(found, images, explainer, n_top=n_top, n_negative=n_negative, progress=progress)
+    explanations = explain(found, images, explainer, n_top=n_top, n_negative=n_negative, tokenizer=tokenizer,
+                           progress=progress)
     own = score_detection(explanations, found, images, explainer, n=n_score, progress=progress)
     labels = list(zip(explanations["question"], explanations["phrase"]))
     rotated = dict(zip(explanations.index, labels[1:] + labels[:1]))
