@@ -242,6 +242,9 @@ def test_explain_command_labels_latents_with_an_explainer_vlm(tmp_path, capsys):
         assert all(t["answer"] == explainer.ask([vlmsae.plots.to_rgb(_image(data, t["example"]))], t["question"],
                                                 [t["context"]])[0] for t in r["transcript"][:2])
         assert r["label"] is None or r["label"].split(": ")[0] in explainer.questions
+    image = vlmsae.plots.to_rgb(_image(data, 0))
+    boxes = explainer.locate([image, image], "red square")  # score_boxes asks this; a tiny random model answers
+    assert len(boxes) == 2 and all(isinstance(b, str) for b in boxes)
     for argv, reason in ((["--out", str(tmp_path / "l.csv"), "--explainer", str(folder)], "must end in .json"),
                          (["--out", str(tmp_path / "l.json"), "--explainer", str(tmp_path / "none")], "none")):
         with pytest.raises(SystemExit):

@@ -245,3 +245,35 @@ def test_an_explainer_that_reads_context_gets_the_text_around_each_peak():
     before = len(reader.seen)
     score_detection(table, found, IMAGES, reader, n=4, progress=False)
     assert reader.seen[before:] and all(c is None for _, c in reader.seen[before:])
+
+
+def test_boxes_named_by_the_explainer_score_the_heatmap():
+    """Without masks: an explainer that names the labelled object's box (here from the truth) scores the heatmap
+    near 1, one that names the opposite corner far lower; answers without four numbers are skipped."""
+    from vlmsae.explain import parse_box, score_boxes
+
+    assert parse_box("the box is 0.1 0.2 0.5 0.6.") == (0.1, 0.2, 0.5, 0.6)
+    assert parse_box("[50, 20, 10, 80]") == (0.1, 0.2, 0.5, 0.8)  # percent, corners in any order
+    assert parse_box("top left") is None and parse_box("0.3 0.3 0.3 0.9") is None
+
+    class Boxer(Oracle):
+        def __init__(self, flip):
+            super().__init__()
+            self.flip = flip
+
+        def locate(self, images, phrase):
+            out = []
+            for image in images:
+                sample = self.by_pixels[image.tobytes()]
+                masks = [m for o, m in zip(sample.objects, sample.masks) if o.color == phrase]
+                ys, xs = np.nonzero(np.any(masks, axis=0))
+                box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / shapes.IMAGE_SIZE
+                out.append(" ".join(f"{v:.3f}" for v in (1 - box[[2, 3, 0, 1]] if self.flip else box)))
+            return out
+
+    found = hand_scan({5: ("color", "red")}, heat=True)
+    table = explain(found, IMAGES, Oracle(), n_top=8, n_negative=8, use_focus=False, progress=False)
+    right = score_boxes(table, found, IMAGES, Boxer(flip=False))
+    wrong = score_boxes(table, found, IMAGES, Boxer(flip=True))
+    assert right[5] >= 0.8 and wrong[5] < right[5] - 0.3  # patches at the box edge: centre out, object in
+    assert score_boxes(table, found, IMAGES, Oracle()).isna().all()  # an explainer that cannot name boxes

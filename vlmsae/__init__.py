@@ -10,7 +10,7 @@ from .dashboard import write_dashboard
 from .errors import (ConfigError, LayerIndexError, NonFiniteError, SAEFileError, SiteError, UnsupportedModelError,
                      VlmsaeError)
 from .evaluate import evaluate
-from .explain import VLMExplainer, explain, score_detection
+from .explain import VLMExplainer, explain, score_boxes, score_detection
 from .export import neuronpedia_json, write_neuronpedia
 from .hooks import SITES, Forward, attach
 from .mgsae import MGSAE
@@ -38,7 +38,7 @@ __all__ = [
     # analysis
     "scan", "latent_table", "concept_aurocs", "image_question_grid", "patch_grid", "patch_layout", "Scan",
     "TopExamples", "PatchLayout", "ImageQuestionGrid", "compare_probes", "probe_accuracy", "write_dashboard", "plots",
-    "neuronpedia_json", "write_neuronpedia", "explain", "score_detection", "VLMExplainer",
+    "neuronpedia_json", "write_neuronpedia", "explain", "score_detection", "score_boxes", "VLMExplainer",
     "modality_census", "zero_shot_from_codes", "Census", "ZeroShot",
     # errors
     "VlmsaeError", "ConfigError", "LayerIndexError", "NonFiniteError", "SAEFileError", "SiteError",

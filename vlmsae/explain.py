@@ -16,6 +16,8 @@ examples among non-firing ones), made for images and for an explainer that answe
 - :func:`score_detection`: given a label, the explainer is asked the label's question about held-out firing
   and non-firing examples (whole images); "fires" is predicted where the answer names the label's phrase.
   The score is the balanced accuracy (mean of the true-positive and true-negative rates): 0.5 is chance.
+- :func:`score_boxes`: localisation without masks: the explainer names a box around what the label names in each
+  top example (``locate``), and the latent's heatmap is scored against it (AUROC of the patches inside).
 
 An explainer is any object with ``questions`` (a dict: key -> question text) and ``ask(images, question)``
 (a list of ``(H, W, 3)`` uint8 arrays and a key of ``questions`` -> one answer string per image).
@@ -305,24 +307,36 @@ class VLMExplainer:
     @torch.no_grad()
     def ask(self, images: Sequence[np.ndarray], question: str, contexts: Sequence[str | None] | None = None
             ) -> list[str]:
-        from PIL import Image
-
         if question not in self.questions:
             raise ConfigError(f"question {question!r} is not one of this explainer's: {list(self.questions)}")
         if not images:
             return []
         contexts = [None] * len(images) if contexts is None else contexts
+        return self._generate(images, [self.prompt(question, c) for c in contexts], self.max_new_tokens)
+
+    def _generate(self, images: Sequence[np.ndarray], prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers to one prompt per image."""
+        from PIL import Image
+
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"  # answers start where every prompt ends
         try:
-            inputs = self.to_inputs([Image.fromarray(im) for im in images], [self.prompt(question, c) for c in contexts])
+            inputs = self.to_inputs([Image.fromarray(im) for im in images], prompts)
         finally:
             self.tokenizer.padding_side = side
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:],
                                                                skip_special_tokens=True)]
+
+
+    @torch.no_grad()
+    def locate(self, images: Sequence[np.ndarray], phrase: str) -> list[str]:
+        """Per image, the model's answer to where ``phrase`` is, asked for a box (read by :func:`parse_box`)."""
+        question = (f"Where is the {phrase} in this image? Answer with its box as four numbers x0 y0 x1 y1, "
+                    "fractions of the image's width and height.")
+        return self._generate(images, [question] * len(images), 24) if images else []
 
 
 QUESTIONS = {
@@ -332,3 +346,50 @@ QUESTIONS = {
     "scene": "Where is this? Answer in a few words.",
 }
 """The questions a :class:`VLMExplainer` asks by default."""
+
+
+def parse_box(answer: str) -> tuple[float, float, float, float] | None:
+    """The first four numbers of an answer as a box ``(x0, y0, x1, y1)`` in fractions of the image's width and
+    height (numbers above 1 are read as percent); None when the answer holds fewer than four, or no area."""
+    numbers = [float(v) for v in re.findall(r"\d+(?:\.\d+)?", answer)[:4]]
+    if len(numbers) < 4:
+        return None
+    if max(numbers) > 1:
+        numbers = [v / 100 for v in numbers]
+    x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in numbers)
+    x0, x1, y0, y1 = min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+@torch.no_grad()
+def score_boxes(explanations: pd.DataFrame, scan: Scan, images: Sequence, explainer) -> pd.Series:
+    """Localisation on data without masks: the explainer names a box around what each label names in each top
+    example (``explainer.locate(images, phrase)`` -> one answer per image, read by :func:`parse_box`), and the
+    latent's heatmap is scored against it: AUROC of the patches whose centre is inside the box above the others,
+    over the top examples with a box. NaN for a latent without heatmaps or label, or with no box named; all NaN
+    for an explainer without ``locate``."""
+    from .metrics import auroc
+
+    out = {}
+    for latent, row in explanations.iterrows():
+        heats = scan.top.heatmap(scan.top.row(int(latent)))
+        if heats is None or row["phrase"] is None or not hasattr(explainer, "locate"):
+            out[latent] = float("nan")
+            continue
+        answers = _Answers(explainer, images, batch=len(row["examples"]) or 1, progress=False)
+        said = explainer.locate([answers.image(e) for e in row["examples"]], row["phrase"])
+        pos, neg = [], []
+        for heat, answer in zip(heats, said):
+            box = parse_box(answer)
+            if box is None:
+                continue
+            rows, cols = heat.shape
+            cy = (torch.arange(rows) + 0.5) / rows
+            cx = (torch.arange(cols) + 0.5) / cols
+            inside = ((cy[:, None] >= box[1]) & (cy[:, None] <= box[3]) & (cx[None, :] >= box[0])
+                      & (cx[None, :] <= box[2]))
+            pos.append(heat[inside].float())
+            neg.append(heat[~inside].float())
+        pos, neg = (torch.cat(pos), torch.cat(neg)) if pos else (torch.zeros(0), torch.zeros(0))
+        out[latent] = float(auroc(pos[:, None], neg[:, None])) if len(pos) and len(neg) else float("nan")
+    return pd.Series(out, name="box_localisation", dtype=float).rename_axis("latent")
