@@ -22,8 +22,9 @@ needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH
                                    "`apt-get install -y chromium` (Debian) to run the browser checks")
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def tiny_llava_scan():
+    """A TopK SAE trained briefly on a tiny LLaVA's layer 1 and a scan of every second latent over its data:
+    (model, data, scan, images in [0, 1]). The dashboard and export tests read it."""
     torch.manual_seed(0)
     model = tiny_model("llava", n_layers=2)
     data = [tiny_inputs(model, 4, seed=s) for s in range(3)]
@@ -38,9 +39,14 @@ def built(tmp_path_factory):
     for _ in range(20):
         trainer.step(acts[torch.randperm(len(acts))[:64]])
     sae.eval()
+    found = scan(model, LAYER, sae, data, n_examples=5, latents=list(range(0, 64, 2)))
+    return model, data, found, torch.cat([(b["pixel_values"] + 1) / 2 for b in data])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    _, _, found, images = tiny_llava_scan()
     features = list(range(0, 64, 2))  # the dashboard shows the scanned subset
-    found = scan(model, LAYER, sae, data, n_examples=5, latents=features)
-    images = torch.cat([(b["pixel_values"] + 1) / 2 for b in data])
     table = latent_table(found)
     path = write_dashboard(tmp_path_factory.mktemp("dash") / "features.html", found, images, table=table,
                            title="tiny llava <L1>")

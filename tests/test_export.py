@@ -10,12 +10,12 @@ import torch
 
 import vlmsae
 import vlmsae.export
-from vlmsae import ConfigError, Kind
+from vlmsae import ConfigError
 from vlmsae.analysis import latent_table, scan
 from vlmsae.dashboard import dashboard_data, script_json, write_dashboard
 from vlmsae.export import neuronpedia_json, write_neuronpedia
-from vlmsae.trainer import SAETrainer
-from vlmsae.zoo import tiny_inputs, tiny_model
+
+from test_dashboard import tiny_llava_scan
 
 LAYER = 1
 HOSTILE = ["</script><script>window.__pwned=1</script>", "<!--<script>", "\"'&<>\\", "nul\x00here", "ünï ☃ \U0001F600"]
@@ -31,23 +31,7 @@ SAEDASHBOARD_ACTIVATION = ["tokens", "values", "bin_min", "bin_max", "bin_contai
 
 @pytest.fixture(scope="module")
 def built():
-    torch.manual_seed(0)
-    model = tiny_model("llava", n_layers=2)
-    data = [tiny_inputs(model, 4, seed=s) for s in range(3)]
-    acts = []
-    for batch in data:
-        with vlmsae.record(model, [LAYER], stop=True) as rec:
-            model(**batch)
-        acts.append(rec[LAYER][rec.kinds(LAYER) != Kind.PAD])
-    acts = torch.cat(acts)
-    sae = vlmsae.SAE(d_in=64, d_sae=64, k=4)
-    trainer = SAETrainer(sae)
-    for _ in range(20):
-        trainer.step(acts[torch.randperm(len(acts))[:64]])
-    sae.eval()
-    found = scan(model, LAYER, sae, data, n_examples=5, latents=list(range(0, 64, 2)))
-    images = torch.cat([(b["pixel_values"] + 1) / 2 for b in data])
-    return model, data, found, images
+    return tiny_llava_scan()
 
 
 def fired(found, latent):
