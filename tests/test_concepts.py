@@ -95,6 +95,30 @@ def test_demo_report_opens_in_a_browser_with_its_images(demo_summary, tmp_path):
     assert 'data-ready="1"' in dom and "color: " in dom
 
 
+def test_demo_report_screenshot_shows_its_images_and_fits_the_window(demo_summary, tmp_path):
+    """A 1280 px screenshot of the report: no horizontal scroll, and at every <img>'s place on the page exactly the
+    pixels of the image it embeds (the label cards' examples, drawn pixelated at their size); another image's
+    pixels do not match there (the comparison can tell images apart)."""
+    import numpy as np
+    from PIL import Image
+    from test_dashboard import CHROMIUM, screenshot
+
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (apt-get install -y chromium)")
+    layout, shot, images = screenshot(demo_summary["out"] / "report.html", tmp_path)
+    assert layout["scroll"] <= layout["client"], layout["scroll"]
+    assert len(layout["images"]) == len(images) >= 8 * 4
+    for i, ((left, top, width, height, decoded), image) in enumerate(zip(layout["images"], images)):
+        assert decoded, i
+        seen = shot.crop((round(left), round(top), round(left + width), round(top + height)))
+        shown, other = (np.asarray(im.resize(seen.size, Image.NEAREST), dtype=float)
+                        for im in (image, images[(i + 1) % len(images)]))
+        seen = np.asarray(seen, dtype=float)
+        assert np.abs(seen - shown).mean() < 2, (i, np.abs(seen - shown).mean())
+        if not np.array_equal(shown, other):
+            assert np.abs(seen - other).mean() > 5, i
+
+
 def test_llava_image_token_features_localise_colours():
     import vlmsae
     from vlmsae import SAE, train

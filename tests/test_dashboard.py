@@ -53,16 +53,55 @@ def built(tmp_path_factory):
     return path, found, table, features
 
 
-def browse(path: Path, fragment: str, tmp_path: Path) -> tuple[str, str]:
-    """Open ``path#fragment`` in headless chromium with no network; return the rendered DOM and the browser log."""
-    profile = tmp_path / f"profile-{abs(hash(fragment))}"
+def browse(path: Path, fragment: str, tmp_path: Path, *options: str) -> tuple[str, str]:
+    """Open ``path#fragment`` in headless chromium with no network; return the rendered DOM and the browser log.
+    ``options``: more chromium switches, e.g. ``--window-size=W,H`` or ``--screenshot=FILE`` (then the DOM is not
+    dumped)."""
+    profile = tmp_path / f"profile-{abs(hash((fragment, options)))}"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
            f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
-           "--dump-dom", f"{path.resolve().as_uri()}#{fragment}"]
+           *options, *(() if any(o.startswith("--screenshot") for o in options) else ("--dump-dom",)),
+           f"{path.resolve().as_uri()}#{fragment}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout, done.stderr
+
+
+LAYOUT_PROBE = """<script>addEventListener("load", () => {
+  const root = document.documentElement;
+  const images = [...document.images].map(im => {
+    const box = im.getBoundingClientRect();
+    return [box.left, box.top, box.width, box.height, im.complete && im.naturalWidth > 0];
+  });
+  document.body.setAttribute("data-probe", JSON.stringify({scroll: root.scrollWidth, client: root.clientWidth, images}));
+});</script>"""
+
+
+def screenshot(path: Path, tmp_path: Path, width: int = 1280) -> tuple[dict, "Image.Image", list["Image.Image"]]:
+    """What a reader of ``path`` sees in a ``width`` px window (device scale 1): (layout, screenshot, images).
+
+    layout: the page's ``scroll`` and ``client`` widths in px (scroll > client: a horizontal scroll bar) and, per
+    <img> in document order, [left, top, width, height, decoded]; the screenshot covers the page down to its last
+    image; images: the page's data-URI PNGs in document order, decoded (what each <img> should show)."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    page = path.read_text()
+    probed = tmp_path / f"probe-{path.name}"  # the same page and a script that writes its layout into the DOM
+    probed.write_text(page.replace("</body>", LAYOUT_PROBE + "</body>"))
+    size = [f"--window-size={width},1000", "--hide-scrollbars", "--force-device-scale-factor=1"]
+    dom, _ = browse(probed, "", tmp_path, *size)
+    layout = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
+    height = int(max([1000] + [top + h for _, top, _, h, _ in layout["images"]])) + 8
+    png = tmp_path / f"shot-{path.stem}.png"
+    browse(path, "", tmp_path, f"--window-size={width},{height}", *size[1:], f"--screenshot={png}")
+    images = [Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+              for data in re.findall(r"<img src=['\"]data:image/png;base64,([^'\"]+)['\"]", page)]
+    return layout, Image.open(png).convert("RGB"), images
 
 
 def test_file_is_self_contained(built):
