@@ -10,16 +10,22 @@ With ``--dead N`` the same N latents are dead at every step on every side, so th
 every side runs its AuxK loss (Gao et al. 2024 §A.2): vlmsae over the latents a
 readout has seen dead (aux_k = d_in / 2, coefficient 1/32), sparsify with
 ``auxk_alpha`` 1/32, sae-lens with its default coefficient 1.0.
+"vlmsae" is the step a user gets: `SAETrainer` at its defaults, which select the latents with a bf16 matmul
+on CUDA and on a CPU with native bf16 (`vlmsae.trainer.default_compute_dtype`); ``--fp32-cpu`` adds the
+float32 selection beside it. ``--load N`` keeps N busy processes running through the rounds (a loaded machine).
 
     python benchmarks/bench_sae_step.py                    # CPU: d_in 768, d_sae 24576, k 32, batch 4096
     python benchmarks/bench_sae_step.py --dead 3072        # the same, with an eighth of the latents dead
+    python benchmarks/bench_sae_step.py --dead 3072 --peers sparsify --fp32-cpu --load 2    # under load
     python benchmarks/bench_sae_step.py --device cuda --d-in 4096 --d-sae 65536 --k 64 --batch 16384 --peers
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import statistics
 import subprocess
 import sys
@@ -90,7 +96,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     parser.add_argument("--peers", nargs="*", default=["saelens", "sparsify"], help="none: vlmsae and the floor only")
-    parser.add_argument("--bf16-cpu", action="store_true", help="also vlmsae with bf16 encoder matmuls on the CPU")
+    parser.add_argument("--fp32-cpu", action="store_true", help="also vlmsae with a float32 selection matmul on the CPU")
+    parser.add_argument("--load", type=int, default=0, help="busy processes running through the rounds")
     parser.add_argument("--dead", type=int, default=0, help="latents dead at every step on every side (AuxK on)")
     parser.add_argument("--interop-python", type=Path, default=REPO / ".venv-interop" / "bin" / "python")
     args = parser.parse_args()
@@ -116,20 +123,21 @@ def main() -> None:
     sae = SAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k, device=device)
     trainer = SAETrainer(sae, sync_every=10**9)  # no readout inside the timed steps
     variants = {"vlmsae": vlmsae_step(trainer)}
-    if args.bf16_cpu and device.type == "cpu":
-        sae_bf16 = SAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k, device=device)
-        trainer_bf16 = SAETrainer(sae_bf16, sync_every=10**9, compute_dtype="bfloat16")
-        variants["vlmsae (bf16 matmul)"] = vlmsae_step(trainer_bf16)
+    if args.fp32_cpu and device.type == "cpu" and trainer.compute_dtype != torch.float32:
+        sae_fp32 = SAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k, device=device)
+        trainer_fp32 = SAETrainer(sae_fp32, sync_every=10**9, compute_dtype="float32")
+        variants["vlmsae (fp32 selection)"] = vlmsae_step(trainer_fp32)
     W_enc = sae.W_enc.detach().clone()
-    # The floor at the step's compute dtype (bf16 on CUDA, as the step runs there).
+    # The floor in the dtype of the default step's selection matmul (bf16 on CUDA and on a CPU with native bf16).
     floor_dtype = trainer.compute_dtype
     x_floor, W_floor = x.to(floor_dtype), W_enc.to(floor_dtype)
-    variants["dense floor (x @ W_enc)"] = lambda: x_floor @ W_floor
+    FLOOR = f"dense floor ({str(floor_dtype)[6:]} x @ W_enc)"
+    variants[FLOOR] = lambda: x_floor @ W_floor
     for fn in variants.values():
         fn()  # warm-up
 
     peers = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, busy(args.load):
         if args.peers:
             if not args.interop_python.exists():
                 sys.exit(f"no interop venv at {args.interop_python}: run tests/interop/setup_venv.sh, or pass --peers")
@@ -146,18 +154,38 @@ def main() -> None:
             peer.close()
 
     median = {name: statistics.median(ts) for name, ts in times.items()}
-    ours, floor = median["vlmsae"], median["dense floor (x @ W_enc)"]
+    ours, floor = median["vlmsae"], median[FLOOR]
     print(f"\nTopK SAE training step, Adam: d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} "
           f"on {args.device} ({torch.get_num_threads()} threads), median of {args.rounds}x{args.steps} steps, "
-          + (f"AuxK on every side ({args.dead} latents dead)" if args.dead else "no dead latents (no AuxK)"))
-    print(f"{'variant':28} {'s/step':>9} {'tokens/s':>11} {'time / vlmsae':>14}")
+          + (f"AuxK on every side ({args.dead} latents dead)" if args.dead else "no dead latents (no AuxK)")
+          + f"; vlmsae selects in {str(trainer.compute_dtype)[6:]}" + (f"; {args.load} busy processes" if args.load else ""))
+    print(f"{'variant':32} {'s/step':>9} {'tokens/s':>11} {'time / vlmsae':>14}")
     for name, seconds in median.items():
-        print(f"{name:28} {seconds:9.3f} {args.batch / seconds:11,.0f} {seconds / ours:13.2f}x")
+        print(f"{name:32} {seconds:9.3f} {args.batch / seconds:11,.0f} {seconds / ours:13.2f}x")
     print(f"vlmsae / dense floor: {floor / ours:.2f} of the floor's tokens/s")
     for name in peers:
         print(f"vlmsae / {name} tokens/s{' with AuxK' if args.dead else ''}: {median[name] / ours:.2f}x")
     if device.type == "cuda":
         print(f"vlmsae / H200 ceiling ({H200_CEILING_TOKENS_PER_S:.1e} tokens/s): {args.batch / ours / H200_CEILING_TOKENS_PER_S:.2f}")
+
+
+def spin() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy(n: int):
+    """`n` processes spinning on a core each while the block runs (the loaded-machine case)."""
+    workers = [multiprocessing.Process(target=spin, daemon=True) for _ in range(n)]
+    for w in workers:
+        w.start()
+    try:
+        yield
+    finally:
+        for w in workers:
+            w.terminate()
+            w.join()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ D_IN, D_SAE, STEPS, SPLIT = 16, 64, 6, (40, 24)  # unequal shards: the global to
 ONLINE = {"batch_size": 64, "buffer_size": 512, "sync_every": 8, "warmup_steps": 4, "k_start": 16, "progress": False}
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 ONLINE_STEPS, ONLINE_EVERY, INTERRUPT_AT = 40, 8, 9
+# float32 selection: bf16 scores (the default on a CPU with native bf16) tie often enough at BatchTopK's global
+# threshold that N ranks keep the tied entries one process leaves out (SAETrainer._global_batchtopk)
+PARITY_TRAINER = {"sync_every": 2, "compute_dtype": "float32"}
 
 
 def parity_sae(architecture: str) -> vlmsae.SAE:
@@ -54,7 +57,7 @@ def run_parity(world, out: Path) -> None:
     """SAETrainer steps on this rank's shard of each global batch: the end state, and a digest after each step."""
     for architecture in ARCHITECTURES:
         sae = parity_sae(architecture)
-        trainer = SAETrainer(sae, world=world, sync_every=2)
+        trainer = SAETrainer(sae, world=world, **PARITY_TRAINER)
         digests = []
         for x in parity_batches():
             trainer.step(shard(x, world.rank))

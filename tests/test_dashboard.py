@@ -1,6 +1,9 @@
 """The feature dashboard: a self-contained file that a real headless browser opens offline and renders."""
 
+import base64
 import html
+import io
+import json
 import re
 import shutil
 import subprocess
@@ -8,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import vlmsae
 from vlmsae import Kind
@@ -78,18 +82,12 @@ LAYOUT_PROBE = """<script>addEventListener("load", () => {
 });</script>"""
 
 
-def screenshot(path: Path, tmp_path: Path, width: int = 1280) -> tuple[dict, "Image.Image", list["Image.Image"]]:
+def screenshot(path: Path, tmp_path: Path, width: int = 1280) -> tuple[dict, Image.Image, list[Image.Image]]:
     """What a reader of ``path`` sees in a ``width`` px window (device scale 1): (layout, screenshot, images).
 
     layout: the page's ``scroll`` and ``client`` widths in px (scroll > client: a horizontal scroll bar) and, per
     <img> in document order, [left, top, width, height, decoded]; the screenshot covers the page down to its last
     image; images: the page's data-URI PNGs in document order, decoded (what each <img> should show)."""
-    import base64
-    import io
-    import json
-
-    from PIL import Image
-
     page = path.read_text()
     probed = tmp_path / f"probe-{path.name}"  # the same page and a script that writes its layout into the DOM
     probed.write_text(page.replace("</body>", LAYOUT_PROBE + "</body>"))

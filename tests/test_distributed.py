@@ -68,7 +68,7 @@ def test_two_ranks_on_shards_equal_one_process_on_the_whole_batch(ranks, archite
     the global batch: the loss is normalised by the global token count, so the SAE equals one process's on the
     concatenated batches; metrics (FVU, dead latents) are global."""
     sae = worker.parity_sae(architecture)
-    trainer = SAETrainer(sae, sync_every=2)
+    trainer = SAETrainer(sae, **worker.PARITY_TRAINER)
     for x in worker.parity_batches():
         trainer.step(x)
     (rank0, rank1), (meta0, meta1) = per_rank(ranks, f"parity-{architecture}")

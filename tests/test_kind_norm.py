@@ -308,7 +308,7 @@ def test_the_training_loss_is_the_mse_in_each_kinds_normalised_units():
     statistics set by the first batch (written out by hand; AuxK off, no latent dead yet)."""
     x, kinds = two_kinds()
     sae = make_sae()
-    trainer = SAETrainer(sae, lr=1e-12)
+    trainer = SAETrainer(sae, lr=1e-12, compute_dtype="float32")  # the reference selects in float32
     trainer.step(x, kinds=kinds)  # sets the statistics
     image = kinds == Kind.IMAGE
     with torch.no_grad():

@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
-from vlmsae import metrics
+from vlmsae import Kind, metrics
 from vlmsae.errors import ConfigError, NonFiniteError
 from vlmsae.sae import ARCHITECTURES, SAE
 from vlmsae.saeconfig import SAEConfig
 from vlmsae.sparse import SparseCode, gather_pre_acts, sparse_decode
 from vlmsae.trainer import SAETrainer, SAETrainerConfig
+from vlmsae import trainer as trainer_module
 
 
 @pytest.fixture
@@ -510,3 +511,38 @@ def test_batchtopk_selection_on_cpu_picks_what_one_topk_picks():
         values, indices = _largest_entries(x, count)
         want_values, want_indices = reference(x, count)
         assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_cpu_selects_in_bf16_by_default_only_where_it_multiplies_bf16_natively(monkeypatch, native_bf16):
+    """compute_dtype=None: a bf16 selection for the TopK kinds on a CPU with native bf16 (values, loss and gradients
+    stay float32), float32 on one without and for the dense kinds; an explicit compute_dtype always wins."""
+    monkeypatch.setattr(trainer_module, "_cpu_has_native_bf16", lambda: native_bf16)
+    fast = torch.bfloat16 if native_bf16 else torch.float32
+    for kind, want in (("topk", fast), ("batchtopk", fast), ("relu", torch.float32), ("jumprelu", torch.float32)):
+        assert SAETrainer(SAE(d_in=8, d_sae=32, k=2, architecture=kind)).compute_dtype == want, kind
+    half = SAE(d_in=8, d_sae=32, k=2).to(torch.bfloat16)  # trains a float32 working copy
+    assert SAETrainer(half).compute_dtype == fast
+    assert SAETrainer(SAE(d_in=8, d_sae=32, k=2), compute_dtype="float32").compute_dtype == torch.float32
+    assert SAETrainer(SAE(d_in=8, d_sae=32, k=2).double()).compute_dtype == torch.float64
+
+
+@pytest.mark.parametrize("recipe", [dict(architecture="topk"), dict(architecture="topk", k_per_kind={"image": 2, "text": 6}),
+                                    dict(architecture="topk", normalize_per_kind=True, normalize_activations=False),
+                                    dict(architecture="relu")])
+def test_reconstruct_is_the_sae_forward(recipe):
+    """The readouts' reconstruction (TopK: the step's selection and sparse decode) equals SAE.forward on the same
+    rows: the reconstruction in the model's units and the set of non-zero (row, latent) entries."""
+    torch.manual_seed(0)
+    sae = SAE(d_in=16, d_sae=64, k=4, **recipe)
+    trainer = SAETrainer(sae, compute_dtype="float32")
+    x = torch.randn(48, 16) * 3 + 1
+    kinds = torch.tensor([int(Kind.IMAGE), int(Kind.TEXT)] * 24, dtype=torch.int8)
+    for _ in range(3):
+        trainer.step(x, kinds=kinds)
+    recon, rows, cols = trainer.reconstruct(x, kinds)
+    with torch.no_grad():
+        out = sae(x, kinds)
+    torch.testing.assert_close(recon, out.recon, rtol=1e-5, atol=1e-5)
+    want = out.latents.nonzero()
+    assert sorted(zip(rows.tolist(), cols.tolist())) == sorted(map(tuple, want.tolist()))

@@ -235,7 +235,8 @@ def test_sharded_training_equals_sae_trainer(ranks, architecture):
     _, results, train = ranks
     sae, batches = train[architecture]
     reference = SAE.from_tensors(sae.cfg, {n: v.clone() for n, v in sae.state_dict().items()})
-    trainer = SAETrainer(reference, sync_every=1)  # a readout per step: its loss; no latent is dead, AuxK stays off
+    # ShardedTrainer selects in the weights' dtype; a readout per step: its loss; no latent is dead, AuxK stays off
+    trainer = SAETrainer(reference, sync_every=1, compute_dtype="float32")
     for x in batches:
         trainer.step(x)
     trained = results[0][f"train-{architecture}"]["gathered"]

@@ -106,7 +106,9 @@ def test_printed_metrics_match_recomputed(capsys, monkeypatch):
 
     spy_on_steps(monkeypatch, record_by_hand)
     history = []
-    trained = train(model, LAYER, data, sae, steps=steps, history=history, **dict(FAST, progress=True)).sae
+    # the by-hand top-k is float32: so is the trainer's selection (bf16 by default on a CPU with native bf16)
+    trained = train(model, LAYER, data, sae, steps=steps, history=history, compute_dtype="float32",
+                    **dict(FAST, progress=True)).sae
     err = capsys.readouterr().err
     final = [line for line in re.split(r"[\r\n]", err) if f"{steps}/{steps}" in line][-1]
     printed = re.search(r"L1 fvu (\S+) l0 (\S+) dead (\S+) \(silent (\d+) tok\) \| image (\S+)/(\d+) \| text (\S+)/(\d+)",

@@ -541,15 +541,16 @@ class OnlineRun:
         for (L, i), t in self.trainers.items():
             r, sae = rows[L], t.sae
             x = r.acts.to(sae.W_dec.dtype)
-            codes = sae(x, r.kind)  # the kinds: an SAE with normalize_per_kind needs them, others ignore them
-            err = (codes.recon.float() - x.float()).pow(2).sum(-1)
+            recon, rows_, cols = t.reconstruct(x, r.kind)  # an SAE with normalize_per_kind needs the kinds
+            err = (recon.float() - x.float()).pow(2).sum(-1)
+            entry_kind = r.kind[rows_]
             parts = []
             for kind in kinds:
-                sel = r.kind == kind
+                sel, mine = r.kind == kind, entry_kind == kind
                 xs = x[sel].double()
-                fired = (codes.latents[sel] != 0)
+                fired = torch.zeros(sae.cfg.d_sae, dtype=torch.double, device=x.device).index_fill_(0, cols[mine], 1)
                 parts.append(torch.cat([torch.stack([sel.sum().double(), err[sel].double().sum(), xs.pow(2).sum(),
-                                                     fired.sum().double()]), xs.sum(0), fired.any(0).double()]))
+                                                     mine.sum().double()]), xs.sum(0), fired]))
             sums = torch.stack(parts)
             if self.world is not None and self.owners is None:
                 sums = self.world.sum_(sums)

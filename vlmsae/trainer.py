@@ -1,7 +1,8 @@
 """One SAE training step (loss, backward, Adam, decoder renorm), fast and free of host syncs.
 
 TopK kinds take the sparse path: one dense matmul scores every latent
-(in bf16 on CUDA), TopK picks k per token, and decoding plus every gradient
+(in bf16 on CUDA and on CPUs with native bf16 dot products, `default_compute_dtype`;
+the chosen latents' values are then recomputed in float32), TopK picks k per token, and decoding plus every gradient
 touch only the chosen rows (`vlmsae.sparse`). ReLU and JumpReLU latents are
 not sparse enough early in training for that to pay, so they take the dense
 path under autocast. Metrics accumulate on the device; every `sync_every`
@@ -81,7 +82,10 @@ class SAETrainerConfig:
     """Steps between the host readouts of metrics and of the dead-latent count; None means 100 for a lone
     SAETrainer (``SYNC_EVERY``) and 25 under ``vlmsae.train`` (``vlmsae.train.RUN_SYNC_EVERY``)."""
     compute_dtype: str | None = None
-    """dtype of the encoder matmul; None means bfloat16 on CUDA and the weights' dtype elsewhere."""
+    """dtype of the selection matmul (the chosen latents' values are always recomputed in the weights' dtype);
+    None means ``default_compute_dtype``: bfloat16 for float32 weights on CUDA and on a CPU with native bf16
+    dot products (AVX512-BF16 or AMX), else the weights' dtype. "float32" gives a CPU run that does not depend
+    on the machine's instruction set."""
     encode_chunk: int | None = None
     """Tokens per chunk of the selection matmul; None means 256 on CPU (so that a chunk of pre-activations stays in cache) and the whole batch on CUDA."""
     init_from_first_batch: bool = True
@@ -220,9 +224,7 @@ class SAETrainer:
         self.sae, self.cfg, self.world = sae, cfg, world
         self.sync_every = cfg.sync_every or SYNC_EVERY
         device = sae.W_dec.device
-        self.compute_dtype = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else (
-            torch.bfloat16 if device.type == "cuda" else sae.W_dec.dtype
-        )
+        self.compute_dtype = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else default_compute_dtype(sae.W_dec, sae.cfg.architecture)
         self.encode_chunk = cfg.encode_chunk or (256 if device.type == "cpu" else 1 << 62)
         self.dense_auxk_factor = (cfg.dense_auxk_factor if cfg.dense_auxk_factor is not None
                                   else DENSE_AUXK_FACTOR.get(device.type, DENSE_AUXK_FACTOR["cpu"]))
@@ -327,7 +329,8 @@ class SAETrainer:
 
     @torch.no_grad()
     def _select(self, u: Tensor, dead: Tensor, aux_k: int, k: int, token_k: Tensor | None = None) -> Selection:
-        """The latents of this step for centred inputs `u` (n_tokens, d_in); `dead` (d_sae,) bool gates AuxK;
+        """The latents of this step for centred inputs `u` (n_tokens, d_in); `dead` (d_sae,) bool gates AuxK (unread
+        when `aux_k` is 0);
         `token_k` (n_tokens,) each token's k (topk with ``k_per_kind``; `k` is then their largest)."""
         if self.sae.cfg.architecture == "batchtopk":
             chosen = self._select_batchtopk(u, dead, aux_k, k)
@@ -429,6 +432,25 @@ class SAETrainer:
             aux_loss = self._auxk_loss(u, x_n - recon_n, dead, aux_k, dense_aux, aux_acts, aux_code)
             loss = loss + cfg.aux_coefficient * aux_loss
         return StepLoss(loss, recon_n, *self._fired(acts, chosen.code), aux_loss)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, kinds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The SAE as it stands on `x` (n_tokens, d_in) of `kinds` (n_tokens,) (as in `step`), at its own k:
+        (reconstruction (n_tokens, d_in) in the model's units, rows (N,) and latents (N,) of the N non-zero
+        activations). TopK takes the step's selection and sparse decode (a tenth of a dense forward's time at
+        d_sae 4096, k 32); the other kinds `SAE.forward`. The readouts' per-kind metrics (`vlmsae.train`)."""
+        sae = self.sae
+        if sae.cfg.architecture != "topk":
+            out = sae(x, kinds)
+            rows, cols = out.latents.nonzero(as_tuple=True)
+            return out.recon, rows, cols
+        token_k = None if sae.cfg.k_per_kind is None else sae.token_k(kinds, x.shape[:-1])
+        k = max(sae.cfg.kind_k()) if token_k is not None else sae.cfg.k
+        chosen = self._select(sae.center(x, kinds), None, 0, k, token_k)
+        acts = chosen.values.relu()
+        recon = sae.denormalize(sparse_decode(acts, sae.W_dec, chosen.code) + sae.b_dec, kinds)
+        live = acts != 0
+        return recon, chosen.code.rows[live], chosen.code.cols[live]
 
     def _aux_plan(self) -> tuple[int, bool, Tensor]:
         """AuxK of this step: aux_k (0 when off), whether it runs dense, and (d_sae,) bool: the latents it may pick."""
@@ -713,6 +735,30 @@ class SAETrainer:
             self.aux_candidates = dead.nonzero().view(-1) if meta.get("aux_active") else self.aux_candidates[:0]
         self.history = [TrainMetrics(**m) for m in meta["history"]]
         self._store()
+
+
+def default_compute_dtype(weights: Tensor, architecture: str) -> torch.dtype:
+    """The matmul dtype of a trainer whose config leaves ``compute_dtype`` unset, for float32 `weights` of an SAE of
+    `architecture`: bfloat16 on CUDA (every kind's matmuls, under autocast); on a CPU with native bf16 dot products
+    (AVX512-BF16 or AMX tiles, where the bf16 selection matmul runs about 2.5x the float32 one: benchmarks/RESULTS.md,
+    "SAE training step") bfloat16 for the TopK kinds' selection and dense AuxK pass only; else `weights`' dtype.
+
+    On the sparse path bf16 only ranks the latents: their values, the loss and its gradients stay in float32, so a
+    latent is chosen differently only where two pre-activations tie within bf16's rounding (2**-8 relative); FVU and
+    planted-feature recovery stay within 1% of the float32 selection (benchmarks/bench_bf16_selection.py)."""
+    if weights.dtype != torch.float32:
+        return weights.dtype
+    if weights.device.type == "cuda":
+        return torch.bfloat16
+    if weights.device.type == "cpu" and architecture in ("topk", "batchtopk") and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return weights.dtype
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); False where torch cannot tell."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
 
 
 def _largest_entries(pre: Tensor, count: int) -> tuple[Tensor, Tensor]:
