@@ -224,7 +224,8 @@ class SAETrainer:
         self.sae, self.cfg, self.world = sae, cfg, world
         self.sync_every = cfg.sync_every or SYNC_EVERY
         device = sae.W_dec.device
-        self.compute_dtype = DTYPES[cfg.compute_dtype] if cfg.compute_dtype else default_compute_dtype(sae.W_dec, sae.cfg.architecture)
+        self.compute_dtype = (DTYPES[cfg.compute_dtype] if cfg.compute_dtype
+                              else default_compute_dtype(sae.W_dec, sae.cfg.architecture))
         self.encode_chunk = cfg.encode_chunk or (256 if device.type == "cpu" else 1 << 62)
         self.dense_auxk_factor = (cfg.dense_auxk_factor if cfg.dense_auxk_factor is not None
                                   else DENSE_AUXK_FACTOR.get(device.type, DENSE_AUXK_FACTOR["cpu"]))
