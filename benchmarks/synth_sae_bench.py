@@ -24,6 +24,14 @@ directions about ten times faster per step, slowing as the norms grow), vlmsae k
     python benchmarks/synth_sae_bench.py --samples 3000000          # width 4096, k 25
     python benchmarks/synth_sae_bench.py --model tiny --samples 4096 --width 64 --k 4 --eval-samples 2048  # smoke
 
+A long run keeps its state with ``--state DIR`` (vlmsae's side only, ``--no-saelens``): after every score the
+trainers (`SAETrainer.state_dict`: weights, Adam, dead counters), the sample stream's RNG state, the samples and
+seconds so far and every score are written to DIR (atomically); the same command resumes from there, so a run
+of tens of millions of samples can go on over several sittings:
+
+    python benchmarks/synth_sae_bench.py --no-saelens --kinds matryoshka --samples 40000000 --score-every 2000000 \
+        --state runs/synth --json runs/synth/scores.json
+
 The interop interpreter is ``--interop-python``, else $VLMSAE_INTEROP_PYTHON, else ``.venv-interop``
 (tests/interop/setup_venv.sh). Published (SAELens, 200M samples, L0 25, width 4096): Matryoshka
 F1 0.879 / MCC 0.793, BatchTopK F1 0.732 / MCC 0.757.
@@ -41,9 +49,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from vlmsae.files import write_folder_atomic
 from vlmsae.sae import SAE
 from vlmsae.trainer import SAETrainer
 
@@ -133,18 +142,59 @@ class Bench:
         return rows
 
     def run(self) -> list[dict]:
-        """Train on the whole budget, scoring every ``score_every`` samples and at the end; returns the last scores."""
+        """Train on the whole budget (from a saved state's samples on), scoring every ``score_every`` samples and
+        at the end; returns the last scores."""
         args = self.args
         first = True
-        with tqdm(total=args.samples, unit="sample", unit_scale=True, desc="training") as bar:
-            for index, start in enumerate(range(0, args.samples, args.chunk)):
+        with tqdm(total=args.samples, initial=self.samples, unit="sample", unit_scale=True, desc="training") as bar:
+            for index, start in enumerate(range(self.samples, args.samples, args.chunk), start=self.samples // args.chunk):
                 self.train_chunk(index, min(args.chunk, args.samples - start))
                 bar.update(self.samples - bar.n)
                 bar.set_postfix({f"{kind[:3]} {impl}": f"{s:.0f}s" for (kind, impl), s in self.seconds.items()})
                 if args.score_every and self.samples % args.score_every == 0 and self.samples < args.samples:
                     tqdm.write(table(self.score(), header=first))
                     first = False
-        return self.score()
+                    self.save_state()
+        rows = self.score()
+        self.save_state()
+        return rows
+
+    RESUMED_ARGS = ("model", "width", "k", "seed", "batch", "vlmsae_lr", "chunk", "kinds", "eval_samples")
+
+    def save_state(self) -> None:
+        """With ``--state``: everything a resumed run needs, swapped in whole (the previous state stays until then)."""
+        if self.args.state is None:
+            return
+        stream = self.peer("stream_state")["state"]
+
+        def write(folder: Path) -> None:
+            metas = {}
+            for kind, trainer in self.ours.items():
+                tensors, metas[kind] = trainer.state_dict()
+                save_file(tensors, folder / f"vlmsae-{kind}.safetensors")
+            (folder / "state.json").write_text(json.dumps({
+                "args": {name: getattr(self.args, name) for name in self.RESUMED_ARGS}, "samples": self.samples,
+                "seconds": {kind: s for (kind, _), s in self.seconds.items()}, "scores": self.scores,
+                "trainers": metas, "stream": stream}))
+        write_folder_atomic(self.args.state, write)
+
+    def load_state(self) -> None:
+        """Resume from ``--state`` if it holds a run; SystemExit if that run's settings differ from these."""
+        path = self.args.state / "state.json" if self.args.state else None
+        if path is None or not path.is_file():
+            return
+        state = json.loads(path.read_text())
+        ours = {name: getattr(self.args, name) for name in self.RESUMED_ARGS}
+        if state["args"] != json.loads(json.dumps(ours)):
+            sys.exit(f"--state {self.args.state} holds a run with {state['args']}, not {ours}: pass another --state "
+                     "or the same settings")
+        for kind, trainer in self.ours.items():
+            trainer.load_state_dict(load_file(self.args.state / f"vlmsae-{kind}.safetensors"), state["trainers"][kind],
+                                    source=str(self.args.state))
+        self.peer("set_stream", state=state["stream"])
+        self.samples, self.scores = state["samples"], state["scores"]
+        self.seconds = {(kind, "vlmsae"): s for kind, s in state["seconds"].items()}
+        print(f"resumed from {self.args.state} at {self.samples:,} samples", file=sys.stderr)
 
 
 def table(rows: list[dict], header: bool = True, published: bool = False) -> str:
@@ -193,6 +243,8 @@ def main() -> None:
                         help="--no-saelens: train vlmsae's SAEs only (SAELens still builds, draws and scores)")
     parser.add_argument("--score-every", type=int, default=0, help="samples between scores on the way (0: at the end)")
     parser.add_argument("--json", type=Path, help="also write every score here, as it comes")
+    parser.add_argument("--state", type=Path, help="keep the run's state here after every score, and resume from it "
+                        "(vlmsae's side only: --no-saelens)")
     parser.add_argument("--model", default="16k", choices=["16k", "tiny"], help="tiny: a small model for smoke tests")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vlmsae" / "synth-sae-bench",
                         help="where the built synthetic model is kept")
@@ -201,6 +253,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.interop_python.exists():
         sys.exit(f"no interop venv at {args.interop_python}: run tests/interop/setup_venv.sh or pass --interop-python")
+    if args.state is not None and args.saelens:
+        sys.exit("--state keeps vlmsae's trainers only: add --no-saelens")
     args.chunk -= args.chunk % args.batch
     args.samples -= args.samples % args.batch
     torch.set_num_threads(args.threads)
@@ -220,6 +274,7 @@ def main() -> None:
               f"{args.eval_samples:,} held-out samples (true L0 {held_out['true_l0']:.1f})\n", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             bench = Bench(args, peer, model["d_in"], Path(tmp))
+            bench.load_state()
             rows = bench.run()
     finally:
         peer.close()

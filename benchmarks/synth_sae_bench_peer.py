@@ -170,6 +170,14 @@ class Peer:
         save_file({"x": x.contiguous()}, path)
         return {"seconds": time.perf_counter() - start}
 
+    def stream_state(self) -> dict:
+        """The training sample stream's RNG state (bytes as ints), for a run that stops and resumes."""
+        return {"state": self.stream.tolist()}
+
+    def set_stream(self, state: list) -> dict:
+        self.stream = torch.tensor(state, dtype=torch.uint8)
+        return {}
+
     def train(self, kind: str, path: str) -> dict:
         """SAELens's SAETrainer.fit loop, one batch at a time (its public seams), minus wandb and the progress bar."""
         trainer, x = self.trainers[kind], load_file(path)["x"]
