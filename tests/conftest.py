@@ -59,3 +59,15 @@ def topk_by_hand(sae, x):
     top = pre.topk(sae.cfg.k, dim=-1)
     latents = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
     return (latents @ W_dec + b_dec) / scale, latents
+
+
+def assert_step_equals_dense_step(sae, reference, loss) -> None:
+    """`sae` after one trainer step (lr 1e-3) against `reference` (the same SAE before it) after the step written
+    out from the definitions: `loss` backpropagated, the gradient parallel to the decoder rows removed, one Adam step
+    (Gao et al.'s eps), the decoder rows renormalised; every parameter compared."""
+    loss.backward()
+    reference.remove_parallel_decoder_grad_()
+    torch.optim.Adam(reference.parameters(), lr=1e-3, eps=6.25e-10).step()
+    reference.normalize_decoder_()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(getattr(sae, name), p, rtol=1e-9, atol=1e-12, msg=name)

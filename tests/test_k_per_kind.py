@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_step_equals_dense_step
 
 import vlmsae
 from vlmsae import SAE, Kind, metrics
@@ -82,12 +83,7 @@ def test_a_trainer_step_equals_the_dense_autograd_step():
     out = reference.train()(x, kinds)
     torch.testing.assert_close(out.latents, by_hand(reference, x, kinds))
     loss = metrics.mse(x, out.recon)
-    loss.backward()
-    reference.remove_parallel_decoder_grad_()
-    torch.optim.Adam(reference.parameters(), lr=1e-3, eps=6.25e-10).step()
-    reference.normalize_decoder_()
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(getattr(sae, name), p, rtol=1e-9, atol=1e-12, msg=name)
+    assert_step_equals_dense_step(sae, reference, loss)
     readout = trainer.history[-1]
     assert readout.loss == pytest.approx(loss.item(), rel=1e-9)
     n_image = int((kinds == Kind.IMAGE).sum())

@@ -4,14 +4,15 @@ import math
 
 import pytest
 import torch
+from conftest import assert_step_equals_dense_step
 
 from vlmsae import Kind, metrics
+from vlmsae import trainer as trainer_module
 from vlmsae.errors import ConfigError, NonFiniteError
 from vlmsae.sae import ARCHITECTURES, SAE
 from vlmsae.saeconfig import SAEConfig
 from vlmsae.sparse import SparseCode, gather_pre_acts, sparse_decode
 from vlmsae.trainer import SAETrainer, SAETrainerConfig
-from vlmsae import trainer as trainer_module
 
 
 @pytest.fixture
@@ -108,13 +109,7 @@ def test_trainer_sparse_step_equals_dense_autograd_step(kind):
     aux_latents = torch.zeros_like(out.pre_acts).scatter(1, latents, values.relu())
     residual = (x - out.recon).detach()
     aux = metrics.mse(residual, aux_latents @ reference.W_dec) * min(40 / aux_k, 1.0)
-    (loss + reference.cfg.aux_coefficient * aux).backward()
-    reference.remove_parallel_decoder_grad_()
-    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, eps=6.25e-10)
-    optimizer.step()
-    reference.normalize_decoder_()
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(getattr(sae, name), p, rtol=1e-9, atol=1e-12, msg=name)
+    assert_step_equals_dense_step(sae, reference, loss + reference.cfg.aux_coefficient * aux)
     metrics_ = trainer.history[-1]
     assert metrics_.aux_loss > 0 and metrics_.l0 == pytest.approx(4.0, abs=0.5)
     # a one-step window reads out that step's loss and AuxK loss
@@ -140,13 +135,7 @@ def test_matryoshka_step_equals_the_dense_sum_of_prefix_losses(kind):
     for width in widths[:-1]:
         inner = out.latents[:, :width] @ reference.W_dec[:width] + reference.b_dec
         loss = loss + metrics.mse(x, inner)
-    loss.backward()
-    reference.remove_parallel_decoder_grad_()
-    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, eps=6.25e-10)
-    optimizer.step()
-    reference.normalize_decoder_()
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(getattr(sae, name), p, rtol=1e-9, atol=1e-12, msg=name)
+    assert_step_equals_dense_step(sae, reference, loss)
     assert trainer.history[-1].loss == pytest.approx(loss.item(), rel=1e-9)
 
 
