@@ -109,7 +109,8 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
           f"{', '.join(map(str, chosen))} of the {info.family} model, {cfg.steps} steps of {cfg.batch_size} tokens")
     train(model, list(chosen), data, saes, steps=cfg.steps, batch_size=cfg.batch_size, buffer_size=cfg.buffer_size,
           k_start=4 * cfg.k, warmup_steps=min(50, cfg.steps // 10), sync_every=25, history=history, seed=cfg.seed,
-          special_ids=special_ids)
+          special_ids=special_ids, compute_dtype="float32")  # float32 selection: the same SAEs (and the figures
+    # in benchmarks/RESULTS.md) on every CPU, whether or not it has the native bf16 that the default would use
     rows, concepts, steering, explained, example = {}, {}, {}, {}, None
     samples = shapes.make_samples(cfg.concept_samples, CONCEPT_SEED) if model_name is None else None
     explainer = ShapesQAExplainer() if samples is not None else None
