@@ -22,6 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from vlmsae import metrics
 from vlmsae.sae import SAE
 from vlmsae.trainer import SAETrainer
 
@@ -58,7 +59,7 @@ def train(args, seed: int, compute_dtype: str) -> dict:
     with torch.no_grad():
         sae.eval()
         recon = sae(held_out).recon
-        fvu = float((held_out - recon).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum())
+        fvu = float(metrics.fvu(held_out, recon))
         decoder = torch.nn.functional.normalize(sae.W_dec, dim=1)
         best = (data.directions @ decoder.T).max(dim=1).values
     return {"fvu": fvu, "mean_max_cos": float(best.mean()), "recovered": float((best > 0.9).float().mean()),

@@ -131,8 +131,8 @@ def main() -> None:
     # The floor in the dtype of the default step's selection matmul (bf16 on CUDA and on a CPU with native bf16).
     floor_dtype = trainer.compute_dtype
     x_floor, W_floor = x.to(floor_dtype), W_enc.to(floor_dtype)
-    FLOOR = f"dense floor ({str(floor_dtype)[6:]} x @ W_enc)"
-    variants[FLOOR] = lambda: x_floor @ W_floor
+    floor_name = f"dense floor ({str(floor_dtype)[6:]} x @ W_enc)"
+    variants[floor_name] = lambda: x_floor @ W_floor
     for fn in variants.values():
         fn()  # warm-up
 
@@ -154,7 +154,7 @@ def main() -> None:
             peer.close()
 
     median = {name: statistics.median(ts) for name, ts in times.items()}
-    ours, floor = median["vlmsae"], median[FLOOR]
+    ours, floor = median["vlmsae"], median[floor_name]
     print(f"\nTopK SAE training step, Adam: d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} "
           f"on {args.device} ({torch.get_num_threads()} threads), median of {args.rounds}x{args.steps} steps, "
           + (f"AuxK on every side ({args.dead} latents dead)" if args.dead else "no dead latents (no AuxK)")

@@ -188,6 +188,7 @@ def explain(scan: Scan, images: Sequence, explainer: Explainer, *, latents: Sequ
     answers = _Answers(explainer, images, batch, progress)
     generator = torch.Generator().manual_seed(seed)
     rows = {}
+    reads = getattr(explainer, "reads_context", False)
     for latent in tqdm(chosen, desc="explain", disable=not progress):
         row = top.row(latent)
         values, index = top.values[row, :n_top], top.example[row, :n_top]
@@ -199,7 +200,6 @@ def explain(scan: Scan, images: Sequence, explainer: Explainer, *, latents: Sequ
         focused = heats is not None
         # keys: (latent, example, place among the top) for a focused image or one shown with its peak's context,
         # (None, example, None) for a whole one
-        reads = getattr(explainer, "reads_context", False)
         top_keys = [(latent, e, j) if focused or reads else (None, e, None) for j, e in places]
         context = {key: context_text(top.tokens[row, j], tokenizer) for key, (j, _) in zip(top_keys, places)}
         make_top = lambda key: focus(answers.image(key[1]), heats[key[2]]) if focused \
@@ -330,7 +330,6 @@ class VLMExplainer:
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:],
                                                                skip_special_tokens=True)]
 
-
     @torch.no_grad()
     def locate(self, images: Sequence[np.ndarray], phrase: str) -> list[str]:
         """Per image, the model's answer to where ``phrase`` is, asked for a box (read by :func:`parse_box`)."""
@@ -370,13 +369,13 @@ def score_boxes(explanations: pd.DataFrame, scan: Scan, images: Sequence, explai
     for an explainer without ``locate``."""
     from .metrics import auroc
 
+    answers = _Answers(explainer, images, batch=1, progress=False)  # reads the images as arrays
     out = {}
     for latent, row in explanations.iterrows():
         heats = scan.top.heatmap(scan.top.row(int(latent)))
         if heats is None or row["phrase"] is None or not hasattr(explainer, "locate"):
             out[latent] = float("nan")
             continue
-        answers = _Answers(explainer, images, batch=len(row["examples"]) or 1, progress=False)
         said = explainer.locate([answers.image(e) for e in row["examples"]], row["phrase"])
         pos, neg = [], []
         for heat, answer in zip(heats, said):
