@@ -30,6 +30,7 @@ from .data import LiveSource
 from .deprecation import renamed_attributes, warn_renamed
 from .errors import ConfigError, NonFiniteError, SiteError
 from .layer_owners import LayerOwners
+from .overlap import StepStreams
 from .sae import SAE
 from .shards import ShardSource, Shards
 from .sites import parse_site
@@ -104,6 +105,10 @@ class OnlineRunConfig:
     """A wandb project name to log to (wandb must be installed); None: no logging."""
     progress: bool = True
     """Show a tqdm progress bar with live metrics."""
+    overlap: bool = True
+    """On CUDA, run the SAE steps on their own stream so that they overlap the next fill's forwards
+    (:mod:`vlmsae.overlap`; holds a read phase's rows twice while they run). No effect on the CPU; the trained
+    SAEs are those of the plain alternation either way."""
 
     def __post_init__(self):
         self.special_ids = tuple(sorted(int(i) for i in self.special_ids or ()))
@@ -131,6 +136,8 @@ class OnlineRunConfig:
                               "or 'layers' (one owner per layer)")
         if isinstance(self.quota, str) and self.quota != "balanced":
             raise ConfigError(f"quota={self.quota!r} must be a dict of shares, 'balanced' or None")
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"overlap={self.overlap!r} must be True or False")
         if self.buffer_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"buffer_dtype={self.buffer_dtype!r} must be float32, bfloat16 or float16")
 
@@ -376,6 +383,8 @@ class OnlineRun:
         self.schedulers = {key: torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda step: lr_factor(step, cfg))
                            for key, t in self.trainers.items()}
         self.buffers = {L: self.make_buffer(L) for L in self.trained}
+        # one process on CUDA: the steps on their own stream, overlapping the next fill (DDP: the plain alternation)
+        self.streams = StepStreams([self.devices[L] for L in self.trained], enabled=cfg.overlap and self.world is None)
         self.screens = {L: Admission(cfg.kinds, cfg.quota, cfg.outlier_factor, self.devices[L])
                         for L in self.saes} if by_layer else {}
         self.step_count, self.since_checkpoint, self.last_checkpoint = 0, 0, None
@@ -429,19 +438,22 @@ class OnlineRun:
                    dynamic_ncols=True)
         try:
             while self.step_count < cfg.steps:
-                self.fill()
+                self.fill()  # on CUDA the forwards overlap the steps launched just before (self.streams)
                 if not self.told_mix and cfg.progress and main:
                     bar.write(self.mix())
                 self.told_mix = True
-                for rows in zip(*(self.buffers[L].read(self.rank_batch) for L in self.trained)):
-                    if self.step_count >= cfg.steps:
-                        break
-                    self.step(rows)
-                    bar.update(1)
-                    if self.step_count % self.trainer_cfg.sync_every == 0 or self.step_count == cfg.steps:
-                        self.readout(rows, bar, logger)
+                phase = self.streams.gathered(zip(*(self.buffers[L].read(self.rank_batch) for L in self.trained)))
+                with self.streams.steps():
+                    for rows in phase:
+                        if self.step_count >= cfg.steps:
+                            break
+                        self.step(rows)
+                        bar.update(1)
+                        if self.step_count % self.trainer_cfg.sync_every == 0 or self.step_count == cfg.steps:
+                            self.readout(rows, bar, logger)
                 self.checkpoint_if_needed()
         finally:
+            self.streams.join()
             bar.close()
             if logger is not None:
                 logger.finish()
@@ -476,9 +488,9 @@ class OnlineRun:
             self.source.fill(self.buffers)
         else:
             self.agree_filled()
+        self.streams.join()  # the steps wrote first_bad
         for L, b in self.buffers.items():
-            self.first_bad[L] = torch.where((self.first_bad[L] < 0) & (b.nonfinite > 0), self.step_count,
-                                            self.first_bad[L])
+            self.first_bad[L].masked_fill_((self.first_bad[L] < 0) & (b.nonfinite > 0), self.step_count)
 
     def agree_filled(self) -> None:
         """Under N ranks, the stop condition: fill this rank's buffers, then agree with every rank that all did.
@@ -502,7 +514,7 @@ class OnlineRun:
         step, cfg = self.step_count, self.cfg
         for L, r in zip(self.trained, rows):
             finite = torch.isfinite(r.acts).all()
-            self.first_bad[L] = torch.where((self.first_bad[L] < 0) & ~finite, step, self.first_bad[L])
+            self.first_bad[L].masked_fill_((self.first_bad[L] < 0) & ~finite, step)  # in place: see vlmsae.overlap
         if (step + 1) % self.trainer_cfg.sync_every == 0:  # the trainers read out at this step: check inputs first
             self.guard_finite()
         for L, r in zip(self.trained, rows):
@@ -602,6 +614,7 @@ class OnlineRun:
         if self.out is None or not cfg.checkpoint_every:
             return
         if self.since_checkpoint >= cfg.checkpoint_every or self.step_count >= cfg.steps:
+            self.streams.join()
             self.guard_finite()  # a bad state never becomes the last good checkpoint
             self.last_checkpoint = save_checkpoint(self.out, self.step_count, self.source.state(), self.trainers,
                                                    self.schedulers, self.buffers, cfg, self.trainer_cfg, self.world,
