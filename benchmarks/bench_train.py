@@ -7,6 +7,11 @@ the run's k schedule. Back to back is what harvest and step would give one after
 between them: 1 / (1 / harvest + 1 / step). All in buffered tokens per second; the ratios are
 harvest+train over harvest alone (the GPU goal, >= 0.85 for a 7B) and over back to back (the overhead of
 everything that is neither the model nor the SAE: buffer writes and reads, readouts, Python; goal >= 0.95).
+Alternating is that back to back done for real: a plain loop that fills a ``RingBuffer`` with early-stopped
+forwards and steps a ``SAETrainer`` on its half-buffers in turn, nothing else (no readouts beyond the
+trainer's own, no NaN markers, no schedules but k's). Harvest+train over alternating is vlmsae.train's own
+overhead; alternating over back to back is what taking turns costs the model and the SAE themselves (on a
+CPU, each evicts the other's weights from the caches).
 
     python benchmarks/bench_train.py
     python benchmarks/bench_train.py --device cuda --dtype bfloat16 --llava-7b --batch-size 16384
@@ -66,7 +71,7 @@ def main():
                  progress=False)
     rows = buffered_rows(model, layer, batches, buffer_size, args.batch_size)
     trained_tokens = args.steps * args.batch_size  # every buffered row is read exactly once
-    rates = {"harvest": [], "step": [], "train": []}
+    rates = {"harvest": [], "step": [], "train": [], "alternating": []}
     for _ in tqdm(range(args.rounds), desc="rounds"):  # the three take turns, so drift hits them alike
         t0 = now()
         vlmsae.train(model, layer, batches, sae(), steps=args.steps, batch_size=args.batch_size,
@@ -76,7 +81,9 @@ def main():
         # training refills half its buffer at a time (and drops the same overflow)
         rates["harvest"].append(harvest_rate(model, layer, batches, trained_tokens, buffer_size // 2, now)[0])
         rates["step"].append(step_alone(rows, sae(), args, now))
-    harvest, step_rate, train_rate = (statistics.median(rates[name]) for name in ("harvest", "step", "train"))
+        rates["alternating"].append(alternating(model, layer, batches, sae(), args, buffer_size, now))
+    harvest, step_rate, train_rate, alternate = (statistics.median(rates[name])
+                                                 for name in ("harvest", "step", "train", "alternating"))
     back_to_back = 1 / (1 / harvest + 1 / step_rate)
     # each round's own ratio (its three measurements taken one after the other), against drift between rounds
     round_ratios = [t * (1 / h + 1 / s) for h, s, t in zip(rates["harvest"], rates["step"], rates["train"])]
@@ -90,6 +97,12 @@ def main():
     print(f"ratio harvest+train / harvest: {train_rate / harvest:.2f} (GPU goal for a 7B: >= 0.85)")
     print(f"ratio harvest+train / back to back: {train_rate / back_to_back:.2f} (goal >= 0.95); by round: "
           + ", ".join(f"{r:.2f}" for r in round_ratios))
+    print(f"alternating (harvest and step in turn, a plain loop): {alternate:,.0f} tokens/s")
+    print(f"ratio alternating / back to back: {alternate / back_to_back:.2f}; by round: "
+          + ", ".join(f"{a * (1 / h + 1 / s):.2f}" for h, s, a in zip(rates["harvest"], rates["step"],
+                                                                      rates["alternating"])))
+    print(f"ratio harvest+train / alternating: {train_rate / alternate:.2f}; by round: "
+          + ", ".join(f"{t / a:.2f}" for t, a in zip(rates["train"], rates["alternating"])))
 
 
 def buffered_rows(model, layer: int, batches, buffer_size: int, batch_size: int) -> list[torch.Tensor]:
@@ -114,6 +127,29 @@ def step_alone(rows: list[torch.Tensor], sae, args, now) -> float:
     for step in range(args.steps):
         trainer.step(rows[step % len(rows)], k=schedule[step])
     return args.steps * args.batch_size / (now() - t0)
+
+def alternating(model, layer: int, batches, sae, args, buffer_size: int, now) -> float:
+    """Tokens/s of `args.steps` steps taken in turn with the forwards that feed them, as vlmsae.train takes
+    them (a full buffer first, then half a buffer between read phases), in a plain loop of RingBuffer,
+    record and SAETrainer.step at the run's k schedule and readout cadence."""
+    cfg = OnlineRunConfig(steps=args.steps)
+    schedule = [k_at(step, args.k, cfg, sae.cfg.d_sae) for step in range(args.steps)]
+    trainer = vlmsae.SAETrainer(sae, sync_every=RUN_SYNC_EVERY)
+    buffer = vlmsae.RingBuffer(buffer_size, sae.cfg.d_in, device=next(model.parameters()).device)
+    step, forwards = 0, itertools.count()
+    t0 = now()
+    while step < args.steps:
+        with torch.no_grad():
+            while buffer.free_rows():
+                with vlmsae.record(model, [layer], stop=True, sink=buffer.sink()):
+                    model(**batches[next(forwards) % len(batches)])
+        for rows in buffer.read(args.batch_size):
+            if step == args.steps:
+                break
+            trainer.step(rows.acts, k=schedule[step])
+            step += 1
+    return args.steps * args.batch_size / (now() - t0)
+
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,8 @@ from vlmsae.train import latest_checkpoint, train
 from vlmsae.trainer import SAETrainer
 from vlmsae.zoo import tiny_inputs, tiny_model
 
+from test_interventions import replace_layer_output
+
 LAYER = 1
 FAST = dict(batch_size=64, buffer_size=512, sync_every=25, warmup_steps=10, k_start=32, progress=False)
 
@@ -122,19 +124,8 @@ def llava_with_kind_sae():
 
 def logits_with(model, inputs, fn):
     """Logits with the output residual r of decoder layer LAYER replaced by fn(r) in a plain PyTorch hook."""
-    layer = model.model.language_model.layers[LAYER]
-
-    def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (fn(output[0]),) + tuple(output[1:])
-        return fn(output)
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            return model(**inputs).logits
-    finally:
-        handle.remove()
+    with replace_layer_output(model, LAYER, fn), torch.no_grad():
+        return model(**inputs).logits
 
 
 def test_splice_keeps_clean_logits_with_the_error_term_and_reconstructs_in_model_units_without():

@@ -138,12 +138,15 @@ class _Answers:
         return [self.cache[(k, question)] for k in keys]
 
 
-def _check(scan: Scan, explainer: Explainer, n: int, name: str) -> None:
+def _check(scan: Scan, explainer: Explainer, **counts: int) -> None:
+    """Raises ConfigError unless the scan has peaks, every count (by its argument's name) is >= 1 and the
+    explainer has questions."""
     if scan.peaks is None:
         raise ConfigError("the scan has no peaks: run scan(..., peaks=True) (explain picks non-firing examples "
                           "from them)")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"{name}={n!r} must be an integer >= 1")
+    for name, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"{name}={n!r} must be an integer >= 1")
     if not getattr(explainer, "questions", None):
         raise ConfigError(f"the explainer {type(explainer).__name__} has no questions; give it a dict key -> "
                           "question text")
@@ -181,8 +184,7 @@ def explain(scan: Scan, images: Sequence, explainer: Explainer, *, latents: Sequ
         ConfigError: the scan has no peaks, a latent was not scanned, an example has no image, ``n_top`` or
             ``n_negative`` < 1, the explainer has no questions or answers fewer images than asked.
     """
-    _check(scan, explainer, n_top, "n_top")
-    _check(scan, explainer, n_negative, "n_negative")
+    _check(scan, explainer, n_top=n_top, n_negative=n_negative)
     top = scan.top
     chosen = top.latents.tolist() if latents is None else [int(v) for v in latents]
     answers = _Answers(explainer, images, batch, progress)
@@ -246,7 +248,7 @@ def score_detection(explanations: pd.DataFrame, scan: Scan, images: Sequence, ex
     Raises:
         ConfigError: as :func:`explain`; a label's question is not one of the explainer's.
     """
-    _check(scan, explainer, n, "n")
+    _check(scan, explainer, n=n)
     answers = _Answers(explainer, images, batch, progress)
     generator = torch.Generator().manual_seed(seed)
     rows = {}
