@@ -457,6 +457,9 @@ def section_train(args, device, now, report: Report) -> dict:
               and 0 < last.get("l0", 0) <= args.k + 0.5, f"last readout: step {last.get('step')}, "
               f"fvu {last.get('fvu', math.nan):.3f}, l0 {last.get('l0', math.nan):.2f}")
         del trained
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the blocks cached for the side stream, back to the driver
         say("online training, the steps on the forwards' stream (overlap=False)")
         t0 = now()
         train(args.train_steps, overlap=False)

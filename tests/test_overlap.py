@@ -42,7 +42,8 @@ class Streams:
         self.log, self.current = [], None
         self.main, self.side = self.Stream(self, "main"), self.Stream(self, "side")
         self.current = self.main
-        self.recorded = set()  # ids of tensors the side stream owns
+        self.recorded = []  # the tensors the side stream owns (held: ids of freed tensors are reused)
+        self.first_bad = []  # the run's NaN markers, which both streams write
         log = self.log
 
         @contextlib.contextmanager
@@ -55,23 +56,34 @@ class Streams:
 
         def record_stream(tensor, s):
             assert s is self.side
-            self.recorded.add(id(tensor))
+            self.recorded.append(tensor)
 
+        def masked_fill_(tensor, *args):
+            if any(tensor is t for t in self.first_bad):
+                log.append(("mark", self.current.name))
+            return real_masked_fill_(tensor, *args)
+
+        real_masked_fill_ = torch.Tensor.masked_fill_
         monkeypatch.setattr(torch.cuda, "stream", stream)
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.main)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(torch.Tensor, "record_stream", record_stream)
+        monkeypatch.setattr(torch.Tensor, "masked_fill_", masked_fill_)
         streams = StepStreams([])
         streams.side = {torch.device("cpu"): self.side}  # the CPU plays a CUDA device
         monkeypatch.setattr(train_module, "StepStreams", lambda devices, enabled: streams)
         real_step, real_fill = SAETrainer.step, train_module.OnlineRun.fill
         real_save = train_module.save_checkpoint
 
-        def step(trainer, x, *args, **kwargs):
-            log.append(("step", self.current.name, id(x) in self.recorded))
-            return real_step(trainer, x, *args, **kwargs)
+        def step(trainer, x, k=None, kinds=None):
+            owned = all(any(t is r for r in self.recorded) for t in (x, kinds))
+            log.append(("step", self.current.name, owned))
+            return real_step(trainer, x, k=k, kinds=kinds)
 
         def fill(run):
             log.append(("fill", self.current.name))
+            if not self.first_bad:  # allocated once, written in place from then on (never freed mid-phase)
+                self.first_bad[:] = list(run.first_bad.values())
+            assert all(a is b for a, b in zip(run.first_bad.values(), self.first_bad))
             real_fill(run)
 
         def save(*args, **kwargs):
@@ -110,17 +122,18 @@ def phases(log):
 def test_each_phase_is_gathered_and_owned_by_the_side_stream_before_its_steps_which_run_there(monkeypatch, tmp_path):
     streams = Streams(monkeypatch)
     model = zoo.tiny_model("llava")
-    train(model, LAYER, data(model), sae(), steps=24, out=tmp_path, checkpoint_every=8, **FAST)
+    train(model, LAYER, data(model), sae(), steps=22, out=tmp_path, checkpoint_every=8, **FAST)  # 5 x 4 + 2
     log = streams.log
     steps = [e for e in log if e[0] == "step"]
-    assert len(steps) == 24 and all(on == "side" and owned for _, on, owned in steps)
+    assert len(steps) == 22 and all(on == "side" and owned for _, on, owned in steps)
+    assert sum(e[0] == "gather" for e in log) == 22  # the last phase gathers no row it will not train on
     for phase in phases(log):
         kinds = [e[0] for e in phase]
         if "step" not in kinds:
             continue
         first_step, wait = kinds.index("step"), phase.index(("wait", "side", "main"))
         # every gather of the phase happened on the current stream before the side stream waited for it
-        assert [e for e in phase[:wait] if e[0] == "gather"] == [("gather", "main")] * 4
+        assert [e for e in phase[:wait] if e[0] == "gather"] == [("gather", "main")] * kinds.count("step")
         assert wait < first_step and "gather" not in kinds[wait:]
 
 
@@ -141,10 +154,10 @@ def test_the_current_stream_waits_for_the_steps_before_a_fill_a_checkpoint_and_t
         if event[0] == "checkpoint":
             assert joined in log[last_step:i], "a checkpoint read the SAEs before the steps were waited for"
         if event[0] == "fill" and last_step:
-            # inside the fill, after its forwards (which overlap the steps) and before it reads first_bad
+            # inside the fill, after its forwards (which overlap the steps) and before it writes first_bad
             later = log[i:]
-            until = next((j for j, e in enumerate(later) if e[0] in ("gather", "step")), len(later))
-            assert joined in later[:until], "a fill read first_bad before the steps were waited for"
+            mark = later.index(("mark", "main"))
+            assert joined in later[:mark], "a fill wrote first_bad before the steps were waited for"
     assert joined in log[last_step:], "the run returned before the last steps were waited for"
     assert all(on == "main" for kind, on, *_ in log if kind in ("fill", "checkpoint"))
 
@@ -162,6 +175,7 @@ def test_on_the_cpu_overlap_changes_nothing_and_must_be_a_bool():
 def test_cuda_overlapped_steps_train_the_sae_of_the_plain_alternation():
     model = zoo.tiny_model("llava").cuda()
     batches = [{k: v.cuda() for k, v in b.items()} for b in data(model)]
+    assert StepStreams([torch.device("cuda")]).active and not StepStreams([torch.device("cuda")], False).active
     runs = []
     for flag in (True, False):
         s = sae().cuda()

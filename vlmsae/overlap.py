@@ -61,7 +61,9 @@ class StepStreams:
 
     @contextlib.contextmanager
     def steps(self):
-        """The side streams are current inside (a no-op without them)."""
+        """The side streams are current inside (a no-op without them). Entering a stream also makes its device
+        the current one: with several GPUs the last one is current inside, which nothing in a read phase relies
+        on (every tensor names its device)."""
         with contextlib.ExitStack() as stack:
             for stream in self.side.values():
                 stack.enter_context(torch.cuda.stream(stream))

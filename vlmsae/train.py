@@ -14,6 +14,7 @@ latest so that the final weights equal an uninterrupted run (bitwise on CPU).
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, astuple, dataclass, field, fields as dataclass_fields, replace
@@ -442,15 +443,16 @@ class OnlineRun:
                 if not self.told_mix and cfg.progress and main:
                     bar.write(self.mix())
                 self.told_mix = True
-                phase = self.streams.gathered(zip(*(self.buffers[L].read(self.rank_batch) for L in self.trained)))
+                # the rows of this read phase, no more than the run has steps left (the rest stay unread)
+                reads = zip(*(self.buffers[L].read(self.rank_batch) for L in self.trained))
+                phase = self.streams.gathered(itertools.islice(reads, cfg.steps - self.step_count))
                 with self.streams.steps():
                     for rows in phase:
-                        if self.step_count >= cfg.steps:
-                            break
                         self.step(rows)
                         bar.update(1)
                         if self.step_count % self.trainer_cfg.sync_every == 0 or self.step_count == cfg.steps:
                             self.readout(rows, bar, logger)
+                phase = rows = None  # a gathered phase is not held while the next one is gathered
                 self.checkpoint_if_needed()
         finally:
             self.streams.join()
