@@ -151,7 +151,9 @@ class Bench:
                 self.train_chunk(index, min(args.chunk, args.samples - start))
                 bar.update(self.samples - bar.n)
                 bar.set_postfix({f"{kind[:3]} {impl}": f"{s:.0f}s" for (kind, impl), s in self.seconds.items()})
-                if args.score_every and self.samples % args.score_every == 0 and self.samples < args.samples:
+                # at the first chunk boundary at or past each multiple of score_every (chunks need not divide it)
+                passed = args.score_every and self.samples // args.score_every > start // args.score_every
+                if passed and self.samples < args.samples:
                     tqdm.write(table(self.score(), header=first))
                     first = False
                     self.save_state()
@@ -241,7 +243,8 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--saelens", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-saelens: train vlmsae's SAEs only (SAELens still builds, draws and scores)")
-    parser.add_argument("--score-every", type=int, default=0, help="samples between scores on the way (0: at the end)")
+    parser.add_argument("--score-every", type=int, default=0, help="samples between scores on the way (0: at the end only); each comes at the "
+                        "first chunk boundary at or past a multiple of it, and --state is saved there")
     parser.add_argument("--json", type=Path, help="also write every score here, as it comes")
     parser.add_argument("--state", type=Path, help="keep the run's state here after every score, and resume from it "
                         "(vlmsae's side only: --no-saelens)")

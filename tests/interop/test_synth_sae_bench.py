@@ -37,3 +37,19 @@ def test_synth_sae_bench_scores_both_sides_with_saelens(tmp_path):
         if r["encode"] == "batch top-k":  # SAELens's batch top-k on the saved weights keeps k per sample on average
             assert r["l0"] == pytest.approx(K)
     assert "| matryoshka | vlmsae | batch top-k | 2,048 |" in result.stdout
+
+
+def test_a_long_run_scores_and_keeps_its_state_where_chunks_pass_each_multiple_of_score_every(tmp_path):
+    """--score-every need not be a multiple of --chunk: 1500 with chunks of 1024 scores after 2048 and 3072 samples
+    (and at the end, 4096), and --state holds each of them."""
+    out, state = tmp_path / "scores.json", tmp_path / "state"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "synth_sae_bench.py"), "--model", "tiny", "--samples", "4096",
+         "--width", "64", "--k", str(K), "--eval-samples", "1024", "--chunk", "1024", "--threads", "1",
+         "--no-saelens", "--kinds", "matryoshka", "--score-every", "1500", "--state", str(state),
+         "--cache", str(tmp_path / "cache"), "--interop-python", str(PYTHON), "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    scores = json.loads(out.read_text())["scores"]
+    assert sorted({r["samples"] for r in scores}) == [2048, 3072, 4096]
+    assert json.loads((state / "state.json").read_text())["samples"] == 4096
