@@ -226,3 +226,20 @@ def test_global_sizes_must_divide_over_the_ranks():
     assert per_rank(96, world, "batch_size") == 32 and per_rank(100, None, "batch_size") == 100
     with pytest.raises(vlmsae.ConfigError, match=r"batch_size=100 .* 3 ranks; use a multiple of 3, e.g. 99"):
         per_rank(100, world, "batch_size")
+
+
+def test_a_process_group_vlmsae_created_is_destroyed_at_exit_before_the_interpreter_tears_down(tmp_path):
+    """Left to the interpreter's teardown, a gloo group can abort a rank after its work is done (SIGABRT); the group
+    init_from_env made is destroyed by an exit handler, which runs before any handler registered earlier."""
+    script = tmp_path / "exit_check.py"
+    script.write_text(
+        "import atexit\n"
+        "import torch, torch.distributed as dist\n"
+        "from vlmsae import distributed\n"
+        "atexit.register(lambda: print(f'initialized at exit: {dist.is_initialized()}', flush=True))\n"
+        "world = distributed.init_from_env()\n"
+        "assert world is not None and dist.is_initialized()\n"
+        "print(f'sum {int(world.sum_(torch.ones(1)))}', flush=True)\n")
+    done = torchrun(script)
+    assert done.stdout.count("sum 2") == 2
+    assert done.stdout.count("initialized at exit: False") == 2, done.stdout

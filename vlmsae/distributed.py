@@ -22,6 +22,7 @@ and schedules keep the replicas bitwise identical after every step.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -133,7 +134,19 @@ def init_from_env(backend: str | None = None, timeout_s: float = TIMEOUT_S) -> W
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    atexit.register(_destroy_at_exit)
     return current()
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group :func:`init_from_env` created, at exit while the interpreter is still whole.
+
+    Left to the interpreter's teardown, gloo's worker threads can still hold work whose tensors need the GIL,
+    and the rank dies with SIGABRT ("terminate called without an active exception") after its work is done
+    (pytorch/pytorch#179291). A group the user destroyed already is left alone.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(world: World | None, device: str) -> str:
