@@ -228,9 +228,11 @@ def test_global_sizes_must_divide_over_the_ranks():
         per_rank(100, world, "batch_size")
 
 
-def test_a_process_group_vlmsae_created_is_destroyed_at_exit_before_the_interpreter_tears_down(tmp_path):
-    """Left to the interpreter's teardown, a gloo group can abort a rank after its work is done (SIGABRT); the group
-    init_from_env made is destroyed by an exit handler, which runs before any handler registered earlier."""
+def test_collectives_leave_gloo_no_tensor_and_the_group_vlmsae_created_is_destroyed_at_exit(tmp_path):
+    """A gloo worker that drops the last reference to a collective's tensor takes the GIL: at exit that aborts the
+    rank (SIGABRT) or, inside torch 2.6's destroy_process_group, deadlocks it (about one run in two, seen in CI).
+    vlmsae's collectives return only once the workers let go (checked 40 times over, each about a coin flip without
+    the wait), and the group init_from_env made is destroyed by an exit handler, before any registered earlier."""
     script = tmp_path / "exit_check.py"
     script.write_text(
         "import atexit\n"
@@ -239,7 +241,14 @@ def test_a_process_group_vlmsae_created_is_destroyed_at_exit_before_the_interpre
         "atexit.register(lambda: print(f'initialized at exit: {dist.is_initialized()}', flush=True))\n"
         "world = distributed.init_from_env()\n"
         "assert world is not None and dist.is_initialized()\n"
-        "print(f'sum {int(world.sum_(torch.ones(1)))}', flush=True)\n")
+        "held = 0\n"
+        "for _ in range(40):\n"
+        "    t, parts = torch.ones(3), [torch.empty(3), torch.empty(3)]\n"
+        "    world.sum_(t)\n"
+        "    held += t._use_count() > 1\n"
+        "    distributed.collective(dist.all_gather, parts, t)\n"
+        "    held += sum(x._use_count() > 1 for x in (t, *parts))\n"
+        "print(f'held {held} sum {int(t[0])} gathered {world.gather_objects({\"rank\": world.rank})}', flush=True)\n")
     done = torchrun(script)
-    assert done.stdout.count("sum 2") == 2
+    assert done.stdout.count("held 0 sum 2 gathered [{'rank': 0}, {'rank': 1}]") == 2, done.stdout
     assert done.stdout.count("initialized at exit: False") == 2, done.stdout

@@ -25,7 +25,10 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import pickle
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +38,32 @@ from .errors import ConfigError
 
 TIMEOUT_S = 600
 """Seconds a collective may wait for the other ranks before the process group gives up (no silent hang)."""
+
+RELEASE_S = 10.0
+"""Seconds :func:`collective` waits at most for gloo's worker threads to let go of a collective's tensors."""
+
+
+def collective(fn, /, *args, **kwargs):
+    """``fn(*args, **kwargs)`` (a blocking ``torch.distributed`` collective), returning only once no gloo worker
+    thread still holds one of the CPU tensors among ``args`` / ``kwargs`` (a list of tensors counts too).
+
+    A gloo worker drops its references to a collective's tensors just after the collective completes, while the
+    caller runs on. Should Python have dropped its own first (a temporary), the worker's drop frees the tensor's
+    Python object, which takes the GIL. While the interpreter tears down, that aborts a rank whose work is done
+    (SIGABRT, "terminate called without an active exception"); inside torch 2.6's ``destroy_process_group``, which
+    joins the workers while holding the GIL, it deadlocks (about one two-rank run in two). Holding Python's
+    references (``args``) until the workers' are gone, sleeping with the GIL released meanwhile, closes both; the
+    wait is a few microseconds. CUDA tensors (NCCL) are not waited on. Every collective on tensors in vlmsae goes
+    through here.
+    """
+    tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])
+               if isinstance(t, Tensor) and t.device.type == "cpu"]
+    held = [t._use_count() for t in tensors]
+    out = fn(*args, **kwargs)
+    deadline = time.monotonic() + RELEASE_S
+    while any(t._use_count() > n for t, n in zip(tensors, held)) and time.monotonic() < deadline:
+        time.sleep(1e-5)
+    return out
 
 
 @dataclass(frozen=True)
@@ -63,12 +92,9 @@ class World:
         return self._reduce(tensor, dist.ReduceOp.MAX)
 
     def _reduce(self, tensor: Tensor, op) -> Tensor:
-        if tensor.device == self.device:
-            dist.all_reduce(tensor, op=op)
-            return tensor
-        moved = tensor.to(self.device)
-        dist.all_reduce(moved, op=op)
-        return tensor.copy_(moved)
+        moved = tensor if tensor.device == self.device else tensor.to(self.device)
+        collective(dist.all_reduce, moved, op=op)
+        return tensor if moved is tensor else tensor.copy_(moved)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (one small all-reduce: ranks agree to stop)."""
@@ -77,20 +103,29 @@ class World:
     def broadcast_(self, tensor: Tensor, src: int = 0) -> Tensor:
         """Overwrite ``tensor`` in place with rank ``src``'s."""
         moved = tensor if tensor.device == self.device else tensor.to(self.device)
-        dist.broadcast(moved, src=src)
+        collective(dist.broadcast, moved, src=src)
         return tensor if moved is tensor else tensor.copy_(moved)
 
     def gather_rows(self, x: Tensor) -> Tensor:
         """``(sum of n_r, d)``: every rank's rows ``(n_r, d)`` concatenated in rank order, on every rank."""
+        return torch.cat(self._gather_parts(x)).to(x.device)
+
+    def gather_objects(self, obj: Any) -> list:
+        """Every rank's ``obj`` (anything picklable, e.g. a dict of metrics), in rank order, on every rank."""
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        return [pickle.loads(part.cpu().numpy().tobytes()) for part in self._gather_parts(data)]
+
+    def _gather_parts(self, x: Tensor) -> list[Tensor]:
+        """Every rank's ``x`` (first dimension ``n_r``, the others equal), in rank order, on the collective device."""
         n = torch.tensor([x.shape[0]], device=self.device)
         sizes = [torch.zeros_like(n) for _ in range(self.size)]
-        dist.all_gather(sizes, n)
+        collective(dist.all_gather, sizes, n)
         sizes = [int(s) for s in sizes]
         padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=self.device)
         padded[:x.shape[0]] = x.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded)
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)
+        collective(dist.all_gather, parts, padded)
+        return [p[:s] for p, s in zip(parts, sizes)]
 
     def barrier(self) -> None:
         """Wait for every rank (on NCCL, on this rank's device)."""
@@ -139,11 +174,9 @@ def init_from_env(backend: str | None = None, timeout_s: float = TIMEOUT_S) -> W
 
 
 def _destroy_at_exit() -> None:
-    """Destroy the process group :func:`init_from_env` created, at exit while the interpreter is still whole.
-
-    Left to the interpreter's teardown, gloo's worker threads can still hold work whose tensors need the GIL,
-    and the rank dies with SIGABRT ("terminate called without an active exception") after its work is done
-    (pytorch/pytorch#179291). A group the user destroyed already is left alone.
+    """Destroy the process group :func:`init_from_env` created, at exit while the interpreter is still whole
+    (left to the teardown, a gloo worker still busy would abort the rank; see :func:`collective`). A group the
+    user destroyed already is left alone.
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .buffer import Admission, Rows, RingBuffer, tag_rows
-from .distributed import World
+from .distributed import World, collective
 from .errors import ConfigError
 
 
@@ -89,7 +89,7 @@ class LayerOwners:
         rows = {L: r for L, (r, _) in rows.items()}
         counts = torch.tensor([rows[L].acts.shape[0] for L in self.layers] + [n_samples], device=device)
         every = [torch.empty_like(counts) for _ in range(world.size)]
-        dist.all_gather(every, counts)
+        collective(dist.all_gather, every, counts)
         every = torch.stack(every).tolist()  # [rank][layer index ..., samples]
         index = {L: i for i, L in enumerate(self.layers)}
         send = [L for q in range(world.size) for L in self.layers if self.owner[L] == q]
@@ -112,7 +112,8 @@ class LayerOwners:
 
     def _all_to_all(self, tensor: Tensor, sent: list[int], got: list[int]) -> Tensor:
         received = tensor.new_empty(sum(got), tensor.shape[1])
-        dist.all_to_all_single(received, tensor.contiguous(), output_split_sizes=got, input_split_sizes=sent)
+        collective(dist.all_to_all_single, received, tensor.contiguous(), output_split_sizes=got,
+                   input_split_sizes=sent)
         return received
 
     def share(self, saes: dict) -> None:
@@ -124,9 +125,7 @@ class LayerOwners:
 
     def gather(self, latest: dict) -> dict:
         """``{key: value}`` of every rank merged on every rank (small Python objects, e.g. the readout metrics)."""
-        parts = [None] * self.world.size
-        dist.all_gather_object(parts, latest)
-        return {k: v for part in parts for k, v in part.items()}
+        return {k: v for part in self.world.gather_objects(latest) for k, v in part.items()}
 
 
 def _tags(rows: Rows) -> Tensor:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from vlmsae.distributed import collective
 from vlmsae.errors import ConfigError
 from vlmsae.sae import SAE, SAEConfig, SAEOutput
 
@@ -100,7 +101,7 @@ def select_global(scores: Tensor, index: Tensor, keep: int, group: Any = None) -
 def _all_gather_last(tensor: Tensor, group: Any) -> Tensor:
     """(rows, n) on each rank -> (rows, world * n): the ranks' tensors side by side, in rank order."""
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
+    collective(dist.all_gather, parts, tensor.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
 
 
@@ -111,7 +112,7 @@ class _ReduceFromShards(torch.autograd.Function):
     @staticmethod
     def forward(ctx, partial: Tensor, group: Any) -> Tensor:
         total = partial.clone()
-        dist.all_reduce(total, group=group)
+        collective(dist.all_reduce, total, group=group)
         return total
 
     @staticmethod
@@ -131,7 +132,7 @@ class _CopyToShards(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         total = grad.clone()
-        dist.all_reduce(total, group=ctx.group)
+        collective(dist.all_reduce, total, group=ctx.group)
         return total, None
 
 
@@ -202,7 +203,7 @@ class ShardedSAE(nn.Module):
         for name, value in self.state_dict().items():
             if self.rank != dst:
                 if name in SLICED and self.world > 1:
-                    dist.send(value.contiguous(), dst=self._global_rank(dst), group=self.group)
+                    collective(dist.send, value.contiguous(), dst=self._global_rank(dst), group=self.group)
                 continue
             if name not in SLICED or self.world == 1:
                 full[name] = value.to(device)
@@ -220,7 +221,7 @@ class ShardedSAE(nn.Module):
     def _receive(self, like: Tensor, src: int) -> Tensor:
         """Rank ``src``'s slice of the tensor whose local slice is ``like``."""
         buffer = torch.empty_like(like)
-        dist.recv(buffer, src=self._global_rank(src), group=self.group)
+        collective(dist.recv, buffer, src=self._global_rank(src), group=self.group)
         return buffer
 
     # The same on every rank as on the unsharded SAE: they read cfg, W_dec's dtype, act_scale and b_dec only.

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vlmsae import metrics
+from vlmsae.distributed import collective
 from vlmsae.errors import ConfigError
 from vlmsae.sharded_sae import ShardedSAE
 from vlmsae.trainer import SAETrainerConfig
@@ -97,7 +98,7 @@ class ShardedTrainer:
         sae = self.sae
         smallest = torch.where(latents > 0, latents, math.inf).min()
         if sae.world > 1:
-            dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=sae.group)
+            collective(dist.all_reduce, smallest, op=dist.ReduceOp.MIN, group=sae.group)
         lr = sae.cfg.batchtopk_threshold_lr
         moved = (1 - lr) * sae.threshold + lr * smallest.to(sae.threshold.dtype)
         sae.threshold.copy_(torch.where(torch.isfinite(smallest), moved, sae.threshold))
