@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 import vlmsae
-from common import harvest_rate, llava_7b, timer
+from common import fill, harvest_rate, llava_7b, timer
 from vlmsae import zoo
 from vlmsae.train import RUN_SYNC_EVERY, OnlineRunConfig, k_at
 
@@ -109,12 +109,7 @@ def buffered_rows(model, layer: int, batches, buffer_size: int, batch_size: int)
     """A full buffer's worth of shuffled rows of `layer` over `batches`, as SAE batches of `batch_size`."""
     info = vlmsae.layers(model)
     buffer = vlmsae.RingBuffer(buffer_size, info.d_model, device=next(model.parameters()).device)
-    with torch.no_grad():
-        for i in itertools.count():
-            if not buffer.free_rows():
-                break
-            with vlmsae.record(model, [layer], stop=True, sink=buffer.sink()):
-                model(**batches[i % len(batches)])
+    fill(model, layer, batches, buffer, itertools.count())
     return [r.acts for r in buffer.read(batch_size)]
 
 def step_alone(rows: list[torch.Tensor], sae, args, now) -> float:
@@ -139,10 +134,7 @@ def alternating(model, layer: int, batches, sae, args, buffer_size: int, now) ->
     step, forwards = 0, itertools.count()
     t0 = now()
     while step < args.steps:
-        with torch.no_grad():
-            while buffer.free_rows():
-                with vlmsae.record(model, [layer], stop=True, sink=buffer.sink()):
-                    model(**batches[next(forwards) % len(batches)])
+        fill(model, layer, batches, buffer, forwards)
         for rows in buffer.read(args.batch_size):
             if step == args.steps:
                 break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 
@@ -106,25 +107,29 @@ def llava_7b(dtype, device, batch: int = 4, text: int = 64, *, tiny: bool = Fals
     return model, llava_inputs(config, batch, text, dtype, device)
 
 
-def harvest_rate(model, layer: int, batches, rows: int, capacity: int, now) -> tuple[float, int]:
-    """Harvest alone: forwards over ``batches`` (cycled) that record ``layer`` with early stop into a fresh
-    ``RingBuffer(capacity)`` each time one fills, until at least ``rows`` rows were kept. One host sync per
-    forward (``free_rows``), as in training's fill. Returns (kept rows per second, forwards)."""
+def fill(model, layer: int, batches, buffer, forwards) -> None:
+    """Forwards over ``batches`` (cycled, ``forwards`` an ``itertools.count`` shared across calls) that record
+    ``layer`` with early stop into ``buffer`` until it is full. One host sync per forward (``free_rows``), as in
+    training's fill."""
     import vlmsae
 
-    info = vlmsae.layers(model)
-    device = next(model.parameters()).device
-    buffer, kept, forwards = None, 0, 0
-    t0 = now()
     with torch.no_grad():
-        while True:
-            if buffer is None or not buffer.free_rows():
-                if buffer is not None:
-                    kept += int(buffer.kept)
-                if kept >= rows:
-                    break
-                buffer = vlmsae.RingBuffer(capacity, info.d_model, device=device)
+        while buffer.free_rows():
             with vlmsae.record(model, [layer], stop=True, sink=buffer.sink()):
-                model(**batches[forwards % len(batches)])
-            forwards += 1
-    return kept / (now() - t0), forwards
+                model(**batches[next(forwards) % len(batches)])
+
+
+def harvest_rate(model, layer: int, batches, rows: int, capacity: int, now) -> tuple[float, int]:
+    """Harvest alone: :func:`fill` a fresh ``RingBuffer(capacity)`` again and again until at least ``rows`` rows
+    were kept. Returns (kept rows per second, forwards)."""
+    import vlmsae
+
+    d_model = vlmsae.layers(model).d_model
+    device = next(model.parameters()).device
+    kept, forwards = 0, itertools.count()
+    t0 = now()
+    while kept < rows:
+        buffer = vlmsae.RingBuffer(capacity, d_model, device=device)
+        fill(model, layer, batches, buffer, forwards)
+        kept += int(buffer.kept)
+    return kept / (now() - t0), next(forwards)

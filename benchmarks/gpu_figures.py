@@ -457,9 +457,7 @@ def section_train(args, device, now, report: Report) -> dict:
               and 0 < last.get("l0", 0) <= args.k + 0.5, f"last readout: step {last.get('step')}, "
               f"fvu {last.get('fvu', math.nan):.3f}, l0 {last.get('l0', math.nan):.2f}")
         del trained
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the blocks cached for the side stream, back to the driver
+        reset_memory(device)  # the blocks cached for the side stream, back to the driver
         say("online training, the steps on the forwards' stream (overlap=False)")
         t0 = now()
         train(args.train_steps, overlap=False)
@@ -470,7 +468,7 @@ def section_train(args, device, now, report: Report) -> dict:
         report.row("c", "overlap gain (overlap=True / overlap=False)", f"{train_rate / plain_rate:.2f}")
     except Exception:
         failure("online training", failed)
-    gc.collect()
+    reset_memory(device)
     try:
         say(f"harvest alone: until {trained_tokens:,} rows kept")
         # buffers of half the size: training refills half its buffer at a time, and drops the same overflow
