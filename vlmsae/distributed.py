@@ -53,8 +53,10 @@ def collective(fn, /, *args, **kwargs):
     (SIGABRT, "terminate called without an active exception"); inside torch 2.6's ``destroy_process_group``, which
     joins the workers while holding the GIL, it deadlocks (about one two-rank run in two). Holding Python's
     references (``args``) until the workers' are gone, sleeping with the GIL released meanwhile, closes both; the
-    wait is a few microseconds. CUDA tensors (NCCL) are not waited on. Every collective on tensors in vlmsae goes
-    through here.
+    wait is a few microseconds. (On torch 2.13 a worker's count can fall a moment before it frees the Python object;
+    its ``destroy_process_group`` joins the workers without the GIL, so that is harmless there.) CUDA tensors are
+    not waited on: NCCL's watchdog, not the caller, holds them. Every collective on tensors in vlmsae goes through
+    here.
     """
     tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])
                if isinstance(t, Tensor) and t.device.type == "cpu"]
