@@ -10,6 +10,24 @@ def test_zoo_prints_layers_and_recorded_summary(capsys):
     assert "recorded 2 families" in out
 
 
+def test_help_names_each_command_and_the_train_options_defaults(capsys):
+    """`vlmsae --help` gives each command's first paragraph, and `vlmsae train --help` every option's default, as
+    plain text (no reST quotes)."""
+    import pytest
+
+    for argv in (["--help"], ["train", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "``" not in out
+    assert "explain Label SAE latents: an explainer VLM answers questions about each latent's top and non-firing " \
+           "images; each label is then scored by detection on held-out images." in out
+    for default in ("SAE training steps (default 1000)", "(default 65536)", "TopK's k (default 32)",
+                    "expansion x d_model (default 8)", "2e-4 / sqrt(d_sae / 2**14)", "(default cpu)", "(default 0)"):
+        assert default in out, default
+
+
 def image_folder(path, n=12):
     import json
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 
 import torch
@@ -205,11 +206,18 @@ def _sae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default=None, help="layer index or hook name (default: the SAE's hook_name)")
     p.add_argument("--batches", type=int, default=None, help="read only the first N batches")
     p.add_argument("--data-batch", type=int, default=8, help="images per model forward")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+
+
+def _doc(command) -> dict:
+    """A command's ``help`` (its docstring's first paragraph) and ``description`` (all of it), without reST quotes."""
+    text = inspect.cleandoc(command.__doc__).replace("``", "")
+    return {"help": text.split("\n\n")[0], "description": text}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vlmsae", description=__doc__)
+    """The vlmsae command line: train, evaluate and explain SAEs on vision-language models, and the demo."""
+    parser = argparse.ArgumentParser(prog="vlmsae", description=_doc(main)["description"])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="the whole pipeline: train, evaluate, name and steer SAE latents, report")
     p.add_argument("--out", default="vlmsae-demo", help="folder for the SAE and report.html")
@@ -218,13 +226,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="SAE training steps")
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="decoder layers, one SAE each (default: a middle one and the last)")
-    p.add_argument("--quick", action="store_true", help="a shortened run (CI)")
+    p.add_argument("--quick", action="store_true",
+                   help="a shortened run: 150 steps instead of 800, smaller samples (what CI runs)")
     p.set_defaults(run=demo_command)
-    p = sub.add_parser("zoo", help=zoo_command.__doc__)
+    p = sub.add_parser("zoo", **_doc(zoo_command))
     p.add_argument("--families", nargs="+", default=list(zoo.FAMILIES), choices=zoo.FAMILIES)
-    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-layers", type=int, default=4, help="decoder layers of each tiny model (default %(default)s)")
     p.set_defaults(run=zoo_command)
-    p = sub.add_parser("train", help=train_command.__doc__)
+    p = sub.add_parser("train", **_doc(train_command))
     p.add_argument("--model", required=True, help="a local model folder, a hub id, or zoo:FAMILY")
     p.add_argument("--data", required=True, help="a folder of images with captions.jsonl / .parquet")
     p.add_argument("--layer", type=_layer_arg, nargs="+", required=True,
@@ -233,39 +242,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--site", default="resid_post",
                    help="site of integer --layer values: resid_post, resid_pre, vision.resid_post, text.resid_post, ...")
     p.add_argument("--out", required=True, help="folder for the SAEs and checkpoints")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1000, help="SAE training steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=4096,
-                   help="tokens per SAE step, global: under N ranks each reads batch-size / N")
+                   help="tokens per SAE step, global: under N ranks each reads batch-size / N (default %(default)s)")
     p.add_argument("--buffer-size", type=int, default=65536,
-                   help="rows of each layer's ring buffer, global: under N ranks each holds buffer-size / N")
-    p.add_argument("--data-batch", type=int, default=8, help="images per model forward (on each rank)")
+                   help="rows of each layer's ring buffer, filled before the first step, global: under N ranks "
+                        "each holds buffer-size / N (default %(default)s)")
+    p.add_argument("--data-batch", type=int, default=8, help="images per model forward, on each rank (default %(default)s)")
     p.add_argument("--architecture", default="topk", choices=ARCHITECTURES, help="how latents activate")
     p.add_argument("--kind", default=None, choices=ARCHITECTURES, help=argparse.SUPPRESS)  # old name of --architecture
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--expansion", type=int, default=8)
-    p.add_argument("--kinds", nargs="+", default=["image", "text", "generated"], help="token kinds to train on")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--k", type=int, default=32, help="latents kept per token, TopK's k (default %(default)s)")
+    p.add_argument("--expansion", type=int, default=8, help="d_sae = expansion x d_model (default %(default)s)")
+    p.add_argument("--kinds", nargs="+", default=["image", "text", "generated"], help="token kinds to train on (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default 2e-4 / sqrt(d_sae / 2**14), as Gao et al. 2024)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints in --out (default: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--wandb", default=None, help="a wandb project to log to")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the buffers' shuffles (default %(default)s)")
     p.add_argument("--parallel", default="data", choices=("data", "layers"),
                    help="under N ranks: every rank trains every SAE on its share of each batch (data), or each "
                         "rank trains only its layers, fed by every rank's forwards (layers)")
     p.set_defaults(run=train_command)
-    p = sub.add_parser("evaluate", help=evaluate_command.__doc__)
+    p = sub.add_parser("evaluate", **_doc(evaluate_command))
     _sae_args(p)
     p.add_argument("--where", nargs="+", default=None, help="spliced positions: all, image, text (default: each)")
     p.add_argument("--out", default=None, help="also write the table to this .json file")
     p.set_defaults(run=evaluate_command)
-    p = sub.add_parser("dashboard", help=dashboard_command.__doc__)
+    p = sub.add_parser("dashboard", **_doc(dashboard_command))
     _sae_args(p)
     p.add_argument("--out", required=True, help="the .html page to write")
     p.add_argument("--latents", type=int, nargs="+", default=None, help="only these latents (default: all)")
     p.add_argument("--n-examples", type=int, default=8, help="top examples kept per latent")
     p.set_defaults(run=dashboard_command)
-    p = sub.add_parser("explain", help=explain_command.__doc__)
+    p = sub.add_parser("explain", **_doc(explain_command))
     _sae_args(p)
     p.add_argument("--latents", type=int, nargs="+", required=True,
                    help="the latents to label (each costs the explainer one answer per image and question)")

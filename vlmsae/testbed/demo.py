@@ -155,7 +155,7 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
     if example is not None:
         print(f"\nlayer {example['layer']}, steered toward {example['value']!r}:\n  before: {example['before']}\n"
               f"  after:  {example['after']}")
-    print(f"\nwrote {out / 'sae'} and {out / 'report.html'}")
+    print(f"\nwrote {out / 'sae'}, {out / 'summary.json'}, the layers' dashboards and {out / 'report.html'}")
     return {**summary, "table": table}
 
 
