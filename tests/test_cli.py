@@ -45,13 +45,18 @@ def image_folder(path, n=12):
 
 
 def test_train_command_writes_saes_and_resumes(tmp_path, capsys):
+    import pytest
+
     import vlmsae
 
     data = image_folder(tmp_path / "images")
     args = ["train", "--model", "zoo:llava", "--data", str(data), "--layer", "1", "2", "--out", str(tmp_path / "out"),
-            "--batch-size", "64", "--buffer-size", "512", "--k", "8", "--checkpoint-every", "8"]
+            "--batch-size", "64", "--buffer-size", "512", "--k", "8", "--checkpoint-every", "8", "--quota", "balanced"]
     main(args + ["--steps", "24"])
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote" in out and "layer 1: image 50%, text 50%" in out
+    with pytest.raises(vlmsae.SAEFileError, match=r"out holds the SAE folders L1, L2: pass one of them"):
+        vlmsae.SAE.load(tmp_path / "out")  # the run's folder, not an SAE's
     sae = vlmsae.SAE.load(tmp_path / "out" / "L2")
     assert sae.cfg.k == 8 and sae.metadata["hook_name"] == "blocks.2.hook_resid_post"
     main(args + ["--steps", "32", "--resume"])  # continue the same run to 32 steps

@@ -99,7 +99,7 @@ def train_command(args: argparse.Namespace) -> None:
             for L in indices}
     cfg = OnlineRunConfig(steps=args.steps, batch_size=args.batch_size, buffer_size=args.buffer_size,
                           checkpoint_every=args.checkpoint_every, wandb=args.wandb, seed=args.seed,
-                          kinds=tuple(args.kinds), parallel=args.parallel, site=site, special_ids=special_ids)
+                          kinds=tuple(args.kinds), quota=args.quota, parallel=args.parallel, site=site, special_ids=special_ids)
     train(model, indices, data, saes, cfg=cfg, trainer_cfg=SAETrainerConfig(lr=args.lr), out=args.out,
           resume=args.resume)
     for L in indices if world is None or world.main else ():
@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=32, help="latents kept per token, TopK's k (default %(default)s)")
     p.add_argument("--expansion", type=int, default=8, help="d_sae = expansion x d_model (default %(default)s)")
     p.add_argument("--kinds", nargs="+", default=["image", "text", "generated"], help="token kinds to train on (default: %(default)s)")
+    p.add_argument("--quota", default=None, choices=("balanced",),
+                   help="balanced: equal shares of image and text rows in the buffers (default: the data's own mix, "
+                        "printed when the buffers first fill)")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (default 2e-4 / sqrt(d_sae / 2**14), as Gao et al. 2024)")
     p.add_argument("--checkpoint-every", type=int, default=None,

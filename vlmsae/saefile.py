@@ -122,7 +122,9 @@ def read_sae(path: str | Path,
         raise SAEFileError(f"{path}: no such folder; pass the folder holding {CFG_FILE}")
     cfg_path = path / CFG_FILE
     if not cfg_path.is_file():
-        raise SAEFileError(f"{cfg_path}: missing; an SAE folder holds {CFG_FILE} and its weights")
+        inside = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).is_file())
+        hint = f"; {path} holds the SAE folders {', '.join(inside)}: pass one of them" if inside else ""
+        raise SAEFileError(f"{cfg_path}: missing; an SAE folder holds {CFG_FILE} and its weights{hint}")
     try:
         raw = json.loads(cfg_path.read_bytes().decode("utf-8"))
     # ValueError: not UTF-8, not JSON, or an integer too long to read; RecursionError: nested too deep
