@@ -107,6 +107,10 @@ def test_bad_input_raises_clear_errors_and_registers_nothing(model):
     with pytest.raises(vlmsae.LayerIndexError, match="layer=-1"):
         with vlmsae.record(model, [-1]):
             pass
+    with pytest.raises(vlmsae.LayerIndexError, match=r"layer='blocks.1.hook_resid_post ' is neither a layer index nor "
+                       rf"a hook name .* 0..{info.n_layers - 1} .* 'blocks.{info.n_layers - 1}.hook_resid_post'"):
+        with vlmsae.record(model, ["blocks.1.hook_resid_post "]):  # a stray space
+            pass
     with pytest.raises(vlmsae.SiteError, match="site='resid_mid'.*valid sites"):
         with vlmsae.record(model, [0], site="resid_mid"):
             pass

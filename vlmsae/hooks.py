@@ -135,6 +135,10 @@ def check_sites(info: ModelInfo, sites) -> list[tuple[int, str]]:
                 raise LayerIndexError(f"layer={layer!r} for site {site!r}, which has no layers; pass layer=0, or the "
                                       f"hook name {info.hook_name(0, site)!r}")
             what = "decoder layers" if stream_of(site) == "decoder" else f"{stream_of(site)} tower layers"
+            if isinstance(layer, str):
+                raise LayerIndexError(f"layer={layer!r} is neither a layer index nor a hook name vlmsae reads; pass "
+                                      f"an int in 0..{n - 1} ({n} {what}) or a hook name such as "
+                                      f"{info.hook_name(n - 1, site)!r}")
             raise LayerIndexError(
                 f"layer={layer!r} is out of range for this {info.family} model with {n} {what}; valid layers: "
                 f"0..{n - 1}")
