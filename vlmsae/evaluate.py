@@ -85,7 +85,8 @@ def evaluate(model: Model, layer: int | str | None, sae: SAE, data: Iterable[dic
     large vocabulary would be gigabytes); ``loss_recovered`` is
     ``(ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (SAELens / SAEBench); FVU and L0 are over the
     spliced positions, overall and per token kind; so is ``dead``, the fraction of latents that fired on none of
-    the ``spliced_tokens`` (of that kind). ``special_ids`` are token ids counted as SPECIAL besides the
+    the ``spliced_tokens`` (of that kind). A kind whose residuals are all alike (SPECIAL when it is only BOS at
+    position 0) has no variance to explain: its FVU is NaN. ``special_ids`` are token ids counted as SPECIAL besides the
     config's (a chat template's control tokens: :func:`vlmsae.special_token_ids` with the tokenizer): they are
     not spliced as text, nor scored as next tokens.
 

@@ -88,6 +88,7 @@ def kind_stats(s: SpliceStats) -> pd.DataFrame:
 
     The sums add across batches, so FVU over many batches is measured around their joint mean. ``dead``: the
     fraction of latents that fired on none of the row's ``tokens`` (the one definition of dead, over that window).
+    ``fvu`` is NaN for a kind whose residuals are all alike (BOS at position 0): it has no variance to explain.
     """
     rows = {}
     groups = [("all", list(Kind))] + [(k.name.lower(), [k]) for k in Kind]
