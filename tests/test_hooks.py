@@ -152,6 +152,14 @@ class TupleLayer(nn.Module):
         return hidden_states + self.proj(hidden_states), None
 
 
+def test_model_info_prints_in_one_line_without_the_model(model):
+    """print(vlmsae.layers(model)) in a notebook shows what vlmsae found, not every module of the model."""
+    info = vlmsae.layers(model)
+    text = repr(info)
+    assert "\n" not in text and f"n_layers={info.n_layers}" in text and f"d_model={info.d_model}" in text
+    assert "Linear" not in text and len(text) < 400
+
+
 def test_layers_returning_tuples():
     model = tiny_model("llava", n_layers=2)
     lm = model.model.language_model

@@ -232,12 +232,12 @@ class Stack(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class ModelInfo:
-    """What vlmsae knows about one model object: returned by :func:`layers`."""
+    """What vlmsae knows about one model object: returned by :func:`layers`. Its repr leaves the modules out."""
 
     family: str
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     """The hookable ``nn.Module`` (unwrapped from nnsight if it was wrapped)."""
-    layers: nn.ModuleList
+    layers: nn.ModuleList = field(repr=False)
     """The decoder layers, whose outputs are the residual stream (empty for a dual encoder)."""
     layer_path: str
     n_layers: int
@@ -251,13 +251,13 @@ class ModelInfo:
     """Ids counted as SPECIAL: those the config names (``Family.special_tokens``); a tokenizer adds more
     (:func:`special_token_ids`)."""
     pad_token_id: int | None
-    control_tokens: tuple[str, ...] = ()
+    control_tokens: tuple[str, ...] = field(default=(), repr=False)
     """The family's ``Family.control_tokens``."""
     patch_grid: str = "vision_config"
     """The family's ``Family.patch_grid``."""
-    stacks: Mapping[str, Stack] = field(default_factory=dict)
+    stacks: Mapping[str, Stack] = field(default_factory=dict, repr=False)
     """Every site of this model -> the modules behind it (``vlmsae.sites``)."""
-    towers: Mapping[str, tuple[nn.Module, Tower]] = field(default_factory=dict)
+    towers: Mapping[str, tuple[nn.Module, Tower]] = field(default_factory=dict, repr=False)
     """``"vision"`` / ``"text"`` -> the tower's module and its adapter row, for the towers this model has."""
 
     @property
