@@ -43,6 +43,10 @@ def test_demo_saes_recover_loss_and_steer_colours(demo_summary):
     assert (table["steering_success_color"] >= 0.8).all()
     out = demo_summary["out"]
     assert (out / "report.html").stat().st_size > 100_000  # plotly inlined: opens with no network
+    import re
+
+    before, after = re.search(r"<p>before: (.*?)<br>after: (.*?)</p>", (out / "report.html").read_text()).groups()
+    assert before != after  # the report's example is a caption the steering changed
     from vlmsae import SAE
 
     for layer in table.index:

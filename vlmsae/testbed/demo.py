@@ -137,7 +137,8 @@ def run(cfg: DemoConfig, *, model_name: str | None = None, images: str | None = 
             _write_layer_dashboard(out / f"dashboard_L{L}.html", model, L, sae, tokenizer, samples, explained[L])
             steering[L], first = _steer_colours(model, tokenizer, L, sae, concepts[L], cfg)
             row["steering_success_color"] = float(steering[L]["success"].mean())
-            example = example or (first and {"layer": L, **first})
+            if first and (example is None or (first["success"] and not example["success"])):
+                example = {"layer": L, **first}
         rows[L] = row
     table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("layer")
     summary = {"model": type(model).__name__, "d_sae": cfg.expansion * info.d_model, "k": cfg.k,
@@ -176,8 +177,10 @@ def _steer_colours(model, tokenizer, layer, sae, concepts, cfg):
                                           latents=[latent], strength=best * typical)
         rows.append({"value": value, "latent": latent, "strength": best * typical, "multiple": best,
                      "success": success, "images": len(table)})
-        if example is None and len(table):
-            example = {"value": value, "before": table["before"].iloc[0], "after": table["after"].iloc[0]}
+        hits = table[table["success"]]
+        if (example is None or not example["success"]) and len(table):  # a caption the steering changed, if any
+            shown = (hits if len(hits) else table).iloc[0]
+            example = {"value": value, "before": shown["before"], "after": shown["after"], "success": bool(len(hits))}
     return pd.DataFrame(rows).set_index("value"), example
 
 
