@@ -104,7 +104,7 @@ def test_bad_input_raises_clear_errors_and_registers_nothing(model):
     with pytest.raises(vlmsae.LayerIndexError, match=rf"layer={info.n_layers}.*valid layers: 0..{info.n_layers - 1}"):
         with vlmsae.record(model, [0, info.n_layers]):
             pass
-    with pytest.raises(vlmsae.LayerIndexError, match="layer=-1"):
+    with pytest.raises(vlmsae.LayerIndexError, match=rf"layer=-1 .* \(count from 0: the last is {info.n_layers - 1}\)"):
         with vlmsae.record(model, [-1]):
             pass
     with pytest.raises(vlmsae.LayerIndexError, match=r"layer='blocks.1.hook_resid_post ' is neither a layer index nor "

@@ -139,9 +139,10 @@ def check_sites(info: ModelInfo, sites) -> list[tuple[int, str]]:
                 raise LayerIndexError(f"layer={layer!r} is neither a layer index nor a hook name vlmsae reads; pass "
                                       f"an int in 0..{n - 1} ({n} {what}) or a hook name such as "
                                       f"{info.hook_name(n - 1, site)!r}")
+            last = f" (count from 0: the last is {n - 1})" if isinstance(layer, int) and layer < 0 else ""
             raise LayerIndexError(
                 f"layer={layer!r} is out of range for this {info.family} model with {n} {what}; valid layers: "
-                f"0..{n - 1}")
+                f"0..{n - 1}{last}")
     seen = set()
     for key in sites:
         if key in seen:
