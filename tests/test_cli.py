@@ -55,6 +55,7 @@ def test_train_command_writes_saes_and_resumes(tmp_path, capsys):
     main(args + ["--steps", "24"])
     out = capsys.readouterr().out
     assert "wrote" in out and "layer 1: image 50%, text 50%" in out
+    assert "the buffers' first fill read the data 5 times over" in out  # 12 images for 512 balanced rows
     with pytest.raises(vlmsae.SAEFileError, match=r"out holds the SAE folders L1, L2: pass one of them"):
         vlmsae.SAE.load(tmp_path / "out")  # the run's folder, not an SAE's
     sae = vlmsae.SAE.load(tmp_path / "out" / "L2")

@@ -160,6 +160,7 @@ def test_the_run_prints_its_token_mix_and_offers_a_balanced_quota(capsys):
     said = capsys.readouterr()
     line = [x for x in (said.out + said.err).splitlines() if x.startswith("buffer rows by token kind")]
     assert len(line) == 1 and "quota='balanced'" in line[0], line
+    assert "times over" not in said.out + said.err  # six batches fill the buffer: no rows repeat
     image, text = map(int, re.search(r"layer 1: image (\d+)%, text (\d+)%", line[0]).groups())
     assert image + text == 100 and image > 60  # the data's own mix: mostly image rows
     run = train(model, LAYER, data, make_sae(), steps=2, quota="balanced", **FAST)

@@ -56,6 +56,7 @@ class LiveSource:
         self.special_ids = frozenset(int(i) for i in (special_ids or ()))
         self.d_model = self.info.width(site)  # the site's width: d_model in the decoder, d_vision in a vision tower
         self.layers, self.it, self.used = [], iter(()), 0
+        self.epochs = 0  # times the data ran out and was read again since start (a checkpoint's skip aside)
 
     def device_of(self, layer: int, device: str | None = None) -> torch.device:
         """Where a layer's buffer and SAEs live: ``device``, else where the layer runs (several devices
@@ -81,12 +82,14 @@ class LiveSource:
         self.layers, self.it, self.used = layers, iter(self.data), 0
         for _ in range(position.get("data_batches_used", 0)):
             self._next()
+        self.epochs = 0
 
     def _next(self):
         try:
             batch = next(self.it)
         except StopIteration:
             self.it = iter(self.data)  # next epoch
+            self.epochs += 1
             try:
                 batch = next(self.it)
             except StopIteration:

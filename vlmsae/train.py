@@ -480,7 +480,12 @@ class OnlineRun:
             parts.append(f"layer {L}: {shares}")
         how = ("quota=None keeps the data's own mix; quota='balanced' trains on equal shares of image and text"
                if cfg.quota is None else f"quota={cfg.quota}")
-        return f"buffer rows by token kind ({'; '.join(parts)}): {how}"
+        said = f"buffer rows by token kind ({'; '.join(parts)}): {how}"
+        epochs = getattr(self.source, "epochs", 0)  # a folder of shards is read once
+        if epochs:
+            said += (f"\nthe buffers' first fill read the data {epochs + 1} times over, so the same rows repeat in "
+                     "them; pass more data or a smaller buffer_size")
+        return said
 
     def fill(self) -> None:
         """Refill every buffer's free half; note NaN/Inf the buffers saw, before any filter could drop it."""
