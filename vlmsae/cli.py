@@ -99,7 +99,8 @@ def train_command(args: argparse.Namespace) -> None:
             for L in indices}
     cfg = OnlineRunConfig(steps=args.steps, batch_size=args.batch_size, buffer_size=args.buffer_size,
                           checkpoint_every=args.checkpoint_every, wandb=args.wandb, seed=args.seed,
-                          kinds=tuple(args.kinds), quota=args.quota, parallel=args.parallel, site=site, special_ids=special_ids)
+                          kinds=tuple(args.kinds), quota=args.quota, parallel=args.parallel, site=site,
+                          special_ids=special_ids)
     train(model, indices, data, saes, cfg=cfg, trainer_cfg=SAETrainerConfig(lr=args.lr), out=args.out,
           resume=args.resume)
     for L in indices if world is None or world.main else ():
@@ -248,12 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--buffer-size", type=int, default=65536,
                    help="rows of each layer's ring buffer, filled before the first step, global: under N ranks "
                         "each holds buffer-size / N (default %(default)s)")
-    p.add_argument("--data-batch", type=int, default=8, help="images per model forward, on each rank (default %(default)s)")
+    p.add_argument("--data-batch", type=int, default=8,
+                   help="images per model forward, on each rank (default %(default)s)")
     p.add_argument("--architecture", default="topk", choices=ARCHITECTURES, help="how latents activate")
     p.add_argument("--kind", default=None, choices=ARCHITECTURES, help=argparse.SUPPRESS)  # old name of --architecture
     p.add_argument("--k", type=int, default=32, help="latents kept per token, TopK's k (default %(default)s)")
     p.add_argument("--expansion", type=int, default=8, help="d_sae = expansion x d_model (default %(default)s)")
-    p.add_argument("--kinds", nargs="+", default=["image", "text", "generated"], help="token kinds to train on (default: %(default)s)")
+    p.add_argument("--kinds", nargs="+", default=["image", "text", "generated"],
+                   help="token kinds to train on (default: %(default)s)")
     p.add_argument("--quota", default=None, choices=("balanced",),
                    help="balanced: equal shares of image and text rows in the buffers (default: the data's own mix, "
                         "printed when the buffers first fill)")
