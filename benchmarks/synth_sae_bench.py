@@ -243,8 +243,9 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--saelens", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-saelens: train vlmsae's SAEs only (SAELens still builds, draws and scores)")
-    parser.add_argument("--score-every", type=int, default=0, help="samples between scores on the way (0: at the end only); each comes at the "
-                        "first chunk boundary at or past a multiple of it, and --state is saved there")
+    parser.add_argument("--score-every", type=int, default=0,
+                        help="samples between scores on the way (0: at the end only); each comes at the first chunk "
+                        "boundary at or past a multiple of it, and --state is saved there")
     parser.add_argument("--json", type=Path, help="also write every score here, as it comes")
     parser.add_argument("--state", type=Path, help="keep the run's state here after every score, and resume from it "
                         "(vlmsae's side only: --no-saelens)")

@@ -151,6 +151,9 @@ class ShardSource:
     or lack a layer, ``SAEFileError`` for an unreadable shard.
     """
 
+    epochs = 0
+    """Times the data was read again (LiveSource's count): shards are read once, never again."""
+
     def __init__(self, shards: Shards, site: str):
         if shards.site != site:
             raise ConfigError(f"the shards hold site {shards.site!r} but site={site!r}; pass site={shards.site!r}")

@@ -481,10 +481,9 @@ class OnlineRun:
         how = ("quota=None keeps the data's own mix; quota='balanced' trains on equal shares of image and text"
                if cfg.quota is None else f"quota={cfg.quota}")
         said = f"buffer rows by token kind ({'; '.join(parts)}): {how}"
-        epochs = getattr(self.source, "epochs", 0)  # a folder of shards is read once
-        if epochs:
-            said += (f"\nthe buffers' first fill read the data {epochs + 1} times over, so the same rows repeat in "
-                     "them; pass more data or a smaller buffer_size")
+        if self.source.epochs:
+            said += (f"\nthe buffers' first fill read the data {self.source.epochs + 1} times over, so the same rows "
+                     "repeat in them; pass more data or a smaller buffer_size")
         return said
 
     def fill(self) -> None:
