@@ -73,8 +73,15 @@ class Peer:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def __call__(self, op: str, **fields) -> dict:
+        self.send(op, **fields)
+        return self.receive(op)
+
+    def send(self, op: str, **fields) -> None:
+        """A request whose answer ``receive`` reads later: the worker works on it meanwhile."""
         self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
         self.process.stdin.flush()
+
+    def receive(self, op: str) -> dict:
         for line in self.process.stdout:
             try:
                 return json.loads(line)
@@ -107,11 +114,22 @@ class Bench:
         self.seconds = {(kind, impl): 0.0 for kind in args.kinds for impl in self.impls}
         self.samples = 0
         self.scores: list[dict] = []
+        self.drawing: int | None = None  # the chunk the worker is drawing ahead, if any
 
-    def train_chunk(self, index: int, n: int) -> None:
-        chunk = self.tmp / "chunk.safetensors"
-        self.peer("chunk", n=n, path=str(chunk))
+    def train_chunk(self, index: int, n: int, ahead: int = 0) -> None:
+        """Train every SAE on chunk ``index`` (n samples). With ``ahead`` > 0 the worker draws the next chunk (that
+        many samples) while vlmsae trains on this one: only without SAELens's trainers (who would then wait on the
+        draw, a load vlmsae's steps would not share) and never before a state is saved (the stream's state must not
+        run ahead of the samples trained)."""
+        chunk = self.tmp / f"chunk{index % 2}.safetensors"
+        if self.drawing != index:
+            self.peer.send("chunk", n=n, path=str(chunk))
+        self.peer.receive("chunk")
         x = load_file(chunk)["x"]
+        self.drawing = None
+        if ahead:
+            self.peer.send("chunk", n=ahead, path=str(self.tmp / f"chunk{(index + 1) % 2}.safetensors"))
+            self.drawing = index + 1
         for kind in self.args.kinds:
             for impl in self.impls if index % 2 == 0 else self.impls[::-1]:
                 if impl == "SAELens":
@@ -148,11 +166,13 @@ class Bench:
         first = True
         with tqdm(total=args.samples, initial=self.samples, unit="sample", unit_scale=True, desc="training") as bar:
             for index, start in enumerate(range(self.samples, args.samples, args.chunk), start=self.samples // args.chunk):
-                self.train_chunk(index, min(args.chunk, args.samples - start))
+                end = min(start + args.chunk, args.samples)
+                # at the first chunk boundary at or past each multiple of score_every (chunks need not divide it)
+                passed = args.score_every and end // args.score_every > start // args.score_every
+                ahead = 0 if args.saelens or passed else min(args.chunk, args.samples - end)
+                self.train_chunk(index, end - start, ahead)
                 bar.update(self.samples - bar.n)
                 bar.set_postfix({f"{kind[:3]} {impl}": f"{s:.0f}s" for (kind, impl), s in self.seconds.items()})
-                # at the first chunk boundary at or past each multiple of score_every (chunks need not divide it)
-                passed = args.score_every and self.samples // args.score_every > start // args.score_every
                 if passed and self.samples < args.samples:
                     tqdm.write(table(self.score(), header=first))
                     first = False

@@ -1,6 +1,7 @@
 """benchmarks/synth_sae_bench.py end to end on a tiny synthetic model (issue 15 item 5): SAELens builds the model,
 draws the samples, trains its two SAEs beside vlmsae's and scores all four folders. Skips without the interop venv."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.interop
 
@@ -53,3 +55,47 @@ def test_a_long_run_scores_and_keeps_its_state_where_chunks_pass_each_multiple_o
     scores = json.loads(out.read_text())["scores"]
     assert sorted({r["samples"] for r in scores}) == [2048, 3072, 4096]
     assert json.loads((state / "state.json").read_text())["samples"] == 4096
+
+
+
+def test_a_run_stopped_right_after_a_saved_state_resumes_as_if_never_stopped(tmp_path, monkeypatch):
+    """The worker draws the next chunk while vlmsae trains (without SAELens's trainers), but the saved stream never
+    runs ahead of the samples trained: a run stopped just after its state at 2048 samples, resumed to 4096, ends
+    where 4096 straight through ends (the same samples, in order)."""
+    common = ["--model", "tiny", "--width", "64", "--k", str(K), "--eval-samples", "1024", "--chunk", "512",
+              "--batch", "256", "--threads", "1", "--no-saelens", "--kinds", "matryoshka",
+              "--cache", str(tmp_path / "cache"), "--interop-python", str(PYTHON)]
+
+    def run(name: str, *extra: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "synth_sae_bench.py"), *common,
+                                 "--samples", "4096", "--json", str(out), *extra],
+                                capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr[-4000:]
+        return {r["encode"]: r for r in json.loads(out.read_text())["scores"] if r["samples"] == 4096}
+
+    spec = importlib.util.spec_from_file_location("synth_sae_bench", REPO / "benchmarks" / "synth_sae_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    save_state = bench.Bench.save_state
+
+    def save_then_stop(self):  # the user's Ctrl-C just after the first state is written
+        save_state(self)
+        raise KeyboardInterrupt
+
+    state = tmp_path / "state"
+    monkeypatch.setattr(bench.Bench, "save_state", save_then_stop)
+    monkeypatch.setattr(sys, "argv", ["synth_sae_bench.py", *common, "--samples", "4096", "--score-every", "2048",
+                                      "--state", str(state)])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((state / "state.json").read_text())["samples"] == 2048
+
+    straight, resumed = run("straight"), run("resumed", "--state", str(state))
+    for encode, row in straight.items():
+        for metric in ("mcc", "f1", "explained_variance", "l0", "dead"):
+            assert resumed[encode][metric] == pytest.approx(row[metric], abs=1e-6), (encode, metric)
