@@ -40,6 +40,7 @@ F1 0.879 / MCC 0.793, BatchTopK F1 0.732 / MCC 0.757.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -68,6 +69,8 @@ PUBLISHED = {"batchtopk": {"f1": 0.7316, "mcc": 0.7574, "uniqueness": 0.9837, "e
 class Peer:
     """SAELens's side in the interop venv: one JSON request per line, one JSON answer per line."""
 
+    local = False
+
     def __init__(self, python: Path):
         self.process = subprocess.Popen([str(python), str(REPO / "benchmarks" / "synth_sae_bench_peer.py")],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -94,13 +97,47 @@ class Peer:
         self.process.wait()
 
 
+class LocalPeer:
+    """SAELens's side in this process (``--in-process``, where sae_lens imports beside vlmsae): the worker's requests
+    as calls of its ``Peer``, in order; the chunks stay tensors on the device, with no files between."""
+
+    local = True
+
+    def __init__(self, device: str):
+        spec = importlib.util.spec_from_file_location("synth_sae_bench_peer", REPO / "benchmarks" / "synth_sae_bench_peer.py")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as error:
+            sys.exit(f"--in-process (and --device {device}) needs sae_lens importable beside vlmsae, which failed: "
+                     f"{error}. On the GPU machine put the carried wheels on PYTHONPATH; on a CPU, leave out "
+                     "--in-process to run SAELens in the interop venv")
+        self.peer, self.pending = module.Peer(device), []
+
+    def __call__(self, op: str, **fields) -> dict:
+        if op == "threads":
+            torch.set_num_threads(fields["n"])
+            return {}
+        return getattr(self.peer, op)(**fields)
+
+    def send(self, op: str, **fields) -> None:
+        self.pending.append((op, fields))
+
+    def receive(self, op: str) -> dict:
+        op, fields = self.pending.pop(0)
+        return self(op, **fields)
+
+    def close(self) -> None:
+        pass
+
+
 def vlmsae_trainer(kind: str, d_in: int, args) -> SAETrainer:
     torch.manual_seed(args.seed)
     # the benchmark experiments' 128, 512, 2048 at width 4096; in proportion at other widths
     widths = sorted({w for w in (args.width // 32, args.width // 8, args.width // 2) if w >= 1})
     sae = SAE(d_in=d_in, d_sae=args.width, architecture="batchtopk", k=args.k,
               matryoshka_widths=widths if kind == "matryoshka" else None,
-              dead_tokens=SAELENS_DEAD_STEPS * args.batch)
+              dead_tokens=SAELENS_DEAD_STEPS * args.batch, device=args.device)
     return SAETrainer(sae, lr=args.vlmsae_lr)
 
 
@@ -121,23 +158,28 @@ class Bench:
         many samples) while vlmsae trains on this one: only without SAELens's trainers (who would then wait on the
         draw, a load vlmsae's steps would not share) and never before a state is saved (the stream's state must not
         run ahead of the samples trained)."""
-        chunk = self.tmp / f"chunk{index % 2}.safetensors"
+        def path(index: int) -> str | None:  # in-process, the chunk comes back as a tensor
+            return None if self.peer.local else str(self.tmp / f"chunk{index % 2}.safetensors")
+
         if self.drawing != index:
-            self.peer.send("chunk", n=n, path=str(chunk))
-        self.peer.receive("chunk")
-        x = load_file(chunk)["x"]
+            self.peer.send("chunk", n=n, path=path(index))
+        answer = self.peer.receive("chunk")
+        x = answer["x"] if self.peer.local else load_file(path(index))["x"]
         self.drawing = None
         if ahead:
-            self.peer.send("chunk", n=ahead, path=str(self.tmp / f"chunk{(index + 1) % 2}.safetensors"))
+            self.peer.send("chunk", n=ahead, path=path(index + 1))
             self.drawing = index + 1
         for kind in self.args.kinds:
             for impl in self.impls if index % 2 == 0 else self.impls[::-1]:
                 if impl == "SAELens":
-                    self.seconds[kind, impl] += self.peer("train", kind=kind, path=str(chunk))["seconds"]
+                    data = {"x": x} if self.peer.local else {"path": path(index)}
+                    self.seconds[kind, impl] += self.peer("train", kind=kind, **data)["seconds"]
                     continue
                 t0 = time.perf_counter()
                 for batch in x.split(self.args.batch):
                     self.ours[kind].step(batch)
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
                 self.seconds[kind, impl] += time.perf_counter() - t0
         self.samples += n
 
@@ -161,19 +203,23 @@ class Bench:
 
     def run(self) -> list[dict]:
         """Train on the whole budget (from a saved state's samples on), scoring every ``score_every`` samples and
-        at the end; returns the last scores."""
+        at the end; returns the last scores. With ``budget_s``, the chunk under way when that many seconds of this
+        sitting have passed is the last."""
         args = self.args
-        first = True
+        first, t0 = True, time.perf_counter()
         with tqdm(total=args.samples, initial=self.samples, unit="sample", unit_scale=True, desc="training") as bar:
             for index, start in enumerate(range(self.samples, args.samples, args.chunk), start=self.samples // args.chunk):
                 end = min(start + args.chunk, args.samples)
+                last = end == args.samples or bool(args.budget_s and time.perf_counter() - t0 > args.budget_s)
                 # at the first chunk boundary at or past each multiple of score_every (chunks need not divide it)
                 passed = args.score_every and end // args.score_every > start // args.score_every
-                ahead = 0 if args.saelens or passed else min(args.chunk, args.samples - end)
+                ahead = 0 if args.saelens or passed or last else min(args.chunk, args.samples - end)
                 self.train_chunk(index, end - start, ahead)
                 bar.update(self.samples - bar.n)
                 bar.set_postfix({f"{kind[:3]} {impl}": f"{s:.0f}s" for (kind, impl), s in self.seconds.items()})
-                if passed and self.samples < args.samples:
+                if last:
+                    break
+                if passed:
                     tqdm.write(table(self.score(), header=first))
                     first = False
                     self.save_state()
@@ -181,7 +227,8 @@ class Bench:
         self.save_state()
         return rows
 
-    RESUMED_ARGS = ("model", "width", "k", "seed", "batch", "vlmsae_lr", "chunk", "kinds", "eval_samples")
+    RESUMED_ARGS = ("model", "width", "k", "seed", "batch", "vlmsae_lr", "chunk", "kinds", "eval_samples", "device",
+                    "draw_batch")
 
     def save_state(self) -> None:
         """With ``--state``: everything a resumed run needs, swapped in whole (the previous state stays until then)."""
@@ -193,7 +240,7 @@ class Bench:
             metas = {}
             for kind, trainer in self.ours.items():
                 tensors, metas[kind] = trainer.state_dict()
-                save_file(tensors, folder / f"vlmsae-{kind}.safetensors")
+                save_file({name: t.cpu() for name, t in tensors.items()}, folder / f"vlmsae-{kind}.safetensors")
             (folder / "state.json").write_text(json.dumps({
                 "args": {name: getattr(self.args, name) for name in self.RESUMED_ARGS}, "samples": self.samples,
                 "seconds": {kind: s for (kind, _), s in self.seconds.items()}, "scores": self.scores,
@@ -211,7 +258,8 @@ class Bench:
             sys.exit(f"--state {self.args.state} holds a run with {state['args']}, not {ours}: pass another --state "
                      "or the same settings")
         for kind, trainer in self.ours.items():
-            trainer.load_state_dict(load_file(self.args.state / f"vlmsae-{kind}.safetensors"), state["trainers"][kind],
+            tensors = load_file(self.args.state / f"vlmsae-{kind}.safetensors", device=self.args.device)
+            trainer.load_state_dict(tensors, state["trainers"][kind],
                                     source=str(self.args.state))
         self.peer("set_stream", state=state["stream"])
         self.samples, self.scores = state["samples"], state["scores"]
@@ -270,12 +318,21 @@ def main() -> None:
     parser.add_argument("--state", type=Path, help="keep the run's state here after every score, and resume from it "
                         "(vlmsae's side only: --no-saelens)")
     parser.add_argument("--model", default="16k", choices=["16k", "tiny"], help="tiny: a small model for smoke tests")
+    parser.add_argument("--device", default="cpu", help="where the synthetic model, its samples and every SAE live; "
+                        "other than cpu implies --in-process")
+    parser.add_argument("--in-process", action="store_true", help="run SAELens's side in this process (sae_lens must "
+                        "import beside vlmsae, as on the GPU machine with the carried wheels), not in the interop venv")
+    parser.add_argument("--draw-batch", type=int, help="samples per draw of SAELens's generator (default: --batch; "
+                        "on a GPU, 16384 or more: a draw of 1024 is launch-bound there)")
+    parser.add_argument("--budget-s", type=float, default=0, help="stop after the chunk under way when this many "
+                        "seconds of this sitting have passed, then score (0: no limit)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vlmsae" / "synth-sae-bench",
                         help="where the built synthetic model is kept")
     parser.add_argument("--interop-python", type=Path,
                         default=Path(os.environ.get("VLMSAE_INTEROP_PYTHON", REPO / ".venv-interop" / "bin" / "python")))
     args = parser.parse_args()
-    if not args.interop_python.exists():
+    args.in_process = args.in_process or args.device != "cpu"
+    if not args.in_process and not args.interop_python.exists():
         sys.exit(f"no interop venv at {args.interop_python}: run tests/interop/setup_venv.sh or pass --interop-python")
     if args.state is not None and args.saelens:
         sys.exit("--state keeps vlmsae's trainers only: add --no-saelens")
@@ -283,7 +340,7 @@ def main() -> None:
     args.samples -= args.samples % args.batch
     torch.set_num_threads(args.threads)
 
-    peer = Peer(args.interop_python)
+    peer = LocalPeer(args.device) if args.in_process else Peer(args.interop_python)
     try:
         peer("threads", n=args.threads)
         t0 = time.perf_counter()
@@ -291,7 +348,7 @@ def main() -> None:
         print(f"synthetic model {args.model}: {'built' if model['built'] else 'loaded'} in "
               f"{time.perf_counter() - t0:.0f} s ({model['folder']})", file=sys.stderr)
         peer("setup", width=args.width, k=args.k, samples=args.samples, batch=args.batch, lr=args.lr, seed=args.seed,
-             kinds=args.kinds if args.saelens else [])
+             kinds=args.kinds if args.saelens else [], draw_batch=args.draw_batch)
         held_out = peer("eval_set", samples=args.eval_samples, seed=args.seed)
         print(f"\nSynthSAEBench-{args.model}: width {args.width}, k {args.k}, batch {args.batch}, lr {args.lr} (SAELens), "
               f"{args.vlmsae_lr or 'default'} (vlmsae), seed {args.seed}, {args.threads} threads; scored by SAELens on "

@@ -2,6 +2,10 @@
 
     python synth_sae_bench_peer.py    # then one JSON request per line on stdin, one JSON answer per line on stdout
 
+Where sae_lens imports beside vlmsae (on the GPU machine, with the carried wheels), synth_sae_bench.py uses the
+``Peer`` class below in its own process instead (``--in-process``, implied by a ``--device`` other than cpu):
+the same requests as method calls, the chunks handed over as tensors on the device rather than files.
+
 The synthetic model is SynthSAEBench-16k's, built from its published config (SAELens docs,
 ``synth_sae_bench.md``; arXiv 2602.14687) by SAELens's own ``SyntheticModel`` and cached on disk,
 since its orthogonalisation takes the better part of an hour on two CPU cores. SAELens's own SAEs
@@ -12,7 +16,8 @@ own ``eval_sae_on_synthetic_data``, fed one held-out sample set shared by every 
 
 Requests, answered in order:
     {"op": "build", "model": "16k" | "tiny", "cache": DIR}           build or load the synthetic model
-    {"op": "setup", "width", "k", "samples", "batch", "lr", "seed", "kinds"}  SAELens's trainers of those kinds
+    {"op": "setup", "width", "k", "samples", "batch", "lr", "seed", "kinds", "draw_batch"}
+                                                                     SAELens's trainers of those kinds
     {"op": "eval_set", "samples", "seed"}                            draw the held-out samples
     {"op": "chunk", "n", "path"}                                     draw the next n training samples into PATH ("x")
     {"op": "train", "kind", "path"}                                  SAELens's trainer on PATH's samples; seconds
@@ -99,9 +104,24 @@ class Replay:
 
 
 class Peer:
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
+        self.device = torch.device(device)
         self.model = self.trainers = self.eval_batches = None
         self.stream = None  # RNG state of the training sample stream, kept apart from everything else
+        self.draw_batch = None
+
+    def rng(self):
+        """A fork of the RNG that draws the samples: the CPU's, or the GPU's where the model lives on one."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
 
     def build(self, model: str, cache: str) -> dict:
         cfg = model_config(model)
@@ -109,15 +129,16 @@ class Peer:
         start = time.perf_counter()
         saved = folder / "synthetic_model_config.json"
         if saved.is_file() and json.loads(saved.read_text()) == json.loads(json.dumps(cfg.to_dict())):
-            self.model = SyntheticModel.load_from_disk(folder)
+            self.model = SyntheticModel.load_from_disk(folder, device=str(self.device))
             built = False
         else:
-            self.model = SyntheticModel(cfg)
+            self.model = SyntheticModel(cfg, device=str(self.device))
             self.model.save(folder)
             built = True
         return {"d_in": cfg.hidden_dim, "num_features": cfg.num_features, "built": built,
                 "seconds": time.perf_counter() - start, "folder": str(folder)}
 
+    @torch.no_grad()
     def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden (n, d_in), feature activations (n, num_features) sparse): SyntheticModel.sample_with_features,
         the features passed to the dictionary as a sparse tensor (its own sparse path: the same sum, 8x faster
@@ -126,7 +147,9 @@ class Peer:
         return self.model.feature_dict(features), features
 
     def setup(self, width: int, k: int, samples: int, batch: int, lr: float, seed: int,
-              kinds: tuple[str, ...] = ("batchtopk", "matryoshka")) -> dict:
+              kinds: tuple[str, ...] = ("batchtopk", "matryoshka"), draw_batch: int | None = None) -> dict:
+        """SAELens's trainers; training samples are drawn ``draw_batch`` at a time (default: the batch; more on a
+        GPU, where a draw of 1024 is launch-bound: the samples are independent, so only the stream's order changes)."""
         d_in = self.model.cfg.hidden_dim
         configs = {
             "batchtopk": sae_lens.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k),
@@ -138,20 +161,22 @@ class Peer:
         for kind, sae_cfg in ((kind, configs[kind]) for kind in kinds):
             torch.manual_seed(seed)
             sae = (sae_lens.BatchTopKTrainingSAE if kind == "batchtopk" else sae_lens.MatryoshkaBatchTopKTrainingSAE)(sae_cfg)
+            sae.to(self.device)
             # The runner's own trainer settings (SyntheticSAERunnerConfig.to_sae_trainer_config).
             runner_cfg = SyntheticSAERunnerConfig(
                 synthetic_model=self.model.cfg, sae=sae_cfg, training_samples=samples, batch_size=batch, lr=lr,
-                device="cpu", output_path=None, checkpoint_path=None, eval_samples=0,
+                device=str(self.device), output_path=None, checkpoint_path=None, eval_samples=0,
                 logger=sae_lens.LoggingConfig(log_to_wandb=False))
             self.trainers[kind] = SAETrainer(cfg=runner_cfg.to_sae_trainer_config(), sae=sae, data_provider=iter(()))
-        self.batch = batch
-        torch.manual_seed(seed)
-        self.stream = torch.get_rng_state()
+        self.batch, self.draw_batch = batch, draw_batch or batch
+        with self.rng():
+            torch.manual_seed(seed)
+            self.stream = self.rng_state()
         return {}
 
     def eval_set(self, samples: int, seed: int) -> dict:
         start = time.perf_counter()
-        with torch.random.fork_rng():
+        with self.rng():
             torch.manual_seed(10_000 + seed)
             self.eval_batches = []
             for _ in range(samples // self.batch):
@@ -160,13 +185,16 @@ class Peer:
         true_l0 = sum(f._nnz() for _, f in self.eval_batches) / (len(self.eval_batches) * self.batch)
         return {"seconds": time.perf_counter() - start, "true_l0": true_l0}
 
-    def chunk(self, n: int, path: str) -> dict:
+    def chunk(self, n: int, path: str | None) -> dict:
+        """The next n training samples: written to ``path``, or (None, in-process) answered as "x" on the device."""
         start = time.perf_counter()
-        with torch.random.fork_rng():
-            torch.set_rng_state(self.stream)
-            # in training batches: a draw holds a (batch, num_features) block of correlated noise
-            x = torch.cat([self.draw(min(self.batch, n - i))[0] for i in range(0, n, self.batch)])
-            self.stream = torch.get_rng_state()
+        with self.rng():
+            self.set_rng_state(self.stream)
+            # a draw holds a (draw_batch, num_features) block of correlated noise
+            x = torch.cat([self.draw(min(self.draw_batch, n - i))[0] for i in range(0, n, self.draw_batch)])
+            self.stream = self.rng_state()
+        if path is None:
+            return {"seconds": time.perf_counter() - start, "x": x}
         save_file({"x": x.contiguous()}, path)
         return {"seconds": time.perf_counter() - start}
 
@@ -178,14 +206,18 @@ class Peer:
         self.stream = torch.tensor(state, dtype=torch.uint8)
         return {}
 
-    def train(self, kind: str, path: str) -> dict:
-        """SAELens's SAETrainer.fit loop, one batch at a time (its public seams), minus wandb and the progress bar."""
-        trainer, x = self.trainers[kind], load_file(path)["x"]
+    def train(self, kind: str, path: str | None = None, x: torch.Tensor | None = None) -> dict:
+        """SAELens's SAETrainer.fit loop, one batch at a time (its public seams), minus wandb and the progress bar, on
+        PATH's samples (or, in-process, on ``x``)."""
+        trainer = self.trainers[kind]
+        x = load_file(path, device=str(self.device))["x"] if x is None else x
         start = time.perf_counter()
         for batch in x.split(self.batch):
             trainer.maybe_reset_sparsity()
             trainer.step(batch)
             trainer.n_training_steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return {"seconds": time.perf_counter() - start}
 
     def save(self, folders: dict) -> dict:
@@ -199,8 +231,8 @@ class Peer:
         SyntheticSAERunner's final eval encodes with the trained SAE) and with the folder's own JumpReLU threshold."""
         results = []
         for name, folder, k in saes:
-            for encode, sae in (("batch top-k", batchtopk_from_folder(folder, k)),
-                                ("threshold", sae_lens.SAE.load_from_disk(folder))):
+            for encode, sae in (("batch top-k", batchtopk_from_folder(folder, k).to(self.device)),
+                                ("threshold", sae_lens.SAE.load_from_disk(folder, device=str(self.device)))):
                 replay = Replay(self.model, self.eval_batches)
                 n = len(self.eval_batches) * self.batch
                 with torch.no_grad():

@@ -15,4 +15,7 @@ quiet_pip() {  # pip's notes about unused local index folders are noise here
 quiet_pip --upgrade pip
 quiet_pip torch==2.13.0
 quiet_pip "sae-lens==6.54.12" "eai-sparsify==1.3.3" safetensors
+# vlmsae's own needs beside the peers' (pillow is the one missing), so that vlmsae and sae-lens can share one process
+# as they do on the GPU machine (benchmarks/synth_sae_bench.py --in-process, with PYTHONPATH at the repo)
+quiet_pip pillow
 "$venv/bin/python" -c "import sae_lens, sparsify, torch; print('interop venv ready:', torch.__version__, 'sae_lens', sae_lens.__version__)"

@@ -99,3 +99,34 @@ def test_a_run_stopped_right_after_a_saved_state_resumes_as_if_never_stopped(tmp
     for encode, row in straight.items():
         for metric in ("mcc", "f1", "explained_variance", "l0", "dead"):
             assert resumed[encode][metric] == pytest.approx(row[metric], abs=1e-6), (encode, metric)
+
+
+def test_in_process_scores_as_the_interop_worker_does(tmp_path):
+    """--in-process (how the GPU machine runs it: sae_lens and vlmsae in one interpreter, chunks handed over as
+    tensors) draws, trains and scores exactly as the worker in the interop venv does, both sides training."""
+    def run(python: Path, name: str, *extra: str) -> list:
+        out = tmp_path / f"{name}.json"
+        result = subprocess.run(
+            [str(python), str(REPO / "benchmarks" / "synth_sae_bench.py"), "--model", "tiny", "--samples", "2048",
+             "--width", "64", "--k", str(K), "--eval-samples", "1024", "--chunk", "1024", "--threads", "1",
+             "--cache", str(tmp_path / "cache"), "--interop-python", str(PYTHON), "--json", str(out), *extra],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr[-4000:]
+        return sorted((r["impl"], r["kind"], r["encode"], r["mcc"], r["f1"], r["explained_variance"], r["dead"])
+                      for r in json.loads(out.read_text())["scores"])
+
+    worker = run(Path(sys.executable), "worker", "--draw-batch", "512")
+    in_process = run(PYTHON, "in_process", "--in-process", "--draw-batch", "512")
+    assert len(worker) == 8 and in_process == worker
+
+
+def test_a_time_budget_ends_the_run_after_the_chunk_under_way_and_scores_there(tmp_path):
+    out = tmp_path / "scores.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "synth_sae_bench.py"), "--model", "tiny", "--samples", "8192",
+         "--width", "64", "--k", str(K), "--eval-samples", "1024", "--chunk", "1024", "--threads", "1", "--no-saelens",
+         "--kinds", "matryoshka", "--budget-s", "1e-9", "--cache", str(tmp_path / "cache"),
+         "--interop-python", str(PYTHON), "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert {r["samples"] for r in json.loads(out.read_text())["scores"]} == {1024}
