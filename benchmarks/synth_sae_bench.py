@@ -32,6 +32,18 @@ of tens of millions of samples can go on over several sittings:
     python benchmarks/synth_sae_bench.py --no-saelens --kinds matryoshka --samples 40000000 --score-every 2000000 \
         --state runs/synth --json runs/synth/scores.json
 
+Without SAELens's trainers the worker draws the next chunk while vlmsae trains on this one (on two cores the
+generator, about 1 s of a core per 1024 samples, is the limit: vlmsae's Matryoshka step needs a fifth of that).
+
+On a GPU (``--device cuda``) SAELens's generator, its evaluation and every SAE run in this process on the device,
+the chunks handed over as tensors (``--in-process``: sae_lens must import beside vlmsae, as on the lent GPU
+machine with the carried wheels, ``benchmarks/gpu_wheels.sh``). The synthetic model is then built there from the
+same config and seed (the GPU's random numbers: another draw of the same benchmark). ``--budget-s`` bounds the
+sitting (the chunk under way is the last, then the scores), so the run fits a device call:
+
+    python3 benchmarks/synth_sae_bench.py --device cuda --no-saelens --kinds matryoshka --samples 200000000 \
+        --chunk 262144 --draw-batch 16384 --score-every 25000000 --budget-s 240 --json $OUT/synth.json
+
 The interop interpreter is ``--interop-python``, else $VLMSAE_INTEROP_PYTHON, else ``.venv-interop``
 (tests/interop/setup_venv.sh). Published (SAELens, 200M samples, L0 25, width 4096): Matryoshka
 F1 0.879 / MCC 0.793, BatchTopK F1 0.732 / MCC 0.757.

@@ -10,6 +10,29 @@ def test_zoo_prints_layers_and_recorded_summary(capsys):
     assert "recorded 2 families" in out
 
 
+def test_zoo_lists_every_site_of_a_dual_encoder_with_the_shapes_the_model_itself_gives(capsys):
+    """CLIP has no decoder: `vlmsae zoo` shows its towers' and embeddings' hook names, with the shapes of the
+    model's own outputs (hidden states of the towers' last layers, the pooled embeddings)."""
+    import torch
+
+    from vlmsae import zoo
+
+    main(["zoo", "--families", "clip", "--n-layers", "3"])
+    out = capsys.readouterr().out
+    clip = zoo.tiny_model("clip", n_layers=3)
+    with torch.no_grad():
+        ref = clip(**zoo.tiny_inputs(clip, batch=2, padding="left"), output_hidden_states=True)
+    n, t = len(ref.vision_model_output.hidden_states) - 1, len(ref.text_model_output.hidden_states) - 1
+    assert "clip: CLIPModel, a dual encoder: no decoder" in out
+    assert f"vision.blocks.{n - 1}.hook_resid_post  shape {tuple(ref.vision_model_output.hidden_states[n].shape)}  " \
+           f"({n} layers)" in out
+    assert f"text.blocks.{t - 1}.hook_resid_pre  shape {tuple(ref.text_model_output.hidden_states[t - 1].shape)}  " \
+           f"({t} layers)" in out
+    assert f"hook_image_embeds  shape {tuple(ref.image_embeds.shape)}" in out
+    assert f"hook_text_embeds  shape {tuple(ref.text_embeds.shape)}" in out
+    assert "recorded 1 families: clip" in out
+
+
 def test_help_names_each_command_and_the_train_options_defaults(capsys):
     """`vlmsae --help` gives each command's first paragraph, and `vlmsae train --help` every option's default, as
     plain text (no reST quotes)."""

@@ -17,29 +17,42 @@ from .data import ImageTextFolder, hf_processor
 from .errors import SiteError, VlmsaeError
 from .record import record
 from .sae import ARCHITECTURES, SAE
+from .sites import OUTPUT_SITES, hook_name
 from .train import OnlineRunConfig, train
 from .trainer import SAETrainerConfig
 
 
 def zoo_command(args: argparse.Namespace) -> None:
-    """Load a tiny model of each family, print its decoder layers and a summary of recorded residuals."""
+    """Load a tiny model of each family, dual encoders included, and print every site it has: the decoder's layers
+    with a summary of their recorded residuals, then each other site's hook name (at its last layer) and the shape
+    recorded there."""
     rows = []
     for family in tqdm(args.families, desc="families", disable=not sys.stderr.isatty()):
         model = zoo.tiny_model(family, n_layers=args.n_layers)
         info = layers(model)
         inputs = zoo.tiny_inputs(model, batch=2, padding="left")
-        with torch.no_grad(), record(model, range(info.n_layers)) as rec:
-            model(**inputs)
-        kinds = rec.kinds(0)
-        counts = ", ".join(f"{k.name.lower()} {(kinds == k).sum().item()}" for k in Kind if (kinds == k).any())
-        print(f"\n{family}: {type(model).__name__}, {info.n_layers} decoder layers at model.{info.layer_path}, "
-              f"d_model {info.d_model}, image tokens in the decoder stream: "
-              f"{'yes' if info.has_image_tokens else 'no (cross-attention)'}")
-        print(f"  tokens: {counts}")
-        for layer in range(info.n_layers):
-            resid = rec[layer][kinds != Kind.PAD].float()
-            print(f"  blocks.{layer}.hook_resid_post  shape {tuple(rec[layer].shape)}  "
-                  f"mean norm {resid.norm(dim=-1).mean():.3f}  std {resid.std():.3f}")
+        if info.n_layers:
+            with torch.no_grad(), record(model, range(info.n_layers)) as rec:
+                model(**inputs)
+            kinds = rec.kinds(0)
+            counts = ", ".join(f"{k.name.lower()} {(kinds == k).sum().item()}" for k in Kind if (kinds == k).any())
+            print(f"\n{family}: {type(model).__name__}, {info.n_layers} decoder layers at model.{info.layer_path}, "
+                  f"d_model {info.d_model}, image tokens in the decoder stream: "
+                  f"{'yes' if info.has_image_tokens else 'no (cross-attention)'}")
+            print(f"  tokens: {counts}")
+            for layer in range(info.n_layers):
+                resid = rec[layer][kinds != Kind.PAD].float()
+                print(f"  blocks.{layer}.hook_resid_post  shape {tuple(rec[layer].shape)}  "
+                      f"mean norm {resid.norm(dim=-1).mean():.3f}  std {resid.std():.3f}")
+        else:
+            print(f"\n{family}: {type(model).__name__}, a dual encoder: no decoder; an image tower, a text tower and "
+                  "their pooled embeddings")
+        for site in (s for s in info.sites if not (s == "resid_post" and info.n_layers)):
+            n = 0 if site in OUTPUT_SITES else len(info.stack(site).modules)
+            name = hook_name(max(n - 1, 0), site)
+            with torch.no_grad(), record(model, name) as rec:
+                model(**inputs)
+            print(f"  {name}  shape {tuple(rec[max(n - 1, 0)].shape)}" + (f"  ({n} layers)" if n else ""))
         rows.append(family)
     print(f"\nrecorded {len(rows)} families: {', '.join(rows)}")
 
@@ -231,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="a shortened run: 150 steps instead of 800, smaller samples (what CI runs)")
     p.set_defaults(run=demo_command)
     p = sub.add_parser("zoo", **_doc(zoo_command))
-    p.add_argument("--families", nargs="+", default=list(zoo.FAMILIES), choices=zoo.FAMILIES)
+    p.add_argument("--families", nargs="+", default=list(zoo.FAMILIES + zoo.DUAL_ENCODERS),
+                   choices=zoo.FAMILIES + zoo.DUAL_ENCODERS)
     p.add_argument("--n-layers", type=int, default=4, help="decoder layers of each tiny model (default %(default)s)")
     p.set_defaults(run=zoo_command)
     p = sub.add_parser("train", **_doc(train_command))
