@@ -35,9 +35,12 @@ every section; the markdown table is printed last.
 
 On the lent H200, from the repo root, with the wheels the image lacks in .whl (plotly for vlmsae;
 eai-sparsify, sae-lens, transformer-lens 3.x and their import-time needs for the peers; .whl is
-git-ignored, so the device call names it in ``carry``). About 3-4 minutes there; give it 600 s:
+git-ignored, so the device call names it in ``carry``). ``bash benchmarks/gpu_wheels.sh`` fills .whl here, on a
+machine that reaches the package index (pinned versions, about 35 MiB). About 3-4 minutes there; give it 600 s:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_figures.py --out $OUT/gpu.json
+
+``benchmarks/gpu_session.sh`` runs this, then the GPU scaling curves and the long SynthSAEBench run, in one call.
 
 CPU smoke test (toy sizes, every section end to end):
 
