@@ -152,16 +152,15 @@ class Peer:
         GPU, where a draw of 1024 is launch-bound: the samples are independent, so only the stream's order changes)."""
         d_in = self.model.cfg.hidden_dim
         configs = {
-            "batchtopk": sae_lens.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k),
+            "batchtopk": sae_lens.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k, device=str(self.device)),
             "matryoshka": sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
                 d_in=d_in, d_sae=width, k=k, matryoshka_widths=[*matryoshka_inner(width), width],
-                use_matryoshka_aux_loss=True),
+                use_matryoshka_aux_loss=True, device=str(self.device)),
         }
         self.trainers = {}
         for kind, sae_cfg in ((kind, configs[kind]) for kind in kinds):
             torch.manual_seed(seed)
             sae = (sae_lens.BatchTopKTrainingSAE if kind == "batchtopk" else sae_lens.MatryoshkaBatchTopKTrainingSAE)(sae_cfg)
-            sae.to(self.device)
             # The runner's own trainer settings (SyntheticSAERunnerConfig.to_sae_trainer_config).
             runner_cfg = SyntheticSAERunnerConfig(
                 synthetic_model=self.model.cfg, sae=sae_cfg, training_samples=samples, batch_size=batch, lr=lr,
