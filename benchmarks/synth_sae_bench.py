@@ -65,7 +65,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from vlmsae.files import write_folder_atomic
+from vlmsae.files import write_folder_atomic, write_text_atomic
 from vlmsae.sae import SAE
 from vlmsae.trainer import SAETrainer
 
@@ -209,8 +209,8 @@ class Bench:
             row.update(kind=kind, impl=impl, samples=self.samples, seconds=self.seconds[kind, impl])
         self.scores += rows
         if self.args.json:  # every score so far, so that a long run stopped early keeps them
-            self.args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(self.args).items()},
-                                                  "scores": self.scores}, indent=2))
+            write_text_atomic(self.args.json, json.dumps({"args": {k: str(v) for k, v in vars(self.args).items()},
+                                                          "scores": self.scores}, indent=2))
         return rows
 
     def run(self) -> list[dict]:

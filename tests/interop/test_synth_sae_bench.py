@@ -112,12 +112,16 @@ def test_in_process_scores_as_the_interop_worker_does(tmp_path):
              "--cache", str(tmp_path / "cache"), "--interop-python", str(PYTHON), "--json", str(out), *extra],
             capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert result.returncode == 0, result.stderr[-4000:]
-        return sorted((r["impl"], r["kind"], r["encode"], r["mcc"], r["f1"], r["explained_variance"], r["dead"])
-                      for r in json.loads(out.read_text())["scores"])
+        return {(r["impl"], r["kind"], r["encode"]): r for r in json.loads(out.read_text())["scores"]}
 
+    # the worker's side runs this suite's torch, which may be older than the interop venv's: float32 sums may differ
+    # in their last bits, while another sample stream moves MCC and F1 in the third or fourth decimal
     worker = run(Path(sys.executable), "worker", "--draw-batch", "512")
     in_process = run(PYTHON, "in_process", "--in-process", "--draw-batch", "512")
-    assert len(worker) == 8 and in_process == worker
+    assert len(worker) == 8 and in_process.keys() == worker.keys()
+    for key, row in worker.items():
+        for metric in ("mcc", "f1", "explained_variance", "dead"):
+            assert in_process[key][metric] == pytest.approx(row[metric], rel=1e-5, abs=1e-6), (key, metric)
 
 
 def test_a_time_budget_ends_the_run_after_the_chunk_under_way_and_scores_there(tmp_path):
