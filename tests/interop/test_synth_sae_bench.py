@@ -57,7 +57,6 @@ def test_a_long_run_scores_and_keeps_its_state_where_chunks_pass_each_multiple_o
     assert json.loads((state / "state.json").read_text())["samples"] == 4096
 
 
-
 def test_a_run_stopped_right_after_a_saved_state_resumes_as_if_never_stopped(tmp_path, monkeypatch):
     """The worker draws the next chunk while vlmsae trains (without SAELens's trainers), but the saved stream never
     runs ahead of the samples trained: a run stopped just after its state at 2048 samples, resumed to 4096, ends
